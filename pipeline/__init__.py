@@ -1,0 +1,1 @@
+"""Jobs: config, schemas, Ray Data graphs, CLI, storage, metrics, weights bundle."""

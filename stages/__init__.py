@@ -1,0 +1,1 @@
+"""Ray-free stage implementations: plain Python / NumPy / PyTorch, each testable alone."""
