@@ -1,0 +1,144 @@
+"""Job configuration (pydantic, YAML). Configuration enters here, at the edge; the rest of
+the code receives plain typed values. Every default works on a laptop (local Ray on the
+CPU, local folders)."""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.storage import StorageOptions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolConfig(_Strict):
+    """How many copies of a stage run and what each one reserves on the cluster."""
+
+    size: int = Field(1, ge=1, description="actor pool size (or max concurrent tasks)")
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+def _pools_default() -> dict[str, PoolConfig]:
+    # Fractional CPUs so that every pool fits on a 2-core laptop at once; on a cluster
+    # raise sizes and set num_gpus for `complete` (one actor per GPU).
+    return {
+        "plan": PoolConfig(size=2, num_cpus=0.25),
+        "analyse": PoolConfig(size=1, num_cpus=0.25),
+        "audio": PoolConfig(size=1, num_cpus=0.25),
+        "face": PoolConfig(size=1, num_cpus=0.25),
+        "motion": PoolConfig(size=1, num_cpus=0.25),
+        "complete": PoolConfig(size=1, num_cpus=0.25),
+        "compose": PoolConfig(size=1, num_cpus=0.25),
+        "finalize": PoolConfig(size=2, num_cpus=0.25),
+    }
+
+
+class BatchConfig(_Strict):
+    complete_frames: int = Field(16, ge=1, description="frames per IMC-UNet/VAE forward")
+    motion_frames: int = Field(64, ge=1, description="frames per motion-extractor forward")
+
+
+class OutputConfig(_Strict):
+    codec: str = "libx264"
+    crf: int = Field(18, ge=0, le=51)
+    preset: str = "medium"
+    audio_bitrate: int = Field(128_000, ge=16_000)
+    audio_sample_rate: int = Field(48_000, ge=8_000)
+
+
+class FaceConfig(_Strict):
+    min_detection_confidence: float = Field(0.5, ge=0, le=1)
+    smoothing_sigma_frames: float = Field(1.5, ge=0)
+    max_gap_frames: int = Field(2, ge=0)
+    feather_px: float = Field(6.0, ge=0)
+
+
+class AnalyseConfig(_Strict):
+    sample_frames: int = Field(24, ge=1, description="frames sampled across a video to pick neutral/reference")
+    reference_bank: int = Field(6, ge=1)
+    min_reference_gap_frames: int = Field(
+        12, ge=1, description="a reference is never within this many frames of its target (no mouth leak)"
+    )
+
+
+class AudioConfig(_Strict):
+    chunk_seconds: float = Field(20.0, gt=0)
+    context_seconds: float = Field(2.0, ge=0)
+
+
+class MotionConfig(_Strict):
+    warmup_seconds: float = Field(
+        1.0, ge=0, description="audio before a segment fed to Stage 1 so motion is continuous across segments"
+    )
+
+
+class StorageConfig(_Strict):
+    endpoint_url: str | None = None
+    region: str | None = None
+    retries: int = Field(4, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+
+    def options(self) -> StorageOptions:
+        return StorageOptions(
+            endpoint_url=self.endpoint_url, region=self.region, retries=self.retries, backoff_s=self.backoff_s
+        )
+
+
+class JobConfig(_Strict):
+    segment_seconds: float = Field(4.0, gt=0.2, le=120)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cache_uri: str = Field(".imgtalk-cache", description="feature cache and work area (local path or s3://)")
+    work_uri: str | None = Field(None, description="encoded segments before finalize; default <cache_uri>/work")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per worker (avoid oversubscription)")
+    batch: BatchConfig = BatchConfig()
+    pools: dict[str, PoolConfig] = Field(default_factory=_pools_default)
+    output: OutputConfig = OutputConfig()
+    face: FaceConfig = FaceConfig()
+    analyse: AnalyseConfig = AnalyseConfig()
+    audio: AudioConfig = AudioConfig()
+    motion: MotionConfig = MotionConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("pools")
+    @classmethod
+    def _known_pools(cls, v: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
+        known = set(_pools_default())
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown pools {unknown}; known: {sorted(known)}")
+        merged = _pools_default()
+        merged.update(v)
+        return merged
+
+    def work_dir(self) -> str:
+        return self.work_uri or self.cache_uri.rstrip("/") + "/work"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_job_config(path: str | None) -> JobConfig:
+    if path is None:
+        return JobConfig()
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: job config not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job config is a YAML mapping, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: invalid job config:\n  " + "\n  ".join(lines)) from e

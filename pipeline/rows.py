@@ -1,0 +1,120 @@
+"""The row that flows through the Ray Data graph.
+
+Every row has every key from the start, so all blocks share one Arrow schema whatever
+stage a row failed in. Arrays travel as `.npy` bytes: they keep dtype and shape exactly,
+and variable-length frame arrays need no ragged-tensor column types.
+Every row carries (video_id, seg_idx, frame range); order is restored by key, never by
+arrival.
+"""
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import numpy as np
+
+
+def pack(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+HEAVY_KEYS = ("crops", "affines", "has_face", "driving", "ref_index", "generated")
+
+ROW_DEFAULTS: dict = {
+    # identity
+    "job_id": "",
+    "row_index": -1,
+    "video_id": "",
+    "video_uri": "",
+    "audio_uri": "",
+    "output_uri": "",
+    "crf": -1,  # -1: job default
+    "segment_seconds": 0.0,
+    # failure, if any
+    "error": "",
+    "error_stage": "",
+    # plan
+    "width": 0,
+    "height": 0,
+    "fps_num": 0,
+    "fps_den": 1,
+    "n_frames": 0,
+    "duration_s": 0.0,
+    # analyse
+    "neutral_frame": -1,
+    "neutral_x_c": b"",
+    "neutral_exp": b"",
+    "ref_frames": b"",
+    "ref_crops": b"",
+    "ref_pose": b"",
+    "sampled_face_fraction": 0.0,
+    # audio
+    "audio_sha256": "",
+    "features_path": "",
+    "feature_frames": 0,
+    "feature_dim": 0,
+    "audio_duration_s": 0.0,
+    "cache_hit": False,
+    # segment
+    "seg_idx": -1,
+    "n_segments": 0,
+    "frame_start": 0,
+    "frame_end": 0,
+    "face_frames": 0,
+    "crops": b"",
+    "affines": b"",
+    "has_face": b"",
+    "driving": b"",
+    "ref_index": b"",
+    "generated": b"",
+    "segment_uri": "",
+    "segment_frames": 0,
+    # seconds spent per stage
+    "time_plan_s": 0.0,
+    "time_analyse_s": 0.0,
+    "time_audio_s": 0.0,
+    "time_face_s": 0.0,
+    "time_motion_s": 0.0,
+    "time_complete_s": 0.0,
+    "time_compose_s": 0.0,
+}
+
+
+def new_row(**values) -> dict:
+    unknown = set(values) - set(ROW_DEFAULTS)
+    if unknown:
+        raise KeyError(f"unknown row keys {sorted(unknown)}")
+    return {**ROW_DEFAULTS, **values}
+
+
+def normalise(row: dict) -> dict:
+    """Ray may hand back numpy scalars; keep the row plain and complete."""
+    out = dict(ROW_DEFAULTS)
+    for k in ROW_DEFAULTS:
+        if k in row:
+            v = row[k]
+            if isinstance(v, np.generic):
+                v = v.item()
+            out[k] = v
+    return out
+
+
+def fps_of(row: dict) -> Fraction:
+    return Fraction(int(row["fps_num"]), int(row["fps_den"]))
+
+
+def fail(row: dict, stage: str, error: BaseException | str) -> dict:
+    """Mark a row failed; drop its heavy payload so it travels cheaply."""
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    row = dict(row)
+    row["error"] = message
+    row["error_stage"] = stage
+    for k in HEAVY_KEYS + ("ref_crops",):
+        row[k] = b""
+    return row

@@ -1,0 +1,184 @@
+"""Manifest and report rows (pydantic at the edge, Parquet on disk).
+
+Manifest: one row per video to dub: video_uri, audio_uri, output_uri, optional options
+(a JSON object string with per-row overrides). Report: one row per manifest row, whatever
+happened to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.storage import Storage
+
+
+class RowOptions(BaseModel):
+    """Per-row overrides a manifest may carry."""
+
+    model_config = ConfigDict(extra="forbid")
+    crf: int | None = Field(None, ge=0, le=51)
+    segment_seconds: float | None = Field(None, gt=0.2, le=120)
+
+
+class ManifestRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    video_uri: str = Field(min_length=1)
+    audio_uri: str = Field(min_length=1)
+    output_uri: str = Field(min_length=1)
+    options: RowOptions = RowOptions()
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _parse_options(cls, v):
+        if v is None or v == "":
+            return RowOptions()
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"options is not a JSON object: {e}") from e
+        return v
+
+    @property
+    def video_id(self) -> str:
+        # Stable across re-runs and unique per output: the output URI names the work.
+        return hashlib.sha256(self.output_uri.encode()).hexdigest()[:16]
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("video_uri", pa.string()),
+        ("audio_uri", pa.string()),
+        ("output_uri", pa.string()),
+        ("options", pa.string()),
+    ]
+)
+
+Status = Literal["ok", "failed", "skipped"]
+
+
+class ReportRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: str
+    row_index: int
+    video_id: str
+    video_uri: str
+    audio_uri: str
+    output_uri: str
+    status: Status
+    error: str | None = None
+    error_stage: str | None = None
+    source_frames: int | None = None
+    output_frames: int | None = None
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+    duration_s: float | None = None
+    audio_duration_s: float | None = None
+    audio_padded_s: float | None = None
+    audio_trimmed_s: float | None = None
+    face_fraction: float | None = None
+    segments: int | None = None
+    feature_cache_hit: bool | None = None
+    time_plan_s: float | None = None
+    time_analyse_s: float | None = None
+    time_audio_s: float | None = None
+    time_face_s: float | None = None
+    time_motion_s: float | None = None
+    time_complete_s: float | None = None
+    time_compose_s: float | None = None
+    time_finalize_s: float | None = None
+    output_bytes: int | None = None
+    output_sha256: str | None = None
+
+
+def _arrow_type(annotation) -> pa.DataType:
+    text = str(annotation)
+    if "int" in text and "Literal" not in text:
+        return pa.int64()
+    if "float" in text:
+        return pa.float64()
+    if "bool" in text:
+        return pa.bool_()
+    return pa.string()
+
+
+REPORT_SCHEMA = pa.schema(
+    [(name, _arrow_type(field.annotation)) for name, field in ReportRow.model_fields.items()]
+)
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def read_manifest(uri: str, storage: Storage) -> list[tuple[int, ManifestRow | None, str | None]]:
+    """(row_index, row or None, error or None) for every row of the manifest Parquet file.
+
+    A whole-file problem (missing, not Parquet, missing columns) raises ManifestError; a
+    bad row only marks that row, so the rest of the job goes on."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{uri}: manifest not found") from e
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ManifestError(f"{uri}: not a readable Parquet file ({e})") from e
+    required = {"video_uri", "audio_uri", "output_uri"}
+    missing = sorted(required - set(table.column_names))
+    if missing:
+        raise ManifestError(f"{uri}: manifest lacks column(s) {missing}; it has {table.column_names}")
+    extra = sorted(set(table.column_names) - required - {"options"})
+    if extra:
+        raise ManifestError(f"{uri}: unknown manifest column(s) {extra}")
+    rows = []
+    seen_outputs: dict[str, int] = {}
+    for i, rec in enumerate(table.to_pylist()):
+        try:
+            row = ManifestRow.model_validate(rec)
+        except ValidationError as e:
+            msg = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            rows.append((i, None, f"manifest row {i}: {msg}"))
+            continue
+        if row.output_uri in seen_outputs:
+            rows.append((i, None, f"manifest row {i}: output_uri {row.output_uri} repeats row {seen_outputs[row.output_uri]}"))
+            continue
+        seen_outputs[row.output_uri] = i
+        rows.append((i, row, None))
+    return rows
+
+
+def write_manifest(rows: list[dict], uri: str, storage: Storage) -> None:
+    records = [
+        {
+            "video_uri": r["video_uri"],
+            "audio_uri": r["audio_uri"],
+            "output_uri": r["output_uri"],
+            "options": json.dumps(r["options"]) if isinstance(r.get("options"), dict) else r.get("options"),
+        }
+        for r in rows
+    ]
+    table = pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(buf.getvalue(), uri)
+
+
+def write_report(rows: list[ReportRow], uri: str, storage: Storage) -> None:
+    rows = sorted(rows, key=lambda r: r.row_index)
+    table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=REPORT_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(buf.getvalue(), uri)
+
+
+def read_report(uri: str, storage: Storage) -> list[ReportRow]:
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    return [ReportRow.model_validate(r) for r in table.to_pylist()]

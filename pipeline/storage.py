@@ -1,0 +1,181 @@
+"""Every URI the job touches goes through fsspec: local paths and file:// by default,
+s3:// through s3fs. Endpoint and credentials come from the environment (AWS_* variables,
+instance roles) or the job config's `storage` block, never from the manifest.
+
+Outputs are committed atomically: written to a temporary key beside the final one and
+moved into place, so a crash never leaves a half-written object at an output URI.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+T = TypeVar("T")
+
+# Errors worth retrying against object storage (throttling, resets, timeouts). Missing
+# files and permission errors are not transient and are raised at once.
+_TRANSIENT = (ConnectionError, TimeoutError, BrokenPipeError)
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Plain values from the job config's `storage` block."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    retries: int = 4
+    backoff_s: float = 0.5
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def strip_file_scheme(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+class Storage:
+    """A thin, picklable handle over fsspec filesystems with retries and atomic commits."""
+
+    def __init__(self, options: StorageOptions | None = None):
+        self.options = options or StorageOptions()
+
+    # fsspec filesystems are cached per process by their arguments; building them lazily
+    # keeps Storage cheap to pickle into Ray workers.
+    def fs_for(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        kwargs = {}
+        if uri.startswith("s3://") or uri.startswith("s3a://"):
+            client_kwargs = {}
+            endpoint = self.options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                "AWS_ENDPOINT_URL"
+            )
+            if endpoint:
+                client_kwargs["endpoint_url"] = endpoint
+            if self.options.region:
+                client_kwargs["region_name"] = self.options.region
+            kwargs["client_kwargs"] = client_kwargs
+        fs, path = url_to_fs(strip_file_scheme(uri), **kwargs)
+        return fs, path
+
+    def retry(self, fn: Callable[[], T], what: str) -> T:
+        delay = self.options.backoff_s
+        for attempt in range(self.options.retries + 1):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except PermissionError:
+                raise
+            except _TRANSIENT + (OSError,) as e:  # noqa: PERF203 - retry loop
+                if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+                    raise
+                if attempt == self.options.retries:
+                    raise OSError(f"{what}: storage error after {attempt + 1} attempts: {e}") from e
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.fs_for(uri)
+        return self.retry(lambda: fs.exists(path), f"exists {uri}")
+
+    def size(self, uri: str) -> int:
+        fs, path = self.fs_for(uri)
+        return int(self.retry(lambda: fs.size(path), f"size {uri}"))
+
+    def open(self, uri: str, mode: str = "rb", **kwargs):
+        fs, path = self.fs_for(uri)
+        return self.retry(lambda: fs.open(path, mode, **kwargs), f"open {uri}")
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.fs_for(uri)
+        return self.retry(lambda: fs.cat_file(path), f"read {uri}")
+
+    def makedirs(self, uri: str) -> None:
+        fs, path = self.fs_for(uri)
+        if not is_remote(uri):
+            fs.makedirs(path, exist_ok=True)
+
+    def listdir(self, uri: str) -> list[str]:
+        fs, path = self.fs_for(uri)
+        if not self.retry(lambda: fs.exists(path), f"list {uri}"):
+            return []
+        return sorted(self.retry(lambda: fs.ls(path, detail=False), f"list {uri}"))
+
+    def rm(self, uri: str, recursive: bool = False) -> None:
+        fs, path = self.fs_for(uri)
+        if self.retry(lambda: fs.exists(path), f"exists {uri}"):
+            self.retry(lambda: fs.rm(path, recursive=recursive), f"rm {uri}")
+
+    def sha256(self, uri: str, chunk: int = 1 << 22) -> str:
+        h = hashlib.sha256()
+        with self.open(uri, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+        return h.hexdigest()
+
+    @contextlib.contextmanager
+    def local_copy(self, uri: str, suffix: str = "") -> Iterator[str]:
+        """A local path holding the object's bytes (the object itself when it is local)."""
+        if not is_remote(uri):
+            path = strip_file_scheme(uri)
+            if not os.path.exists(path):
+                raise FileNotFoundError(path)
+            yield path
+            return
+        fs, path = self.fs_for(uri)
+        with tempfile.TemporaryDirectory(prefix="imgtalk-") as tmp:
+            local = os.path.join(tmp, "obj" + suffix)
+            self.retry(lambda: fs.get(path, local), f"download {uri}")
+            yield local
+
+    def put_atomic(self, local_path: str, uri: str) -> None:
+        """Copy a finished local file to `uri` so readers only ever see the whole object."""
+        fs, path = self.fs_for(uri)
+        if is_remote(uri):
+            # An S3 object appears whole on PUT completion; a temporary key + move keeps
+            # the same protocol as local storage and lets a sweeper find leftovers.
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+            self.retry(lambda: fs.put(local_path, tmp), f"upload {uri}")
+            try:
+                self.retry(lambda: fs.mv(tmp, path), f"commit {uri}")
+            finally:
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)  # atomic on POSIX within one filesystem
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def write_bytes_atomic(self, data: bytes, uri: str) -> None:
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            f.write(data)
+            tmp = f.name
+        try:
+            self.put_atomic(tmp, uri)
+        finally:
+            os.remove(tmp)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    base = base.rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])

@@ -1,0 +1,97 @@
+"""Per-video choices made before any segment is rendered: the neutral frame (Stage 1's
+silent-state embedding) and a bank of reference frames (Stage 2's appearance source),
+and per target frame, which reference to use.
+
+Neutral frame (paper, "Datasets"): the frame whose head pose is closest to frontal and
+whose mouth is closed. Pose comes from the motion extractor; mouth opening from the face
+mesh (inner-lip gap over mouth width), which is an explicit, detector-independent signal.
+
+Reference frames: MuseTalk uses the target frame itself as its reference at inference,
+so the original mouth leaks into the output. We pick references from *other* frames with
+a similar head pose, and never one within `min_gap_frames` of the target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Face-mesh indices: inner lips (upper 13, lower 14) and mouth corners (61, 291).
+MESH_UPPER_INNER_LIP, MESH_LOWER_INNER_LIP = 13, 14
+MESH_MOUTH_LEFT, MESH_MOUTH_RIGHT = 61, 291
+
+
+class NoFaceError(ValueError):
+    pass
+
+
+def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
+    """(N, 478, 2) mesh landmarks -> (N,) inner-lip gap / mouth width (0 = closed). NaN without a face."""
+    gap = np.linalg.norm(landmarks[:, MESH_UPPER_INNER_LIP] - landmarks[:, MESH_LOWER_INNER_LIP], axis=-1)
+    width = np.linalg.norm(landmarks[:, MESH_MOUTH_LEFT] - landmarks[:, MESH_MOUTH_RIGHT], axis=-1)
+    return gap / np.maximum(width, 1e-6)
+
+
+@dataclass
+class VideoAnalysis:
+    neutral_frame: int
+    neutral_x_c: np.ndarray  # (21, 3)
+    neutral_exp: np.ndarray  # (21, 3)
+    ref_frames: np.ndarray  # (R,) source frame indices
+    ref_crops: np.ndarray  # (R, 256, 256, 3) uint8
+    ref_pose: np.ndarray  # (R, 3) pitch, yaw, roll in degrees
+    sampled_face_fraction: float
+
+
+def select_neutral_and_references(
+    frame_indices: np.ndarray,
+    crops: np.ndarray,
+    has_face: np.ndarray,
+    opening: np.ndarray,
+    motion: dict[str, np.ndarray],
+    bank_size: int,
+) -> VideoAnalysis:
+    """Choose from sampled frames. `motion` is extract_motion's output for `crops`."""
+    idx = np.flatnonzero(has_face)
+    if len(idx) == 0:
+        raise NoFaceError("no face found in any sampled frame")
+    pose = np.stack([motion["pitch"], motion["yaw"], motion["roll"]], axis=-1)  # (S, 3)
+    # 15 degrees off-frontal costs as much as a mouth open by 10% of its width.
+    frontal = np.linalg.norm(pose[idx], axis=-1) / 15.0
+    closed = np.nan_to_num(opening[idx], nan=1.0) / 0.10
+    neutral = idx[int(np.argmin(frontal + closed))]
+
+    # Bank: greedy farthest-point sampling in pose space, starting at the neutral frame,
+    # so the bank covers the poses the video visits.
+    chosen = [neutral]
+    while len(chosen) < min(bank_size, len(idx)):
+        dist = np.min(np.linalg.norm(pose[idx][:, None] - pose[chosen][None], axis=-1), axis=1)
+        dist[np.isin(idx, chosen)] = -1
+        # Ties (e.g. a static video) are broken by distance in time, to spread the bank out.
+        time_gap = np.min(np.abs(frame_indices[idx][:, None] - frame_indices[chosen][None]), axis=1)
+        chosen.append(idx[int(np.lexsort((-time_gap, -dist))[0])])
+    chosen = np.array(chosen)
+    return VideoAnalysis(
+        neutral_frame=int(frame_indices[neutral]),
+        neutral_x_c=motion["x_c"][neutral].astype(np.float32),
+        neutral_exp=motion["exp"][neutral].astype(np.float32),
+        ref_frames=frame_indices[chosen].astype(np.int64),
+        ref_crops=crops[chosen],
+        ref_pose=pose[chosen].astype(np.float32),
+        sampled_face_fraction=float(len(idx) / len(has_face)),
+    )
+
+
+def choose_references(
+    target_frames: np.ndarray, target_pose: np.ndarray, ref_frames: np.ndarray, ref_pose: np.ndarray, min_gap_frames: int
+) -> np.ndarray:
+    """(N,) index into the bank for each target: the most similar pose among references at
+    least `min_gap_frames` away in time; if none is that far, the farthest in time."""
+    dist = np.linalg.norm(target_pose[:, None] - ref_pose[None], axis=-1)  # (N, R)
+    gap = np.abs(target_frames[:, None] - ref_frames[None])  # (N, R)
+    allowed = gap >= min_gap_frames
+    masked = np.where(allowed, dist, np.inf)
+    choice = np.argmin(masked, axis=1)
+    none_allowed = ~allowed.any(axis=1)
+    choice[none_allowed] = np.argmax(gap[none_allowed], axis=1)
+    return choice.astype(np.int64)

@@ -1,0 +1,228 @@
+"""Unit tests of the job's edge and glue pieces, without Ray."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, JobConfig, load_job_config
+from pipeline.rows import ROW_DEFAULTS, fail, new_row, pack, unpack
+from pipeline.schemas import ManifestError, ReportRow, read_manifest, read_report, write_manifest, write_report
+from pipeline.storage import Storage
+from stages.audio.cache import FeatureCache, content_hash
+from stages.motion.selection import choose_references, mouth_opening, select_neutral_and_references
+from stages.motion.stage import resample_25hz
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_job_config_defaults_and_yaml_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("segment_seconds: 2.5\npools:\n  complete: {size: 4, num_gpus: 1}\noutput: {crf: 23}\n")
+    cfg = load_job_config(str(path))
+    assert cfg.segment_seconds == 2.5
+    assert cfg.pools["complete"].size == 4 and cfg.pools["complete"].num_gpus == 1
+    # pools not named keep their defaults
+    assert cfg.pools["face"] == JobConfig().pools["face"]
+    assert cfg.output.crf == 23 and cfg.output.codec == "libx264"
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("segment_seconds: -1\n", "segment_seconds"),
+        ("pools:\n  gpu_magic: {size: 1}\n", "gpu_magic"),
+        ("segmnet_seconds: 3\n", "segmnet_seconds"),
+        ("- a\n- b\n", "mapping"),
+        ("a: [unclosed\n", "YAML"),
+    ],
+)
+def test_job_config_errors_name_file_and_problem(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_job_config(str(path))
+    assert str(path) in str(e.value) and needle in str(e.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_job_config("/nonexistent/job.yaml")
+
+
+# ---------------------------------------------------------------- manifest / report
+
+
+def test_manifest_round_trip_and_bad_rows(tmp_path):
+    storage = Storage()
+    uri = str(tmp_path / "m.parquet")
+    write_manifest(
+        [
+            {"video_uri": "a.mp4", "audio_uri": "a.wav", "output_uri": "out/a.mp4", "options": {"crf": 20}},
+            {"video_uri": "", "audio_uri": "b.wav", "output_uri": "out/b.mp4"},
+            {"video_uri": "c.mp4", "audio_uri": "c.wav", "output_uri": "out/a.mp4"},
+            {"video_uri": "d.mp4", "audio_uri": "d.wav", "output_uri": "out/d.mp4", "options": '{"bogus": 1}'},
+        ],
+        uri,
+        storage,
+    )
+    rows = read_manifest(uri, storage)
+    assert [i for i, _, _ in rows] == [0, 1, 2, 3]
+    assert rows[0][1].options.crf == 20 and rows[0][2] is None
+    assert rows[1][1] is None and "video_uri" in rows[1][2]
+    assert rows[2][1] is None and "repeats row 0" in rows[2][2]
+    assert rows[3][1] is None and "bogus" in rows[3][2]
+    # video ids are stable and distinct per output
+    assert rows[0][1].video_id == read_manifest(uri, storage)[0][1].video_id
+
+
+def test_manifest_file_level_errors(tmp_path):
+    storage = Storage()
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(str(tmp_path / "nope.parquet"), storage)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(ManifestError, match="junk.parquet"):
+        read_manifest(str(junk), storage)
+    nocol = tmp_path / "nocol.parquet"
+    pq.write_table(pa.table({"video_uri": ["a"], "audio_uri": ["b"]}), nocol)
+    with pytest.raises(ManifestError, match="output_uri"):
+        read_manifest(str(nocol), storage)
+
+
+def test_report_round_trip_sorted_by_row(tmp_path):
+    storage = Storage()
+    rows = [
+        ReportRow(job_id="j", row_index=2, video_id="b", video_uri="v2", audio_uri="a2", output_uri="o2", status="failed", error="boom", error_stage="face"),
+        ReportRow(job_id="j", row_index=0, video_id="a", video_uri="v0", audio_uri="a0", output_uri="o0", status="ok", source_frames=10, output_frames=10, fps=25.0, feature_cache_hit=True),
+    ]
+    uri = str(tmp_path / "r.parquet")
+    write_report(rows, uri, storage)
+    back = read_report(uri, storage)
+    assert [r.row_index for r in back] == [0, 2]
+    assert back[0] == rows[1] and back[1] == rows[0]
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_put_atomic_leaves_no_temporary_files(tmp_path):
+    storage = Storage()
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 1000)
+    dst = tmp_path / "deep" / "out.bin"
+    storage.put_atomic(str(src), str(dst))
+    assert dst.read_bytes() == b"x" * 1000
+    assert os.listdir(dst.parent) == ["out.bin"]
+    assert storage.sha256(str(dst)) == content_hash(b"x" * 1000)
+
+
+def test_retry_gives_up_with_context_and_does_not_retry_missing():
+    storage = Storage()
+    storage.options = storage.options.__class__(retries=2, backoff_s=0.0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        raise ConnectionError("reset by peer")
+
+    with pytest.raises(OSError, match="after 3 attempts"):
+        storage.retry(flaky, "read s3://b/k")
+    assert len(calls) == 3
+
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("k")
+
+    with pytest.raises(FileNotFoundError):
+        storage.retry(missing, "read")
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------- rows
+
+
+def test_rows_pack_round_trip_and_fail_drops_payload():
+    a = np.random.rand(3, 4, 5).astype(np.float32)
+    assert np.array_equal(unpack(pack(a)), a) and unpack(pack(a)).dtype == np.float32
+    row = new_row(video_id="v", crops=pack(a))
+    assert set(row) == set(ROW_DEFAULTS)
+    failed = fail(row, "face", ValueError("bad"))
+    assert failed["error"] == "ValueError: bad" and failed["error_stage"] == "face" and failed["crops"] == b""
+    with pytest.raises(KeyError):
+        new_row(not_a_key=1)
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+def test_feature_cache_hit_and_window(tmp_path):
+    import fsspec
+
+    cache = FeatureCache(fsspec.filesystem("file"), str(tmp_path / "cache"))
+    feats = np.random.rand(620, 8).astype(np.float32)
+    sha = content_hash(b"some audio")
+    assert cache.lookup("m1", sha) is None
+    stored = cache.store("m1", sha, feats, duration_s=24.8)
+    hit = cache.lookup("m1", sha)
+    assert hit == stored and hit.n_frames == 620 and hit.dim == 8
+    assert cache.lookup("m2", sha) is None  # a different model never hits
+    np.testing.assert_array_equal(cache.read_window(hit, 240, 510), feats[240:510])  # spans row groups
+    np.testing.assert_array_equal(cache.read_window(hit, -5, 3), feats[:3])
+    assert cache.read_window(hit, 700, 800).shape == (0, 8)
+    leftovers = [p for p in os.listdir(os.path.dirname(hit.path)) if "tmp" in p]
+    assert leftovers == []
+
+
+# ---------------------------------------------------------------- selection / resampling
+
+
+def test_resample_25hz_known_answers():
+    values = np.arange(10, dtype=np.float32)[:, None] * 2.0  # row j = 2j, centred at (j+0.5)/25
+    times = np.array([0.5 / 25, 3.5 / 25, 4.0 / 25, 100.0, 0.0])
+    out = resample_25hz(values, 0, times)[:, 0]
+    np.testing.assert_allclose(out, [0.0, 6.0, 7.0, 18.0, 0.0])
+    # an offset window: row 0 is feature frame 5
+    np.testing.assert_allclose(resample_25hz(values, 5, np.array([5.5 / 25]))[:, 0], [0.0])
+
+
+def test_choose_references_never_near_target():
+    ref_frames = np.array([0, 50, 100])
+    ref_pose = np.array([[0, 0, 0], [0, 10, 0], [0, 20, 0]], np.float32)
+    targets = np.array([0, 2, 50, 101, 60])
+    pose = np.array([[0, 0, 0], [0, 0, 0], [0, 10, 0], [0, 20, 0], [0, 12, 0]], np.float32)
+    choice = choose_references(targets, pose, ref_frames, ref_pose, min_gap_frames=12)
+    # each target's own (or too-near) frame is excluded; next-most-similar pose wins
+    assert list(choice) == [1, 1, 0, 1, 2]
+    assert np.all(np.abs(targets - ref_frames[choice]) >= 12)
+
+
+def test_neutral_is_frontal_and_closed():
+    s = 6
+    frames = np.arange(s) * 10
+    crops = np.random.randint(0, 255, (s, 8, 8, 3), np.uint8)
+    has_face = np.array([True, True, True, True, False, True])
+    opening = np.array([0.30, 0.01, 0.02, 0.01, np.nan, 0.20])
+    motion = {
+        "pitch": np.array([0, 20, 1, 2, 0, 0], np.float32),
+        "yaw": np.array([0, 5, 1, 1, 0, 0], np.float32),
+        "roll": np.zeros(s, np.float32),
+        "x_c": np.random.rand(s, 21, 3).astype(np.float32),
+        "exp": np.random.rand(s, 21, 3).astype(np.float32),
+    }
+    a = select_neutral_and_references(frames, crops, has_face, opening, motion, bank_size=3)
+    assert a.neutral_frame == 20  # frame 0 is frontal but open, frame 10 closed but turned
+    np.testing.assert_array_equal(a.neutral_exp, motion["exp"][2])
+    assert a.ref_frames[0] == 20 and len(set(a.ref_frames)) == 3 and 40 not in a.ref_frames
+    assert a.sampled_face_fraction == pytest.approx(5 / 6)
+
+
+def test_mouth_opening_ratio():
+    lm = np.zeros((1, 478, 2))
+    lm[0, 61], lm[0, 291] = (0, 0), (40, 0)
+    lm[0, 13], lm[0, 14] = (20, -2), (20, 2)
+    np.testing.assert_allclose(mouth_opening(lm), [0.1])
