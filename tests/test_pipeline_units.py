@@ -206,7 +206,7 @@ def test_neutral_is_frontal_and_closed():
     frames = np.arange(s) * 10
     crops = np.random.randint(0, 255, (s, 8, 8, 3), np.uint8)
     has_face = np.array([True, True, True, True, False, True])
-    opening = np.array([0.30, 0.01, 0.02, 0.01, np.nan, 0.20])
+    opening = np.array([0.30, 0.01, 0.02, 0.05, np.nan, 0.20])
     motion = {
         "pitch": np.array([0, 20, 1, 2, 0, 0], np.float32),
         "yaw": np.array([0, 5, 1, 1, 0, 0], np.float32),
