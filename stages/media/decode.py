@@ -1,0 +1,100 @@
+"""Decode a range of frames by index, seeking instead of decoding from the start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from .probe import MediaError, frame_rate_of, open_media, video_stream_of
+
+_UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
+
+
+def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """HxWx3 uint8 RGB. An untagged stream is converted with the matrix a player would
+    assume (BT.709 from 720 lines up, BT.601 below), so the re-encoded output, which
+    SegmentWriter tags BT.709, looks like the source did."""
+    if frame.colorspace == _UNSPECIFIED_COLORSPACE:
+        guess = "itu709" if frame.height >= 720 else "itu601"
+        return frame.to_ndarray(format="rgb24", src_colorspace=guess)
+    return frame.to_ndarray(format="rgb24")
+
+
+def decode_frames(path: str, frame_start: int, frame_end: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame_index, HxWx3 uint8 RGB) for frame_start <= frame_index < frame_end.
+
+    A frame's index comes from its presentation time, never from decode order (B-frames
+    reorder): round((pts * time_base - start_time) * fps), exact for constant-rate sources.
+    Timestamps that skip an index (variable-rate sources) repeat the previous frame and
+    ones that land on a taken index are dropped, the way `ffmpeg -vsync cfr` conforms
+    them, so exactly frame_end - frame_start frames come out. A stream that ends before
+    frame_end raises MediaError.
+    """
+    if frame_start < 0 or frame_end < frame_start:
+        raise ValueError(f"bad frame range [{frame_start}, {frame_end}) for {path!r}")
+    if frame_end == frame_start:
+        return
+    # A seek lands on a keyframe found by decode timestamp (mp4) or by bisecting the byte
+    # stream (mpeg-ts), which can present after the target; then seek further back, and
+    # as a last resort decode from the start.
+    backoffs_s = (0.0, 2.0, 8.0, None) if frame_start > 0 else (None,)
+    for backoff_s in backoffs_s:
+        frames = _decode_range(path, frame_start, frame_end, backoff_s)
+        first = next(frames, None)  # None: the seek landed past the last frame
+        if first is not None and (first[0] == frame_start or backoff_s is None):
+            break
+        frames.close()
+    yield first
+    yield from frames
+
+
+def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float | None):
+    """Decode from a seek `backoff_s` seconds before frame_start (None: from the start)."""
+    with open_media(path, "video") as container:
+        stream = video_stream_of(container, path)
+        stream.thread_type = "AUTO"
+        fps = frame_rate_of(stream, path)
+        time_base = Fraction(stream.time_base)
+        origin = stream.start_time or 0  # first pts is not always 0 (edit lists, ts, segments)
+
+        if backoff_s is not None:
+            # Half a frame early so a rounded timestamp cannot push the seek past the target.
+            start_s = (Fraction(frame_start) - Fraction(1, 2)) / fps - Fraction(backoff_s)
+            target = origin + start_s / time_base
+            container.seek(int(target), stream=stream, backward=True, any_frame=False)
+
+        expected = frame_start
+        previous = None
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    raise MediaError(f"video {path!r}: decoded frame without a timestamp")
+                index = round((frame.pts - origin) * time_base * fps)
+                if index < expected:
+                    continue
+                if index > expected and previous is None and backoff_s is not None:
+                    # Overshot the seek: report the first index so the caller retries.
+                    yield index, frame_to_rgb(frame)
+                    return
+                current = frame_to_rgb(frame) if index < frame_end or previous is None else None
+                fill = previous if previous is not None else current
+                while expected < min(index, frame_end):
+                    yield expected, fill.copy()
+                    expected += 1
+                if index >= frame_end:
+                    return
+                yield index, current
+                previous = current
+                expected = index + 1
+                if expected >= frame_end:
+                    return
+        except av.FFmpegError as exc:
+            raise MediaError(f"video {path!r}: decoding failed near frame {expected} ({exc})") from exc
+        if previous is None and backoff_s is not None:
+            return  # nothing decoded after the seek: the caller seeks further back
+        raise MediaError(
+            f"video {path!r}: stream ended at frame {expected}, frames up to {frame_end} were asked for"
+        )
