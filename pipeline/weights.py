@@ -1,0 +1,250 @@
+"""The weights bundle: one folder (local path or any fsspec URI) holding every model the
+dubbing job needs, in each model's own native format.
+
+    <bundle>/
+      bundle.json                         format, version, size, trained flag, component paths
+      hubert/                             transformers HubertModel (config.json + model.safetensors)
+      vae/                                diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)
+      liveportrait/motion_extractor.pth   LivePortrait's released file, loaded strictly
+                                          (+ motion_extractor_config.json only for non-paper sizes)
+      stage1/                             IMGTalk Stage 1 (config.json + model.safetensors)
+      stage2/                             IMGTalk IMC-UNet (config.json + model.safetensors)
+
+To assemble a real bundle: copy `facebook/hubert-large-ls960-ft` into hubert/,
+`stabilityai/sd-vae-ft-mse` into vae/, LivePortrait's
+`pretrained_weights/liveportrait/base_models/motion_extractor.pth` into liveportrait/,
+and IMGTalk's trained Stage 1 / Stage 2 folders into stage1/ and stage2/; then write
+bundle.json with "trained": true. `imgtalk weights init` writes a randomly initialised
+bundle (marked untrained) so the whole system runs with no download.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.storage import Storage, is_remote, strip_file_scheme
+
+BUNDLE_FORMAT = "imgtalk-weights"
+BUNDLE_VERSION = 1
+COMPONENTS = {
+    "hubert": "hubert",
+    "vae": "vae",
+    "motion_extractor": "liveportrait/motion_extractor.pth",
+    "stage1": "stage1",
+    "stage2": "stage2",
+}
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, or one of its files does not match its network."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    root: str  # local folder
+    size: str
+    trained: bool
+    components: dict[str, str]
+
+    def path(self, component: str) -> str:
+        return os.path.join(self.root, self.components[component])
+
+
+def _cache_dir() -> str:
+    return os.environ.get("IMGTALK_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "imgtalk"))
+
+
+def localize_bundle(uri: str, storage: Storage | None = None) -> str:
+    """A local folder with the bundle's files: the folder itself, or a cached download."""
+    if not is_remote(uri):
+        path = strip_file_scheme(uri)
+        if not os.path.isdir(path):
+            raise BundleError(f"{uri}: weights bundle folder not found")
+        return path
+    storage = storage or Storage()
+    fs, path = storage.fs_for(uri)
+    meta_uri = uri.rstrip("/") + "/bundle.json"
+    try:
+        meta_bytes = storage.read_bytes(meta_uri)
+    except FileNotFoundError as e:
+        raise BundleError(f"{meta_uri}: bundle.json not found") from e
+    key = hashlib.sha256(uri.encode() + meta_bytes).hexdigest()[:16]
+    local = os.path.join(_cache_dir(), "bundles", key)
+    if os.path.exists(os.path.join(local, ".complete")):
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{key}.", dir=os.path.dirname(local))
+    storage.retry(lambda: fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True), f"download bundle {uri}")
+    open(os.path.join(tmp, ".complete"), "w").close()
+    try:
+        os.replace(tmp, local)
+    except OSError:
+        pass  # another worker on this node finished first; its copy is identical
+    return local
+
+
+def read_bundle_info(root: str) -> BundleInfo:
+    meta_path = os.path.join(root, "bundle.json")
+    if not os.path.exists(meta_path):
+        raise BundleError(f"{meta_path}: bundle.json not found (is {root} a weights bundle?)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: format is {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    if meta.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{meta_path}: bundle version {meta.get('version')} not supported (want {BUNDLE_VERSION})")
+    components = {**COMPONENTS, **meta.get("components", {})}
+    for name, rel in components.items():
+        if not os.path.exists(os.path.join(root, rel)):
+            raise BundleError(f"{os.path.join(root, rel)}: bundle component {name!r} is missing")
+    return BundleInfo(root=root, size=meta.get("size", "custom"), trained=bool(meta.get("trained", False)), components=components)
+
+
+def _configs(size: Literal["tiny", "paper"]) -> dict[str, Any]:
+    from stages.audio.hubert import hubert_large_config, tiny_hubert_config
+    from stages.completion.imc_unet import IMCUNetConfig
+    from stages.completion.vae import sd_vae_config, tiny_vae_config
+    from stages.motion.audio2motion import Audio2MotionConfig
+    from stages.motion.extractor import MotionExtractorConfig
+
+    if size == "tiny":
+        hubert = tiny_hubert_config()
+        return {
+            "hubert": hubert,
+            "vae": tiny_vae_config(),
+            "motion_extractor": MotionExtractorConfig.tiny(),
+            "stage1": Audio2MotionConfig.tiny(audio_dim=hubert.hidden_size),
+            "stage2": IMCUNetConfig.tiny(),
+        }
+    if size == "paper":
+        return {
+            "hubert": hubert_large_config(),
+            "vae": sd_vae_config(),
+            "motion_extractor": MotionExtractorConfig(),
+            "stage1": Audio2MotionConfig(),
+            "stage2": IMCUNetConfig(),
+        }
+    raise BundleError(f"unknown bundle size {size!r}; choose tiny or paper")
+
+
+def init_bundle(out: str, size: Literal["tiny", "paper"] = "tiny", seed: int = 0, storage: Storage | None = None) -> str:
+    """Write a randomly initialised bundle (marked untrained) to `out` (local or remote)."""
+    import torch
+    from transformers import HubertModel, Wav2Vec2FeatureExtractor
+
+    from stages.completion.imc_unet import IMCUNet
+    from stages.completion.vae import LatentVAE
+    from stages.motion.audio2motion import Audio2Motion
+    from stages.motion.extractor import MotionExtractor
+
+    storage = storage or Storage()
+    configs = _configs(size)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="imgtalk-bundle-") as tmp:
+        root = tmp if is_remote(out) else strip_file_scheme(out)
+        os.makedirs(root, exist_ok=True)
+        hubert = HubertModel(configs["hubert"])
+        hubert.save_pretrained(os.path.join(root, "hubert"))
+        Wav2Vec2FeatureExtractor(
+            feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+        ).save_pretrained(os.path.join(root, "hubert"))
+        del hubert
+        LatentVAE.from_config(configs["vae"]).save_pretrained(os.path.join(root, "vae"))
+        MotionExtractor(configs["motion_extractor"]).save_pretrained(os.path.join(root, "liveportrait"))
+        Audio2Motion(configs["stage1"]).save_pretrained(os.path.join(root, "stage1"))
+        IMCUNet(configs["stage2"]).save_pretrained(os.path.join(root, "stage2"))
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "size": size,
+            "trained": False,
+            "note": "randomly initialised by `imgtalk weights init`; outputs are not lip-synced until trained weights replace stage1/ and stage2/",
+            "seed": seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "components": COMPONENTS,
+        }
+        with open(os.path.join(root, "bundle.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        if is_remote(out):
+            fs, path = storage.fs_for(out)
+            storage.retry(lambda: fs.put(root.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True), f"upload {out}")
+    return out
+
+
+# ---- loading: one function per component so a worker loads only what it runs ----
+
+
+def load_hubert(info: BundleInfo, device: str = "cpu", dtype=None):
+    from stages.audio.hubert import HubertFeatures
+
+    return HubertFeatures(info.path("hubert"), device=device, **({"dtype": dtype} if dtype is not None else {}))
+
+
+def load_vae(info: BundleInfo):
+    from stages.completion.vae import LatentVAE
+
+    return _wrap(lambda: LatentVAE.from_pretrained(info.path("vae")), info.path("vae"))
+
+
+def load_motion_extractor(info: BundleInfo):
+    from stages.motion.extractor import MotionExtractor
+
+    path = info.path("motion_extractor")
+    # The folder form picks up motion_extractor_config.json for non-paper sizes.
+    source = os.path.dirname(path) if os.path.basename(path) == "motion_extractor.pth" else path
+    return _wrap(lambda: MotionExtractor.from_pretrained(source), path)
+
+
+def load_stage1(info: BundleInfo):
+    from stages.motion.audio2motion import Audio2Motion
+
+    return _wrap(lambda: Audio2Motion.from_pretrained(info.path("stage1")), info.path("stage1"))
+
+
+def load_stage2(info: BundleInfo):
+    from stages.completion.imc_unet import IMCUNet
+
+    return _wrap(lambda: IMCUNet.from_pretrained(info.path("stage2")), info.path("stage2"))
+
+
+def _wrap(fn, where: str):
+    from stages.common.checkpoint import CheckpointError
+
+    try:
+        return fn()
+    except CheckpointError as e:
+        raise BundleError(str(e)) from e
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise BundleError(f"{where}: cannot load ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class ModelSet:
+    """Every network of a bundle, built in one call (training, evaluation, benchmarks)."""
+
+    info: BundleInfo
+    hubert: Any
+    vae: Any
+    motion_extractor: Any
+    stage1: Any
+    stage2: Any
+
+
+def load_bundle(uri: str, storage: Storage | None = None, device: str = "cpu") -> ModelSet:
+    info = read_bundle_info(localize_bundle(uri, storage))
+    return ModelSet(
+        info=info,
+        hubert=load_hubert(info, device=device),
+        vae=load_vae(info),
+        motion_extractor=load_motion_extractor(info),
+        stage1=load_stage1(info),
+        stage2=load_stage2(info),
+    )
