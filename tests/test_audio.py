@@ -1,0 +1,325 @@
+"""Audio stage: decoding any container to 16 kHz mono, and HuBERT features at 25 Hz."""
+import fractions
+import math
+
+import av
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from stages.audio import (
+    DEFAULT_HUBERT,
+    FEATURE_RATE,
+    SAMPLE_RATE,
+    AudioError,
+    HubertFeatures,
+    audio_duration,
+    hubert_features_25hz,
+    hubert_large_config,
+    load_audio,
+    normalize_waveform,
+    sample_features,
+    tiny_hubert_config,
+)
+
+SINE_HZ = 440.0
+REAL_KERNELS = (10, 3, 3, 3, 3, 2, 2)
+REAL_STRIDES = (5, 2, 2, 2, 2, 2, 2)
+
+
+# ---------------------------------------------------------------- test media, made with PyAV
+
+
+def _sine(seconds, rate, amplitude=0.5):
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amplitude * np.sin(2 * np.pi * SINE_HZ * t)).astype(np.float32)
+
+
+def _add_video(container, seconds):
+    stream = container.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+    frames = []
+    for i in range(int(seconds * 25)):
+        frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), (i * 9) % 255, np.uint8), format="rgb24")
+        frame.pts = i
+        frames.append(frame)
+    return stream, frames
+
+
+def _encode_video(container, stream, frames):
+    for frame in frames:
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def write_sine(path, fmt, codec, rate, layout, seconds, video=False, amplitude=0.5, audio_start_s=0.0):
+    """A `seconds`-long 440 Hz sine, the same in every channel, optionally beside a video."""
+    samples = _sine(seconds, rate, amplitude)
+    channels = 2 if layout == "stereo" else 1
+    with av.open(str(path), "w", format=fmt) as container:
+        if video:
+            video_stream, video_frames = _add_video(container, seconds + audio_start_s)
+        stream = container.add_stream(codec, rate=rate, layout=layout)
+        offset = int(round(audio_start_s * rate))
+        for start in range(0, len(samples), 1024):
+            block = np.ascontiguousarray(np.repeat(samples[None, start : start + 1024], channels, axis=0))
+            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout=layout)
+            frame.sample_rate = rate
+            frame.pts = offset + start
+            frame.time_base = fractions.Fraction(1, rate)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+        if video:
+            _encode_video(container, video_stream, video_frames)
+    return path
+
+
+def dominant_hz(x, rate=SAMPLE_RATE):
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return np.argmax(spectrum) * rate / len(x)
+
+
+# Lengths are not whole numbers of codec frames (1024 for AAC, 1152 for MP3) or of
+# 44.1k -> 16k resampler steps, so padding or delay would show.
+MEDIA = [
+    ("speech.wav", "wav", "pcm_s16le", 44100, "stereo", False),
+    ("speech.flac", "flac", "flac", 22050, "mono", False),
+    ("speech.mp3", "mp3", "libmp3lame", 48000, "mono", False),
+    ("speech.m4a", "ipod", "aac", 48000, "stereo", False),
+    ("talk.mp4", "mp4", "aac", 48000, "stereo", True),
+]
+
+
+@pytest.mark.parametrize("name,fmt,codec,rate,layout,video", MEDIA, ids=[m[0] for m in MEDIA])
+def test_load_audio_any_container_gives_16k_mono_sine(tmp_path, name, fmt, codec, rate, layout, video):
+    seconds = 1.37
+    path = write_sine(tmp_path / name, fmt, codec, rate, layout, seconds, video=video)
+    x = load_audio(path)
+    assert x.dtype == np.float32 and x.ndim == 1
+    # The resampler is flushed and AAC end padding is cut to the declared duration, so the
+    # only slack is rounding: +-1 sample at 16 kHz.
+    assert abs(len(x) - round(seconds * SAMPLE_RATE)) <= 1
+    assert np.abs(x).max() <= 1.0
+    assert abs(dominant_hz(x) - SINE_HZ) < 2.0
+    assert audio_duration(path) == pytest.approx(seconds, abs=1e-3)
+    # Bytes and open binary files decode to the same samples as the path.
+    raw = path.read_bytes()
+    np.testing.assert_array_equal(load_audio(raw), x)
+    with open(path, "rb") as f:
+        np.testing.assert_array_equal(load_audio(f), x)
+
+
+def test_load_audio_keeps_level_and_clips_loud_stereo_downmix(tmp_path):
+    quiet = load_audio(write_sine(tmp_path / "quiet.flac", "flac", "flac", 16000, "mono", 1.0, amplitude=0.25))
+    assert np.abs(quiet).max() == pytest.approx(0.25, abs=0.01)
+    # swresample sums in-phase stereo at -3 dB: 0.9 * 1.414 > 1 must come back clipped.
+    loud = load_audio(write_sine(tmp_path / "loud.wav", "wav", "pcm_s16le", 16000, "stereo", 1.0, amplitude=0.9))
+    assert np.abs(loud).max() <= 1.0
+    assert np.isclose(np.abs(loud), 1.0, atol=1e-6).sum() > 100
+
+
+def test_audio_that_starts_after_the_video_is_preceded_by_silence(tmp_path):
+    path = write_sine(tmp_path / "late.mp4", "mp4", "aac", 48000, "mono", 1.0, video=True, audio_start_s=0.5)
+    x = load_audio(path)
+    onset = int(np.argmax(np.abs(x) > 0.25))
+    # AAC's pre-roll and edit list leave the onset within 1 ms of 0.5 s.
+    assert abs(onset - SAMPLE_RATE // 2) <= 16
+    assert np.abs(x[: int(0.45 * SAMPLE_RATE)]).max() < 0.02
+    assert abs(len(x) - int(1.5 * SAMPLE_RATE)) <= 16
+    assert audio_duration(path) == pytest.approx(1.5, abs=2e-3)
+
+
+def test_file_without_audio_stream_raises_naming_file(tmp_path):
+    path = tmp_path / "silent_film.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream, frames = _add_video(container, 0.4)
+        _encode_video(container, stream, frames)
+    for read in (load_audio, audio_duration):
+        with pytest.raises(AudioError, match="silent_film.mp4.*no audio stream"):
+            read(path)
+
+
+def test_corrupt_and_missing_files_raise_naming_file(tmp_path):
+    corrupt = tmp_path / "corrupt_dub.m4a"
+    corrupt.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(AudioError, match="corrupt_dub.m4a"):
+        load_audio(corrupt)
+    with pytest.raises(AudioError, match="corrupt_dub.m4a"):
+        audio_duration(corrupt)
+    with pytest.raises(AudioError, match="no_such_take.wav.*no such file"):
+        load_audio(tmp_path / "no_such_take.wav")
+    with pytest.raises(AudioError, match="bytes"):
+        load_audio(corrupt.read_bytes())
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(b"")
+
+
+# ---------------------------------------------------------------- HuBERT
+
+
+def speechlike(seconds, seed=0):
+    """Voiced harmonics with a gliding pitch, syllable-rate envelope and breath noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)), 0, None) ** 2
+    return (0.3 * envelope * voiced + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture
+def tiny_model():
+    return transformers.HubertModel(tiny_hubert_config()).eval()
+
+
+def test_configs_keep_the_real_conv_stack():
+    tiny, large = tiny_hubert_config(), hubert_large_config()
+    for config in (tiny, large):
+        assert tuple(config.conv_kernel) == REAL_KERNELS and tuple(config.conv_stride) == REAL_STRIDES
+        assert config.feat_extract_norm == "layer" and config.do_stable_layer_norm
+        assert config.num_conv_pos_embeddings == 128
+    assert math.prod(REAL_STRIDES) == 320  # 20 ms hop at 16 kHz
+    assert tiny.hidden_size == 32 and tiny.num_hidden_layers == 2 and max(tiny.conv_dim) <= 32
+    assert tiny_hubert_config(48).hidden_size == 48
+
+
+@pytest.mark.parametrize("seconds,frames", [(1.0, 25), (2.0, 50), (3.5, 88), (0.04, 1), (0.0401, 2)])
+def test_feature_count_is_ceil_of_40ms_blocks(tiny_model, seconds, frames):
+    # 3.5 s = 87.5 frames: a partial 40 ms block counts as a frame (ceil).
+    stage = HubertFeatures(tiny_model)
+    features = stage(speechlike(seconds))
+    assert features.shape == (frames, 32) and features.dtype == np.float32
+    assert stage.hidden_size == 32
+    assert np.isfinite(features).all()
+
+
+def test_empty_and_bad_waveforms(tiny_model):
+    assert hubert_features_25hz(tiny_model, np.zeros(0, np.float32), 20.0, 2.0).shape == (0, 32)
+    with pytest.raises(ValueError, match="1-D"):
+        hubert_features_25hz(tiny_model, np.zeros((2, 16000), np.float32), 20.0, 2.0)
+
+
+def test_normalisation_matches_wav2vec2_feature_extractor():
+    extractor = transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
+    # A quiet signal makes the epsilon matter: var ~ 2e-8, so 1e-7 vs 1e-5 differs a lot.
+    for x in (speechlike(1.3, seed=3), 2e-4 * speechlike(0.7, seed=4) + 0.01):
+        expected = extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
+        np.testing.assert_allclose(normalize_waveform(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_features_are_invariant_to_level_and_dc(tiny_model):
+    # Whole-utterance normalisation: gain and offset do not change the features.
+    x = speechlike(2.0, seed=5)
+    a = hubert_features_25hz(tiny_model, x, 0.8, 0.4)
+    b = hubert_features_25hz(tiny_model, 0.1 * x + 0.05, 0.8, 0.4)
+    np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def _relative_l2(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_chunked_features_match_whole_utterance(tiny_model):
+    x = speechlike(8.3, seed=1)  # 2 s chunks -> 5 windows, the last partial
+    whole = hubert_features_25hz(tiny_model, x, math.inf, 0.0)
+    assert whole.shape == (208, 32)
+
+    # Tolerances from the measurement in stages/audio/hubert.py (mid-size model, 2 s
+    # context: max 0.046, relative L2 0.0093; this tiny model with 1.5 s: up to 0.06 and
+    # 0.017), with ~3x margin.
+    chunked = hubert_features_25hz(tiny_model, x, 2.0, 1.5)
+    assert np.abs(chunked - whole).max() < 0.15
+    assert _relative_l2(chunked, whole) < 0.03
+
+    # More context, less difference: below 1.28 s the positional conv (128 taps at
+    # 50 Hz) is cut at window edges, so the steps are large.
+    errors = [_relative_l2(hubert_features_25hz(tiny_model, x, 2.0, c), whole) for c in (0.0, 0.5, 1.0, 1.5)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 3 * errors[-1]
+
+    # Context that covers the whole file makes every window the whole file.
+    np.testing.assert_array_equal(hubert_features_25hz(tiny_model, x, 2.0, 10.0), whole)
+
+
+def test_save_pretrained_round_trip_and_model_id(tiny_model, tmp_path):
+    x = speechlike(1.5, seed=2)
+    folder = tmp_path / "hubert-tiny"
+    tiny_model.save_pretrained(folder)
+    from_memory = HubertFeatures(tiny_model)
+    from_folder = HubertFeatures(str(folder))
+    np.testing.assert_array_equal(from_folder(x), from_memory(x))
+    assert from_folder.model_id.startswith("hubert-tiny-")
+    assert HubertFeatures(folder).model_id == from_folder.model_id  # stable across loads
+
+    with torch.no_grad():
+        tiny_model.encoder.layers[0].feed_forward.output_dense.bias.add_(1e-3)
+    assert HubertFeatures(tiny_model).model_id != from_memory.model_id
+    tiny_model.save_pretrained(folder)
+    changed = HubertFeatures(folder)
+    assert changed.model_id != from_folder.model_id
+    assert not np.array_equal(changed(x), from_folder(x))
+
+
+def test_hub_id_is_never_fetched_without_allow_download(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("from_pretrained must not be called")
+
+    monkeypatch.setattr(transformers.HubertModel, "from_pretrained", no_hub)
+    with pytest.raises(AudioError, match=r"facebook/hubert-large-ls960-ft.*allow_download=True"):
+        HubertFeatures(DEFAULT_HUBERT)
+
+
+def test_allow_download_asks_the_hub(monkeypatch):
+    calls = []
+
+    def fake_hub(source, **kwargs):
+        calls.append((source, kwargs))
+        return transformers.HubertModel(tiny_hubert_config())
+
+    monkeypatch.setattr(transformers.HubertModel, "from_pretrained", fake_hub)
+    stage = HubertFeatures(DEFAULT_HUBERT, allow_download=True)
+    assert calls == [(DEFAULT_HUBERT, {"local_files_only": False})]
+    assert stage.model_id.startswith("facebook--hubert-large-ls960-ft-cfg")
+
+
+def test_folder_without_weights_raises_naming_folder(tmp_path):
+    folder = tmp_path / "half-copied"
+    folder.mkdir()
+    tiny_hubert_config().save_pretrained(folder)
+    with pytest.raises(AudioError, match="half-copied"):
+        HubertFeatures(folder)
+
+
+def test_sample_features_by_time():
+    features = np.repeat(np.arange(30, dtype=np.float32)[:, None], 4, axis=1)  # row j holds j
+    # 25 fps: frame i at i / 25 s gets row i exactly, float error in i / 25 included.
+    np.testing.assert_array_equal(sample_features(features, np.arange(30) / 25.0), features)
+
+    def rows(times):
+        return sample_features(features, np.asarray(times))[:, 0].astype(int).tolist()
+
+    # 29.97 fps, t = i * 1001 / 30000, 25 t = 0, 0.83, 4.17, 5.005, 24.19, 25.03
+    assert rows([i * 1001 / 30000 for i in (0, 1, 5, 6, 29, 30)]) == [0, 0, 4, 5, 24, 25]
+    # 50 fps: two video frames per feature row.
+    assert rows([i / 50 for i in (0, 1, 2, 3, 48, 49)]) == [0, 0, 1, 1, 24, 24]
+    # Outside the audio: clamp to the first and last rows.
+    assert rows([-0.5, 1.19, 1.2, 100.0]) == [0, 29, 29, 29]
+    with pytest.raises(ValueError):
+        sample_features(np.zeros((0, 4)), np.zeros(3))
+
+
+def test_paper_size_hubert_large_forward():
+    config = hubert_large_config()
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1024, 24, 16)
+    assert config.intermediate_size == 4096 and tuple(config.conv_dim) == (512,) * 7
+    assert config.conv_bias and config.feat_proj_layer_norm and config.num_conv_pos_embedding_groups == 16
+    model = transformers.HubertModel(config)
+    # HuBERT Large has ~316 M parameters (ours lacks only the CTC head).
+    assert 310e6 < sum(p.numel() for p in model.parameters()) < 320e6
+    features = HubertFeatures(model)(speechlike(1.0))
+    assert features.shape == (FEATURE_RATE, 1024)
+    assert np.isfinite(features).all() and features.std() > 0.1
