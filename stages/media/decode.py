@@ -8,7 +8,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from .probe import MediaError, frame_rate_of, open_media, video_stream_of
+from .probe import MediaError, frame_rate_of, media_name, open_media, video_stream_of
 
 _UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
 
@@ -34,7 +34,7 @@ def decode_frames(path: str, frame_start: int, frame_end: int) -> Iterator[tuple
     frame_end raises MediaError.
     """
     if frame_start < 0 or frame_end < frame_start:
-        raise ValueError(f"bad frame range [{frame_start}, {frame_end}) for {path!r}")
+        raise ValueError(f"bad frame range [{frame_start}, {frame_end}) for {media_name(path)!r}")
     if frame_end == frame_start:
         return
     # A seek lands on a keyframe found by decode timestamp (mp4) or by bisecting the byte
@@ -71,7 +71,7 @@ def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float 
         try:
             for frame in container.decode(stream):
                 if frame.pts is None:
-                    raise MediaError(f"video {path!r}: decoded frame without a timestamp")
+                    raise MediaError(f"video {media_name(path)!r}: decoded frame without a timestamp")
                 index = round((frame.pts - origin) * time_base * fps)
                 if index < expected:
                     continue
@@ -92,9 +92,9 @@ def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float 
                 if expected >= frame_end:
                     return
         except av.FFmpegError as exc:
-            raise MediaError(f"video {path!r}: decoding failed near frame {expected} ({exc})") from exc
+            raise MediaError(f"video {media_name(path)!r}: decoding failed near frame {expected} ({exc})") from exc
         if previous is None and backoff_s is not None:
             return  # nothing decoded after the seek: the caller seeks further back
         raise MediaError(
-            f"video {path!r}: stream ended at frame {expected}, frames up to {frame_end} were asked for"
+            f"video {media_name(path)!r}: stream ended at frame {expected}, frames up to {frame_end} were asked for"
         )

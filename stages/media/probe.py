@@ -37,14 +37,29 @@ class VideoInfo:
     has_audio: bool
 
 
-def open_media(path: str, role: str = "file") -> av.container.InputContainer:
-    """av.open for reading, with every failure turned into a MediaError naming the file."""
-    if "://" not in path and not os.path.exists(path):
-        raise MediaError(f"{role} {path!r}: no such file")
+def media_name(source) -> str:
+    """What to call a source in messages: its path, or the URI of an fsspec file object."""
+    if isinstance(source, str):
+        return source
+    fs, path = getattr(source, "fs", None), getattr(source, "path", None)
+    if fs is not None and path is not None:
+        return fs.unstrip_protocol(path)
+    return str(getattr(source, "name", source))
+
+
+def open_media(path, role: str = "file") -> av.container.InputContainer:
+    """av.open for reading, with every failure turned into a MediaError naming the file.
+    `path` is a local path, a URL FFmpeg reads, or a seekable binary file object (an
+    fsspec file for s3://: ranged reads, no full download)."""
+    if isinstance(path, str):
+        if "://" not in path and not os.path.exists(path):
+            raise MediaError(f"{role} {media_name(path)!r}: no such file")
+    else:
+        path.seek(0)  # a file object may be opened several times (seek retries)
     try:
         return av.open(path, "r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise MediaError(f"{role} {path!r}: cannot be opened as media ({exc})") from exc
+        raise MediaError(f"{role} {media_name(path)!r}: cannot be opened as media ({exc})") from exc
 
 
 def video_stream_of(container, path: str) -> av.video.stream.VideoStream:
@@ -52,14 +67,14 @@ def video_stream_of(container, path: str) -> av.video.stream.VideoStream:
     for stream in container.streams.video:
         if not stream.disposition & av.stream.Disposition.attached_pic:
             return stream
-    raise MediaError(f"video {path!r}: has no video stream")
+    raise MediaError(f"video {media_name(path)!r}: has no video stream")
 
 
 def frame_rate_of(stream, path: str) -> Fraction:
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate is not None and rate > 0:
             return Fraction(rate)
-    raise MediaError(f"video {path!r}: frame rate is unknown")
+    raise MediaError(f"video {media_name(path)!r}: frame rate is unknown")
 
 
 def _count_packets(container, stream) -> int:
@@ -98,17 +113,17 @@ def probe_video(path: str) -> VideoInfo:
             try:
                 n_frames = _count_packets(container, stream)
             except av.FFmpegError as exc:
-                raise MediaError(f"video {path!r}: unreadable while counting frames ({exc})") from exc
+                raise MediaError(f"video {media_name(path)!r}: unreadable while counting frames ({exc})") from exc
             container.seek(0, stream=stream, backward=True, any_frame=False)
         if n_frames <= 0:
-            raise MediaError(f"video {path!r}: video stream has no frames")
+            raise MediaError(f"video {media_name(path)!r}: video stream has no frames")
 
         try:
             first = next(container.decode(stream), None)
         except av.FFmpegError as exc:
-            raise MediaError(f"video {path!r}: video stream does not decode ({exc})") from exc
+            raise MediaError(f"video {media_name(path)!r}: video stream does not decode ({exc})") from exc
         if first is None:
-            raise MediaError(f"video {path!r}: video stream has no decodable frames")
+            raise MediaError(f"video {media_name(path)!r}: video stream has no decodable frames")
 
         return VideoInfo(
             width=int(ctx.width),
