@@ -62,7 +62,7 @@ def main() -> None:
     from stages.motion.extractor import MotionExtractor
 
     rows = []
-    with torch.inference_mode():
+    with torch.no_grad():  # FlopCounterMode trips over weight-norm parametrizations under inference_mode
         me = MotionExtractor().to(device).eval()
         x = torch.rand(1, 3, 256, 256, device=device)
         rows.append(("motion extractor (per frame)", params(me), count_flops(lambda: me(x)), lambda: me(x)))
