@@ -1,0 +1,3 @@
+from stages.compose.stage import ComposeStage
+
+__all__ = ["ComposeStage"]
