@@ -46,6 +46,7 @@ ROW_DEFAULTS: dict = {
     "fps_den": 1,
     "n_frames": 0,
     "duration_s": 0.0,
+    "rotation": 0,
     # analyse
     "neutral_frame": -1,
     "neutral_x_c": b"",

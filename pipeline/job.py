@@ -1,0 +1,236 @@
+"""The dubbing job on Ray Data: manifest in, lip-synced videos + Parquet report out.
+
+    manifest rows ─ plan ─ analyse ─ audio ─ flat_map(segments) ─ face ─ motion ─ complete ─ compose ─┐
+      (tasks)      (actors)  (actors)                       (actors) (actors)  (GPU actors) (actors)    │
+                                                                                                     ▼
+    driver: iter_rows (streaming) → when every segment of a video is back → finalize task → report row
+
+One streaming Ray Data graph over videos; a video becomes its segments inside the graph
+(flat_map), so segments of the first videos reach the GPU while later videos are still
+being planned. Nothing is shuffled: the driver regroups segments by (video_id, seg_idx).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pipeline.config import JobConfig
+from pipeline.rows import new_row, normalise
+from pipeline.schemas import ManifestRow, ReportRow, read_manifest, write_report
+from pipeline.storage import Storage
+
+log = logging.getLogger("imgtalk")
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    report_uri: str
+    rows: list[ReportRow]
+    seconds: float
+    frames: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def _init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address`, or start a local Ray for this job. True if we started it."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _report_row(job_id: str, index: int, m: ManifestRow | None, raw: dict, **fields) -> ReportRow:
+    base = dict(
+        job_id=job_id,
+        row_index=index,
+        video_id=m.video_id if m else "",
+        video_uri=m.video_uri if m else str(raw.get("video_uri", "")),
+        audio_uri=m.audio_uri if m else str(raw.get("audio_uri", "")),
+        output_uri=m.output_uri if m else str(raw.get("output_uri", "")),
+    )
+    base.update(fields)
+    return ReportRow(**base)
+
+
+def _video_report(job_id: str, row: dict, segments: list[dict], final: dict | None, error: str | None, stage: str | None) -> ReportRow:
+    fps = row["fps_num"] / row["fps_den"] if row["fps_num"] else None
+    face_frames = sum(int(s["face_frames"]) for s in segments)
+    n = int(row["n_frames"]) or None
+    fields = dict(
+        job_id=job_id,
+        row_index=int(row["row_index"]),
+        video_id=row["video_id"],
+        video_uri=row["video_uri"],
+        audio_uri=row["audio_uri"],
+        output_uri=row["output_uri"],
+        status="failed" if error else "ok",
+        error=error,
+        error_stage=stage,
+        source_frames=n,
+        fps=fps,
+        width=int(row["width"]) or None,
+        height=int(row["height"]) or None,
+        duration_s=float(row["duration_s"]) or None,
+        audio_duration_s=float(row["audio_duration_s"]) or None,
+        face_fraction=(face_frames / n) if (n and segments and not error) else None,
+        segments=int(row["n_segments"]) or None,
+        feature_cache_hit=bool(row["cache_hit"]) if row["features_path"] else None,
+        time_plan_s=float(row["time_plan_s"]),
+        time_analyse_s=float(row["time_analyse_s"]),
+        time_audio_s=float(row["time_audio_s"]),
+        time_face_s=sum(float(s["time_face_s"]) for s in segments),
+        time_motion_s=sum(float(s["time_motion_s"]) for s in segments),
+        time_complete_s=sum(float(s["time_complete_s"]) for s in segments),
+        time_compose_s=sum(float(s["time_compose_s"]) for s in segments),
+    )
+    if final:
+        fields.update(final)
+    return ReportRow(**fields)
+
+
+def run_dub(
+    manifest_uri: str,
+    weights_uri: str,
+    report_uri: str,
+    config: JobConfig | None = None,
+    address: str | None = None,
+    progress: bool | None = None,
+) -> JobResult:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline import operators as ops
+    from pipeline.weights import localize_bundle, read_bundle_info
+
+    config = config or JobConfig()
+    storage = Storage(config.storage.options())
+    started = time.perf_counter()
+    job_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+    # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
+    read_bundle_info(localize_bundle(weights_uri, storage))
+    manifest = read_manifest(manifest_uri, storage)
+
+    report: dict[int, ReportRow] = {}
+    todo: list[dict] = []
+    for index, m, error in manifest:
+        if m is None:
+            report[index] = _report_row(job_id, index, None, {}, status="failed", error=error, error_stage="manifest")
+            continue
+        if storage.exists(m.output_uri):
+            report[index] = _report_row(job_id, index, m, {}, status="skipped", error=None)
+            continue
+        todo.append(
+            new_row(
+                job_id=job_id,
+                row_index=index,
+                video_id=m.video_id,
+                video_uri=m.video_uri,
+                audio_uri=m.audio_uri,
+                output_uri=m.output_uri,
+                crf=m.options.crf if m.options.crf is not None else -1,
+                segment_seconds=m.options.segment_seconds or config.segment_seconds,
+            )
+        )
+
+    if todo:
+        started_ray = _init_ray(address)
+        try:
+            report.update(_run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, progress))
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    rows = [report[i] for i in sorted(report)]
+    write_report(rows, report_uri, storage)
+    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "skipped")}
+    frames = sum(r.output_frames or 0 for r in rows if r.status == "ok")
+    return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts)
+
+
+def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict], progress) -> dict[int, ReportRow]:
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
+    ctx.print_on_execution_start = False
+    cfg = config.model_dump()
+    pools = config.pools
+
+    def actors(name: str):
+        p = pools[name]
+        return dict(compute=ActorPoolStrategy(size=p.size), num_cpus=p.num_cpus, num_gpus=p.num_gpus or None)
+
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = ds.map(ops.PlanOp, fn_constructor_args=(cfg,), **actors("plan"))
+    ds = ds.map(ops.AnalyseOp, fn_constructor_args=(cfg, weights_uri), **actors("analyse"))
+    ds = ds.map(ops.AudioOp, fn_constructor_args=(cfg, weights_uri), **actors("audio"))
+    ds = ds.flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
+    ds = ds.map(ops.FaceOp, fn_constructor_args=(cfg,), **actors("face"))
+    ds = ds.map(ops.MotionOp, fn_constructor_args=(cfg, weights_uri), **actors("motion"))
+    ds = ds.map(ops.CompleteOp, fn_constructor_args=(cfg, weights_uri), **actors("complete"))
+    ds = ds.map(ops.ComposeOp, fn_constructor_args=(cfg,), **actors("compose"))
+
+    finalize = ray.remote(num_cpus=pools["finalize"].num_cpus, max_retries=2)(ops.finalize_video)
+    pending: dict[str, list[dict]] = {}
+    futures: dict = {}
+    report: dict[int, ReportRow] = {}
+
+    def close_video(segments: list[dict]) -> None:
+        head = segments[0]
+        failed = [s for s in segments if s["error"]]
+        if failed:
+            first = sorted(failed, key=lambda s: int(s["seg_idx"]))[0]
+            report[int(head["row_index"])] = _video_report(job_id, head, segments, None, first["error"], first["error_stage"])
+            for s in segments:  # encoded parts of a failed video are garbage now
+                if s["segment_uri"]:
+                    try:
+                        from pipeline.storage import Storage
+
+                        Storage(config.storage.options()).rm(s["segment_uri"])
+                    except OSError:
+                        pass
+            return
+        video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")}
+        seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
+        futures[finalize.remote(cfg, video, seg_info)] = segments
+
+    for raw in ds.iter_rows():
+        row = normalise(raw)
+        vid = row["video_id"]
+        if int(row["n_segments"]) == 0:  # failed before it was split
+            report[int(row["row_index"])] = _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan")
+            continue
+        pending.setdefault(vid, []).append(row)
+        if len(pending[vid]) == int(row["n_segments"]):
+            close_video(pending.pop(vid))
+
+    for fut, segments in futures.items():
+        head = segments[0]
+        try:
+            final = ray.get(fut)
+            report[int(head["row_index"])] = _video_report(job_id, head, segments, final, None, None)
+        except Exception as e:  # noqa: BLE001 - one video's finalize failure is that video's
+            cause = getattr(e, "cause", None) or e
+            report[int(head["row_index"])] = _video_report(
+                job_id, head, segments, None, f"output {head['output_uri']}: {type(cause).__name__}: {cause}", "finalize"
+            )
+    for vid, segments in pending.items():  # should not happen: a segment never came back
+        head = segments[0]
+        report[int(head["row_index"])] = _video_report(
+            job_id, head, segments, None, f"only {len(segments)} of {head['n_segments']} segments completed", "pipeline"
+        )
+    return report

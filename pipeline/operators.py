@@ -1,0 +1,508 @@
+"""Ray Data operators: thin wrappers that open URIs, unpack rows, call a Ray-free stage
+from `stages/`, and pack the result. A failure in one row marks that row (error, stage)
+and the row flows on untouched by later stages, so one bad video never stops the job.
+
+The classes hold no Ray imports either; `pipeline.job` decides where and how many of
+each run. Constructors load models once per actor.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import tempfile
+import time
+from fractions import Fraction
+
+import numpy as np
+
+# mediapipe's C++ logging prints a warning per graph; keep worker logs readable.
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+from pipeline.config import JobConfig
+from pipeline.rows import fail, fps_of, normalise, pack, unpack
+from pipeline.storage import Storage, is_remote, join_uri
+from pipeline.weights import (
+    load_hubert,
+    load_motion_extractor,
+    load_stage1,
+    load_stage2,
+    load_vae,
+    localize_bundle,
+    read_bundle_info,
+)
+
+
+def _setup_torch(config: JobConfig) -> None:
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
+
+
+@contextlib.contextmanager
+def open_source(storage: Storage, uri: str):
+    """A path or seekable file object PyAV can read: local paths as they are, remote
+    objects as fsspec files (ranged reads, no full download)."""
+    if not is_remote(uri):
+        yield uri[len("file://") :] if uri.startswith("file://") else uri
+        return
+    with storage.open(uri, "rb", block_size=4 << 20) as f:
+        yield f
+
+
+def _timed(row: dict, key: str, start: float) -> None:
+    row[key] = float(row.get(key, 0.0)) + (time.perf_counter() - start)
+
+
+def _skip(row: dict) -> bool:
+    return bool(row["error"])
+
+
+# --------------------------------------------------------------------------- plan
+
+
+class PlanOp:
+    """Probe each video (fps, frame count, size) and check the dubbed audio is there."""
+
+    def __init__(self, config: dict):
+        self.config = JobConfig.model_validate(config)
+        self.storage = Storage(self.config.storage.options())
+
+    def __call__(self, row: dict) -> dict:
+        from stages.media import MediaError, probe_video
+
+        row = normalise(row)
+        if _skip(row):
+            return row
+        start = time.perf_counter()
+        try:
+            if not self.storage.exists(row["audio_uri"]):
+                return fail(row, "plan", f"audio {row['audio_uri']}: no such file")
+            with open_source(self.storage, row["video_uri"]) as src:
+                info = probe_video(src)
+        except MediaError as e:
+            return fail(row, "plan", str(e))
+        except FileNotFoundError:
+            return fail(row, "plan", f"video {row['video_uri']}: no such file")
+        except Exception as e:  # noqa: BLE001 - any failure is this video's, not the job's
+            return fail(row, "plan", f"video {row['video_uri']}: {type(e).__name__}: {e}")
+        row.update(
+            width=info.width,
+            height=info.height,
+            fps_num=info.fps.numerator,
+            fps_den=info.fps.denominator,
+            n_frames=info.n_frames,
+            duration_s=info.duration_s,
+            rotation=info.rotation,
+        )
+        _timed(row, "time_plan_s", start)
+        return row
+
+
+# --------------------------------------------------------------------------- analyse
+
+
+class AnalyseOp:
+    """Per video: sample frames, pick the neutral frame and the reference bank."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.face import FaceTracker
+
+        self.config = JobConfig.model_validate(config)
+        _setup_torch(self.config)
+        self.storage = Storage(self.config.storage.options())
+        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        self.extractor = load_motion_extractor(info)
+        # Each call of a FaceTracker starts a fresh clip, so one tracker serves every video.
+        self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0)
+
+    def __call__(self, row: dict) -> dict:
+        from stages.face import crop_faces
+        from stages.media import MediaError, decode_frames
+        from stages.motion.extractor import extract_motion
+        from stages.motion.selection import NoFaceError, mouth_opening, select_neutral_and_references
+
+        row = normalise(row)
+        if _skip(row):
+            return row
+        start = time.perf_counter()
+        n = int(row["n_frames"])
+        count = min(self.config.analyse.sample_frames, n)
+        indices = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
+        try:
+            frames = []
+            with open_source(self.storage, row["video_uri"]) as src:
+                for i in indices:
+                    frames.extend(f for _, f in decode_frames(src, int(i), int(i) + 1))
+            # Sampled frames are far apart in time: track each one as its own clip.
+            from stages.face import FaceTrack
+
+            singles = [self.tracker([frame]) for frame in frames]
+            track = FaceTrack(
+                landmarks=np.concatenate([t.landmarks for t in singles]),
+                has_face=np.concatenate([t.has_face for t in singles]),
+            )
+            crops, _ = crop_faces(frames, track)
+            motion = extract_motion(self.extractor, crops, batch_size=self.config.batch.motion_frames)
+            analysis = select_neutral_and_references(
+                indices, crops, track.has_face, mouth_opening(track.landmarks), motion, self.config.analyse.reference_bank
+            )
+        except NoFaceError:
+            return fail(row, "analyse", f"video {row['video_uri']}: no face found in any of {len(indices)} frames sampled across the video")
+        except MediaError as e:
+            return fail(row, "analyse", str(e))
+        except Exception as e:  # noqa: BLE001
+            return fail(row, "analyse", f"video {row['video_uri']}: {type(e).__name__}: {e}")
+        row.update(
+            neutral_frame=analysis.neutral_frame,
+            neutral_x_c=pack(analysis.neutral_x_c),
+            neutral_exp=pack(analysis.neutral_exp),
+            ref_frames=pack(analysis.ref_frames),
+            ref_crops=pack(analysis.ref_crops),
+            ref_pose=pack(analysis.ref_pose),
+            sampled_face_fraction=analysis.sampled_face_fraction,
+        )
+        _timed(row, "time_analyse_s", start)
+        return row
+
+
+# --------------------------------------------------------------------------- audio
+
+
+class AudioOp:
+    """Per video: HuBERT 25 Hz features of the dubbed track, through the content cache."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.audio.cache import FeatureCache
+        from stages.completion.stage import resolve_device
+
+        self.config = JobConfig.model_validate(config)
+        _setup_torch(self.config)
+        self.storage = Storage(self.config.storage.options())
+        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        self.device = resolve_device(self.config.device)
+        self.hubert = load_hubert(info, device=self.device)
+        self.hubert.chunk_seconds = self.config.audio.chunk_seconds
+        self.hubert.context_seconds = self.config.audio.context_seconds
+        fs, root = self.storage.fs_for(self.config.cache_uri)
+        self.cache = FeatureCache(fs, root)
+
+    def __call__(self, row: dict) -> dict:
+        from stages.audio import AudioError, load_audio
+        from stages.audio.cache import content_hash
+
+        row = normalise(row)
+        if _skip(row):
+            return row
+        start = time.perf_counter()
+        try:
+            data = self.storage.read_bytes(row["audio_uri"])
+            sha = content_hash(data)
+            cached = self.cache.lookup(self.hubert.model_id, sha)
+            hit = cached is not None
+            if cached is None:
+                wave = load_audio(io.BytesIO(data))
+                if len(wave) == 0:
+                    raise AudioError(f"audio {row['audio_uri']}: no samples")
+                features = self.hubert(wave)
+                cached = self.cache.store(self.hubert.model_id, sha, features, duration_s=len(wave) / 16000.0)
+        except FileNotFoundError:
+            return fail(row, "audio", f"audio {row['audio_uri']}: no such file")
+        except AudioError as e:
+            msg = str(e)
+            if row["audio_uri"] not in msg:
+                msg = f"audio {row['audio_uri']}: {msg}"
+            return fail(row, "audio", msg)
+        except Exception as e:  # noqa: BLE001
+            return fail(row, "audio", f"audio {row['audio_uri']}: {type(e).__name__}: {e}")
+        row.update(
+            audio_sha256=sha,
+            features_path=cached.path,
+            feature_frames=cached.n_frames,
+            feature_dim=cached.dim,
+            audio_duration_s=cached.duration_s,
+            cache_hit=hit,
+        )
+        _timed(row, "time_audio_s", start)
+        return row
+
+
+# --------------------------------------------------------------------------- split
+
+
+def split_segments(row: dict) -> list[dict]:
+    """One video row -> its segment rows (one marker row when the video already failed)."""
+    from stages.media import VideoInfo, segment_plan
+
+    row = normalise(row)
+    if _skip(row):
+        return [dict(row, n_segments=0)]
+    info = VideoInfo(
+        width=int(row["width"]), height=int(row["height"]), rotation=0, fps=fps_of(row),
+        n_frames=int(row["n_frames"]), duration_s=float(row["duration_s"]), codec="", pix_fmt="", has_audio=False,
+    )
+    plan = segment_plan(row["video_id"], info, float(row["segment_seconds"]))
+    return [
+        dict(row, seg_idx=s.seg_idx, n_segments=len(plan), frame_start=s.frame_start, frame_end=s.frame_end)
+        for s in plan
+    ]
+
+
+# --------------------------------------------------------------------------- face
+
+
+class FaceOp:
+    """Decode a segment, detect/track/smooth the face, aligned 256² crops + affines."""
+
+    def __init__(self, config: dict):
+        from stages.face import FaceTracker
+
+        self.config = JobConfig.model_validate(config)
+        self.storage = Storage(self.config.storage.options())
+        # Each call starts a fresh clip (mediapipe state does not carry across segments).
+        self.tracker = FaceTracker(
+            min_detection_confidence=self.config.face.min_detection_confidence,
+            smoothing_sigma_frames=self.config.face.smoothing_sigma_frames,
+            max_gap_frames=self.config.face.max_gap_frames,
+        )
+
+    def __call__(self, row: dict) -> dict:
+        from stages.face import crop_faces
+        from stages.media import MediaError, decode_frames
+
+        row = normalise(row)
+        if _skip(row):
+            return row
+        start = time.perf_counter()
+        try:
+            with open_source(self.storage, row["video_uri"]) as src:
+                frames = [f for _, f in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]))]
+            track = self.tracker(frames)
+            crops, affines = crop_faces(frames, track)
+        except MediaError as e:
+            return fail(row, "face", str(e))
+        except Exception as e:  # noqa: BLE001
+            return fail(row, "face", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
+        row.update(
+            crops=pack(crops),
+            affines=pack(affines),
+            has_face=pack(track.has_face.astype(bool)),
+            face_frames=int(track.has_face.sum()),
+        )
+        _timed(row, "time_face_s", start)
+        return row
+
+
+# --------------------------------------------------------------------------- motion
+
+
+class MotionOp:
+    """Motion extractor on the source crops; Stage 1 from the cached audio features."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.audio.cache import FeatureCache
+        from stages.motion.stage import MotionStage
+
+        self.config = JobConfig.model_validate(config)
+        _setup_torch(self.config)
+        self.storage = Storage(self.config.storage.options())
+        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        self.stage = MotionStage(
+            load_motion_extractor(info),
+            load_stage1(info),
+            batch_frames=self.config.batch.motion_frames,
+            min_reference_gap_frames=self.config.analyse.min_reference_gap_frames,
+        )
+        fs, root = self.storage.fs_for(self.config.cache_uri)
+        self.cache = FeatureCache(fs, root)
+
+    def __call__(self, row: dict) -> dict:
+        from stages.audio.cache import CachedFeatures
+
+        row = normalise(row)
+        if _skip(row):
+            return row
+        start = time.perf_counter()
+        try:
+            fps = fps_of(row)
+            frame_indices = np.arange(int(row["frame_start"]), int(row["frame_end"]))
+            frame_times = np.array([float(Fraction(int(i)) / fps) for i in frame_indices])
+            t0 = frame_times[0] if len(frame_times) else 0.0
+            t1 = float(Fraction(int(row["frame_end"])) / fps)
+            first = max(0, int(math.floor((t0 - self.config.motion.warmup_seconds) * 25)))
+            last = int(math.ceil(t1 * 25)) + 1
+            cached = CachedFeatures(row["features_path"], int(row["feature_frames"]), float(row["audio_duration_s"]), int(row["feature_dim"]))
+            features = self.cache.read_window(cached, first, last)
+            if len(features) < last - first:
+                # The dubbed track ends before the video: silence drives a closed mouth.
+                pad = np.zeros((last - first - len(features), cached.dim), np.float32)
+                features = np.concatenate([features, pad]) if len(features) else pad
+            out = self.stage(
+                crops=unpack(row["crops"]),
+                has_face=unpack(row["has_face"]),
+                frame_indices=frame_indices,
+                frame_times=frame_times,
+                features=features,
+                first_feature=first,
+                audio_duration_s=float(row["audio_duration_s"]),
+                neutral_x_c=unpack(row["neutral_x_c"]),
+                neutral_exp=unpack(row["neutral_exp"]),
+                ref_frames=unpack(row["ref_frames"]),
+                ref_pose=unpack(row["ref_pose"]),
+            )
+        except Exception as e:  # noqa: BLE001
+            return fail(row, "motion", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
+        row.update(driving=pack(out["driving"]), ref_index=pack(out["ref_index"]))
+        _timed(row, "time_motion_s", start)
+        return row
+
+
+# --------------------------------------------------------------------------- complete
+
+
+class CompleteOp:
+    """GPU actor: VAE + IMC-UNet. One actor per GPU on a cluster; fp32 on the CPU."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.completion.stage import CompletionStage
+        from stages.face import MouthMask
+
+        self.config = JobConfig.model_validate(config)
+        _setup_torch(self.config)
+        self.storage = Storage(self.config.storage.options())
+        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        self.stage = CompletionStage(
+            load_vae(info),
+            load_stage2(info),
+            MouthMask().array(),
+            batch_frames=self.config.batch.complete_frames,
+            device=self.config.device,
+            precision=self.config.precision,
+        )
+
+    def __call__(self, row: dict) -> dict:
+        row = normalise(row)
+        if _skip(row):
+            return row
+        start = time.perf_counter()
+        try:
+            generated = self.stage(
+                row["video_id"],
+                unpack(row["crops"]),
+                unpack(row["has_face"]),
+                unpack(row["driving"]),
+                unpack(row["ref_index"]),
+                unpack(row["ref_crops"]),
+            )
+        except Exception as e:  # noqa: BLE001
+            return fail(row, "complete", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
+        row.update(generated=pack(generated), crops=b"", driving=b"", ref_index=b"")
+        _timed(row, "time_complete_s", start)
+        return row
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def segment_uri(config: JobConfig, row: dict) -> str:
+    return join_uri(config.work_dir(), "segments", row["job_id"], row["video_id"], f"{int(row['seg_idx']):05d}.mp4")
+
+
+class ComposeOp:
+    """Re-decode the segment, paste the generated crops back, encode, upload."""
+
+    def __init__(self, config: dict):
+        from stages.compose import ComposeStage
+        from stages.face import MouthMask
+
+        self.config = JobConfig.model_validate(config)
+        self.storage = Storage(self.config.storage.options())
+        out = self.config.output
+        self.stage = ComposeStage(
+            MouthMask().feathered(self.config.face.feather_px), codec=out.codec, crf=out.crf, preset=out.preset
+        )
+
+    def __call__(self, row: dict) -> dict:
+        row = normalise(row)
+        if _skip(row):
+            return row
+        start = time.perf_counter()
+        uri = segment_uri(self.config, row)
+        try:
+            with tempfile.TemporaryDirectory(prefix="imgtalk-seg-") as tmp:
+                local = os.path.join(tmp, "segment.mp4")
+                with open_source(self.storage, row["video_uri"]) as src:
+                    written = self.stage(
+                        src,
+                        local,
+                        int(row["frame_start"]),
+                        int(row["frame_end"]),
+                        int(row["width"]),
+                        int(row["height"]),
+                        fps_of(row),
+                        unpack(row["generated"]),
+                        unpack(row["affines"]),
+                        unpack(row["has_face"]),
+                        crf=None if int(row["crf"]) < 0 else int(row["crf"]),
+                    )
+                self.storage.put_atomic(local, uri)
+        except Exception as e:  # noqa: BLE001
+            return fail(row, "compose", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
+        row.update(segment_uri=uri, segment_frames=written, generated=b"", affines=b"", has_face=b"", ref_crops=b"")
+        _timed(row, "time_compose_s", start)
+        return row
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def finalize_video(config_dict: dict, video: dict, segments: list[dict]) -> dict:
+    """Concatenate a video's segments (no re-encode), mux the dubbed audio (AAC), probe
+    the result, and commit it atomically. Returns report fields."""
+    from stages.media import concat_segments, mux_audio, probe_video
+
+    config = JobConfig.model_validate(config_dict)
+    storage = Storage(config.storage.options())
+    start = time.perf_counter()
+    segments = sorted(segments, key=lambda r: int(r["seg_idx"]))
+    with tempfile.TemporaryDirectory(prefix="imgtalk-final-") as tmp:
+        parts = []
+        for seg in segments:
+            local = os.path.join(tmp, f"seg{int(seg['seg_idx']):05d}.mp4")
+            with storage.open(seg["segment_uri"], "rb") as src, open(local, "wb") as dst:
+                dst.write(src.read())
+            parts.append(local)
+        video_only = os.path.join(tmp, "video.mp4")
+        concat_segments(parts, video_only)
+        audio_local = os.path.join(tmp, "audio" + os.path.splitext(video["audio_uri"])[1])
+        with storage.open(video["audio_uri"], "rb") as src, open(audio_local, "wb") as dst:
+            dst.write(src.read())
+        final = os.path.join(tmp, "final.mp4")
+        mux = mux_audio(
+            video_only,
+            audio_local,
+            final,
+            bitrate=config.output.audio_bitrate,
+            sample_rate=config.output.audio_sample_rate,
+            rotation=video.get("rotation") or None,  # keep a phone video's display matrix
+        )
+        info = probe_video(final)
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(final, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        size = os.path.getsize(final)
+        storage.put_atomic(final, video["output_uri"])
+    for seg in segments:
+        storage.rm(seg["segment_uri"])
+    return {
+        "output_frames": info.n_frames,
+        "output_bytes": size,
+        "output_sha256": h.hexdigest(),
+        "audio_padded_s": mux.padded_s,
+        "audio_trimmed_s": mux.trimmed_s,
+        "time_finalize_s": time.perf_counter() - start,
+    }
