@@ -1,0 +1,122 @@
+"""`imgtalk`: the command line.
+
+    imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…]
+    imgtalk demo [--folder DIR] [--weights URI] [--config job.yaml]
+    imgtalk weights init --size tiny|paper OUT
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class UserError(Exception):
+    pass
+
+
+def _print_summary(result) -> None:
+    print()
+    print(f"job {result.job_id}: {len(result.rows)} videos in {result.seconds:.1f} s")
+    for status in ("ok", "failed", "skipped"):
+        print(f"  {status:8s} {result.counts.get(status, 0)}")
+    print(f"  frames   {result.frames}  ({result.frames_per_second:.2f} frames/s end to end)")
+    failed = [r for r in result.rows if r.status == "failed"]
+    for r in failed:
+        print(f"  FAILED row {r.row_index} [{r.error_stage}] {r.error}")
+    print(f"report: {result.report_uri}")
+
+
+def cmd_dub(args) -> int:
+    from pipeline.config import load_job_config
+    from pipeline.job import run_dub
+
+    config = load_job_config(args.config)
+    result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address)
+    _print_summary(result)
+    for r in result.rows:
+        if r.status == "ok":
+            print(f"output: {r.output_uri}")
+    return 0 if result.counts.get("failed", 0) == 0 else 3
+
+
+def cmd_demo(args) -> int:
+    from pipeline.config import JobConfig, load_job_config
+    from pipeline.job import run_dub
+    from pipeline.sample_catalogue import make_sample_catalogue
+    from pipeline.weights import init_bundle
+
+    folder = os.path.abspath(args.folder)
+    print(f"making the sample catalogue in {folder} …")
+    paths = make_sample_catalogue(folder)
+    weights = args.weights
+    if weights is None:
+        weights = os.path.join(folder, "weights-tiny")
+        if not os.path.exists(os.path.join(weights, "bundle.json")):
+            print("writing a tiny randomly initialised weights bundle (untrained: the mouth is re-rendered, not lip-synced) …")
+            init_bundle(weights, size="tiny")
+    config = load_job_config(args.config) if args.config else JobConfig(cache_uri=os.path.join(folder, "cache"))
+    result = run_dub(paths["manifest"], weights, paths["report"], config, address=args.address)
+    _print_summary(result)
+    print(f"outputs: {paths['outputs']}")
+    for r in result.rows:
+        if r.status == "ok":
+            print(f"  {r.output_uri}")
+    return 0 if result.counts.get("failed", 0) == 0 else 3
+
+
+def cmd_weights_init(args) -> int:
+    from pipeline.weights import init_bundle
+
+    init_bundle(args.out, size=args.size, seed=args.seed)
+    print(f"wrote a randomly initialised {args.size} bundle (marked untrained) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgtalk", description="Catalogue-scale lip-sync dubbing with IMGTalk on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("dub", help="dub every row of a manifest")
+    d.add_argument("--manifest", required=True, help="Parquet manifest URI (video_uri, audio_uri, output_uri[, options])")
+    d.add_argument("--weights", required=True, help="weights bundle folder or URI")
+    d.add_argument("--output-report", required=True, help="where to write the Parquet report")
+    d.add_argument("--config", help="job config YAML")
+    d.add_argument("--address", help="Ray address (auto, ray://host:10001); default: a local Ray for this job")
+    d.set_defaults(func=cmd_dub)
+
+    m = sub.add_parser("demo", help="make a sample catalogue and dub it end to end on a local Ray")
+    m.add_argument("--folder", default="demo_out", help="where the sample catalogue and outputs go")
+    m.add_argument("--weights", help="weights bundle (default: a tiny random bundle)")
+    m.add_argument("--config", help="job config YAML")
+    m.add_argument("--address", help="Ray address; default: a local Ray")
+    m.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("weights", help="weights bundle tools")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    wi = wsub.add_parser("init", help="write a randomly initialised bundle (no download)")
+    wi.add_argument("--size", choices=["tiny", "paper"], default="tiny")
+    wi.add_argument("--seed", type=int, default=0)
+    wi.add_argument("out", help="output folder or URI")
+    wi.set_defaults(func=cmd_weights_init)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.schemas import ManifestError
+    from pipeline.weights import BundleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ManifestError, BundleError, UserError) as e:
+        print(f"imgtalk: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgtalk: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

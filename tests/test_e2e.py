@@ -1,0 +1,206 @@
+"""The dubbing job end to end on a real local Ray (num_cpus=2) with a tiny random bundle
+on generated media: once on local folders, once against a real S3 endpoint on loopback
+(moto server) for manifest, cache, outputs and report."""
+import os
+import shutil
+import socket
+import subprocess
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.config import JobConfig
+from pipeline.sample_catalogue import SampleVideo, speak, write_video
+from pipeline.schemas import read_report, write_manifest
+from pipeline.storage import Storage
+from pipeline.weights import init_bundle
+from stages.media import decode_frames, probe_video
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng missing: run scripts/install.sh")
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-DO-NOT-LOG",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.update(S3_ENV)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("weights") / "tiny")
+    init_bundle(path, size="tiny")
+    return path
+
+
+SMALL = (320, 240)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    v = {}
+    v["a25"] = SampleVideo("a25", Fraction(25), 2.4, "", size=SMALL)
+    v["b2997"] = SampleVideo("b2997", Fraction(30000, 1001), 2.0, "", no_face=(0.8, 1.3), size=SMALL)
+    v["noface"] = SampleVideo("noface", Fraction(25), 1.0, "", no_face=(0.0, 5.0), size=SMALL)
+    paths = {}
+    for name, s in v.items():
+        paths[name] = str(root / f"{name}.mp4")
+        write_video(paths[name], s)
+    speak("Hi.", str(root / "short.wav"))  # shorter than a25: padded
+    speak("This dubbed line goes on for quite a bit longer than the picture does.", str(root / "long.wav"))
+    (root / "corrupt.mp4").write_bytes(os.urandom(5000))
+    # an audio-only file handed over as a video
+    shutil.copy(root / "short.wav", root / "audio_only.mp4.wav")
+    paths.update(
+        short=str(root / "short.wav"),
+        long=str(root / "long.wav"),
+        corrupt=str(root / "corrupt.mp4"),
+        audio_only=str(root / "audio_only.mp4.wav"),
+        root=str(root),
+    )
+    return paths
+
+
+def _rows(media, out):
+    return [
+        {"video_uri": media["a25"], "audio_uri": media["short"], "output_uri": f"{out}/a25.mp4"},
+        {"video_uri": media["b2997"], "audio_uri": media["long"], "output_uri": f"{out}/b2997.mp4"},
+        {"video_uri": media["corrupt"], "audio_uri": media["short"], "output_uri": f"{out}/corrupt.mp4"},
+        {"video_uri": media["noface"], "audio_uri": media["short"], "output_uri": f"{out}/noface.mp4"},
+        {"video_uri": media["audio_only"], "audio_uri": media["short"], "output_uri": f"{out}/audio_only.mp4"},
+        {"video_uri": media["a25"], "audio_uri": media["root"] + "/missing.wav", "output_uri": f"{out}/missing_audio.mp4"},
+    ]
+
+
+def _mean_abs(a, b):
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def _check_outputs(report, media, fetch):
+    by_name = {os.path.basename(r.output_uri).split(".")[0]: r for r in report}
+    assert by_name["a25"].status == "ok", by_name["a25"].error
+    assert by_name["b2997"].status == "ok", by_name["b2997"].error
+    for name, needle in [("corrupt", "corrupt.mp4"), ("noface", "no face"), ("audio_only", "no video stream"), ("missing_audio", "missing.wav")]:
+        r = by_name[name]
+        assert r.status == "failed", name
+        assert needle in r.error, (name, r.error)
+    for name in ("a25", "b2997"):
+        r = by_name[name]
+        local = fetch(r.output_uri)
+        src, out = probe_video(media[name]), probe_video(local)
+        assert (out.width, out.height, out.fps, out.n_frames) == (src.width, src.height, src.fps, src.n_frames)
+        assert r.output_frames == src.n_frames == r.source_frames
+        with av.open(local) as c:
+            assert len(c.streams.audio) == 1 and c.streams.audio[0].codec_context.name == "aac"
+            audio_dur = float(c.streams.audio[0].duration * c.streams.audio[0].time_base)
+        assert abs(audio_dur - src.duration_s) < 0.1
+        assert r.output_sha256 and r.output_bytes == os.path.getsize(local)
+    assert by_name["a25"].audio_padded_s > 0 and by_name["a25"].audio_trimmed_s == 0
+    assert by_name["b2997"].audio_trimmed_s > 0 and by_name["b2997"].audio_padded_s == 0
+    # frames without a face are the source frames up to codec loss; with a face the mouth changed
+    out_b = fetch(by_name["b2997"].output_uri)
+    fps = Fraction(30000, 1001)
+    i_noface = int(1.0 * fps)
+    src_f = next(decode_frames(media["b2997"], i_noface, i_noface + 1))[1]
+    out_f = next(decode_frames(out_b, i_noface, i_noface + 1))[1]
+    assert _mean_abs(src_f, out_f) < 3.0
+    assert 0.5 < by_name["b2997"].face_fraction < 0.9
+    assert by_name["a25"].face_fraction == pytest.approx(1.0)
+
+
+def test_dub_local_folders(ray_local, bundle, media, tmp_path):
+    from pipeline.job import run_dub
+
+    out = str(tmp_path / "out")
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(_rows(media, out), manifest, Storage())
+    config = JobConfig(segment_seconds=1.0, cache_uri=str(tmp_path / "cache"))
+    result = run_dub(manifest, bundle, str(tmp_path / "report.parquet"), config)
+    report = read_report(str(tmp_path / "report.parquet"), Storage())
+    assert [r.row_index for r in report] == list(range(6))
+    _check_outputs(report, media, fetch=lambda uri: uri)
+    assert result.counts == {"ok": 2, "failed": 4, "skipped": 0}
+    # a25 spans 3 segments of 1 s (2.4 s, the 0.4 s tail merged)
+    assert report[0].segments == 2 and report[1].segments == 2
+    # nothing half-written at the output location
+    assert sorted(os.listdir(out)) == ["a25.mp4", "b2997.mp4"]
+    assert report[0].feature_cache_hit is False
+
+    # Re-run: committed outputs are skipped; a second dub of the same audio hits the cache.
+    rows2 = _rows(media, out) + [{"video_uri": media["b2997"], "audio_uri": media["long"], "output_uri": f"{out}/b2997_again.mp4"}]
+    write_manifest(rows2, manifest, Storage())
+    sha_before = report[0].output_sha256
+    run_dub(manifest, bundle, str(tmp_path / "report2.parquet"), config)
+    report2 = read_report(str(tmp_path / "report2.parquet"), Storage())
+    assert report2[0].status == "skipped" and report2[1].status == "skipped"
+    assert report2[6].status == "ok" and report2[6].feature_cache_hit is True
+    assert Storage().sha256(f"{out}/a25.mp4") == sha_before
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_dub_against_s3(ray_local, bundle, media, s3_endpoint, tmp_path):
+    import boto3
+
+    from pipeline.config import StorageConfig
+    from pipeline.job import run_dub
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+    s3.create_bucket(Bucket="catalogue")
+    for key in ("a25", "b2997", "short", "long", "corrupt"):
+        s3.upload_file(media[key], "catalogue", f"in/{os.path.basename(media[key])}")
+    rows = [
+        {"video_uri": "s3://catalogue/in/a25.mp4", "audio_uri": "s3://catalogue/in/short.wav", "output_uri": "s3://catalogue/out/a25.mp4"},
+        {"video_uri": "s3://catalogue/in/b2997.mp4", "audio_uri": "s3://catalogue/in/long.wav", "output_uri": "s3://catalogue/out/b2997.mp4"},
+        {"video_uri": "s3://catalogue/in/corrupt.mp4", "audio_uri": "s3://catalogue/in/short.wav", "output_uri": "s3://catalogue/out/corrupt.mp4"},
+    ]
+    config = JobConfig(segment_seconds=1.0, cache_uri="s3://catalogue/cache", storage=StorageConfig(endpoint_url=s3_endpoint))
+    storage = Storage(config.storage.options())
+    write_manifest(rows, "s3://catalogue/manifest.parquet", storage)
+    run_dub("s3://catalogue/manifest.parquet", bundle, "s3://catalogue/report.parquet", config)
+    report = read_report("s3://catalogue/report.parquet", storage)
+    assert [r.status for r in report] == ["ok", "ok", "failed"], [r.error for r in report]
+    assert "corrupt.mp4" in report[2].error
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="catalogue", Prefix="out/").get("Contents", []))
+    assert keys == ["out/a25.mp4", "out/b2997.mp4"]  # no temporary keys left behind
+    cache_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="catalogue", Prefix="cache/hubert/")["Contents"]]
+    assert len(cache_keys) == 2 and all(k.endswith(".parquet") for k in cache_keys)
+
+    def fetch(uri):
+        local = str(tmp_path / os.path.basename(uri))
+        s3.download_file("catalogue", uri.split("catalogue/", 1)[1], local)
+        return local
+
+    for r, name in zip(report[:2], ("a25", "b2997")):
+        src, out = probe_video(media[name]), probe_video(fetch(r.output_uri))
+        assert (out.width, out.height, out.fps, out.n_frames) == (src.width, src.height, src.fps, src.n_frames)
+    # the fake secret never reaches the report
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in open(fetch("s3://catalogue/report.parquet"), "rb").read().decode("latin-1")
