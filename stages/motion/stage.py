@@ -22,6 +22,25 @@ def resample_25hz(values: np.ndarray, first_index: int, times_s: np.ndarray) -> 
     return values[lo] * (1 - w) + values[hi] * w
 
 
+def frame_centres(frame_indices: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
+    """The middle of each frame's display interval, from presentation times (frame starts,
+    index / fps). A 25 Hz row stands for its 40 ms interval and is centred in it, so a frame
+    is compared by its centre too: at 25 fps frame i then lands exactly on row i (the paper's
+    one-to-one mapping), where its start time would land halfway between rows i-1 and i."""
+    frame_indices = np.asarray(frame_indices)
+    times = np.asarray(frame_times, dtype=np.float64)
+    if len(times) == 0:
+        return times
+    span = frame_indices[-1] - frame_indices[0]
+    if span != 0:
+        period = (times[-1] - times[0]) / span
+    elif frame_indices[0] > 0:
+        period = times[0] / frame_indices[0]
+    else:  # a lone frame 0, rate unknown: take 25 fps, which puts it on row 0
+        period = 1.0 / FEATURE_RATE
+    return times + 0.5 * period
+
+
 class MotionStage:
     """Constructor holds the motion extractor and Stage 1; `__call__` maps one segment."""
 
@@ -56,7 +75,7 @@ class MotionStage:
         crops: np.ndarray,  # (N, 256, 256, 3) uint8
         has_face: np.ndarray,  # (N,) bool
         frame_indices: np.ndarray,  # (N,) source frame indices
-        frame_times: np.ndarray,  # (N,) seconds
+        frame_times: np.ndarray,  # (N,) presentation times in seconds (frame starts, index / fps)
         features: np.ndarray,  # (F, D) 25 Hz features, row 0 = feature frame `first_feature`
         first_feature: int,
         audio_duration_s: float,
@@ -74,7 +93,8 @@ class MotionStage:
             return {"driving": driving, "ref_index": ref_index, "pose": pose}
         source = extract_motion(self.extractor, crops[face], batch_size=self.batch_frames)
         pose[face] = np.stack([source["pitch"], source["yaw"], source["roll"]], axis=-1)
-        offsets = resample_25hz(self.offsets_25hz(features, neutral_x_c, neutral_exp), first_feature, frame_times[face])
+        centres = frame_centres(frame_indices, frame_times)[face]
+        offsets = resample_25hz(self.offsets_25hz(features, neutral_x_c, neutral_exp), first_feature, centres)
         # Past the end of the dubbed track the audio is padded silence: hold the neutral
         # (closed) mouth rather than trusting Stage 1 on padding.
         offsets[frame_times[face] >= audio_duration_s] = 0.0
