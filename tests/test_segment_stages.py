@@ -1,0 +1,412 @@
+"""The per-segment stage classes without Ray: MotionStage, CompletionStage, ComposeStage.
+
+Tiny randomly initialised networks; a 320x240 clip of the astronaut made by the sample
+catalogue generator (30 frames at 25 fps, frames 10-14 a face-free cutaway), tracked and
+cropped by the face stage, so the stages see the inputs the pipeline gives them.
+"""
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.sample_catalogue import SampleVideo, write_video
+from stages.completion.imc_unet import IMCUNet, IMCUNetConfig
+from stages.completion.stage import CompletionStage
+from stages.completion.vae import LatentVAE, tiny_vae_config
+from stages.compose import ComposeStage
+from stages.face import FaceTracker, MouthMask, crop_faces
+from stages.media import MediaError, decode_frames, frame_to_rgb, probe_video
+from stages.motion.audio2motion import Audio2Motion, Audio2MotionConfig
+from stages.motion.extractor import LIP_KEYPOINTS, MotionExtractor, MotionExtractorConfig, extract_motion
+from stages.motion.stage import MotionStage
+
+FPS = Fraction(25)
+N_FRAMES = 30
+NO_FACE = list(range(10, 15))  # frames of the cutaway (0.4 s to 0.6 s)
+AUDIO_DIM = 16
+NON_LIP = [k for k in range(21) if k not in LIP_KEYPOINTS]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """The source video and the face stage's view of it."""
+    path = str(tmp_path_factory.mktemp("clip") / "astronaut.mp4")
+    write_video(path, SampleVideo("astronaut", FPS, N_FRAMES / FPS, "", no_face=(0.4, 0.6), size=(320, 240)))
+    frames = np.stack([frame for _, frame in decode_frames(path, 0, N_FRAMES)])
+    with FaceTracker() as tracker:
+        track = tracker(list(frames))
+    expected = np.ones(N_FRAMES, bool)
+    expected[NO_FACE] = False
+    np.testing.assert_array_equal(track.has_face, expected)  # the premise of every test below
+    crops, affines = crop_faces(frames, track)
+    return {"path": path, "frames": frames, "crops": crops, "affines": affines, "has_face": track.has_face}
+
+
+# ----------------------------------------------------------------------------- motion
+
+
+@pytest.fixture(scope="module")
+def motion_models():
+    torch.manual_seed(1)
+    extractor = MotionExtractor(MotionExtractorConfig.tiny()).eval()
+    stage1 = Audio2Motion(Audio2MotionConfig.tiny(audio_dim=AUDIO_DIM)).eval()
+    # Stage 1's head is zero-initialised (Δδ = 0); randomise it so offsets are non-zero and
+    # "lip = neutral + offset" and "lip = neutral" can be told apart.
+    torch.nn.init.normal_(stage1.head.weight, std=0.05)
+    torch.nn.init.normal_(stage1.head.bias, std=0.05)
+    return extractor, stage1
+
+
+class CountingExtractor(MotionExtractor):
+    """The motion extractor, recording every batch it is given."""
+
+    def __init__(self, model: MotionExtractor):
+        super().__init__(MotionExtractorConfig.tiny())
+        self.load_state_dict(model.state_dict())
+        self.seen: list[np.ndarray] = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().numpy().copy())
+        return super().forward(x)
+
+
+def motion_segment(clip, extractor, first=10, end=30, warmup_rows=4, seed=0):
+    """Inputs for the segment [first, end) as MotionOp builds them: frame times i/fps, 25 Hz
+    features starting `warmup_rows` rows before the segment, neutral state and reference
+    bank from face frames of the clip."""
+    rng = np.random.default_rng(seed)
+    frame_indices = np.arange(first, end)
+    first_feature = first - warmup_rows
+    num_rows = end - first_feature + 2
+    neutral = extract_motion(extractor, clip["crops"][[0]])
+    ref_frames = np.array([2, 8, 16, 22, 28])
+    ref_motion = extract_motion(extractor, clip["crops"][ref_frames])
+    return dict(
+        crops=clip["crops"][first:end],
+        has_face=clip["has_face"][first:end],
+        frame_indices=frame_indices,
+        frame_times=frame_indices / 25.0,
+        features=rng.normal(size=(num_rows, AUDIO_DIM)).astype(np.float32),
+        first_feature=first_feature,
+        audio_duration_s=0.95,  # frames 24..29 (t >= 0.96 s) lie past the dubbed track
+        neutral_x_c=neutral["x_c"][0],
+        neutral_exp=neutral["exp"][0],
+        ref_frames=ref_frames,
+        ref_pose=np.stack([ref_motion["pitch"], ref_motion["yaw"], ref_motion["roll"]], -1),
+    )
+
+
+def stage1_rows(stage1, features, neutral_x_c, neutral_exp):
+    """Stage 1 run directly over the window: Δδ per 25 Hz row, (F, 21, 3)."""
+    with torch.no_grad():
+        out = stage1.generate(
+            torch.from_numpy(features)[None], torch.from_numpy(neutral_x_c)[None], torch.from_numpy(neutral_exp)[None]
+        )
+    return out[0].numpy()
+
+
+def test_motion_driving_is_source_expression_with_stage1_lips(clip, motion_models):
+    extractor, stage1 = motion_models
+    counting = CountingExtractor(extractor)
+    stage = MotionStage(counting, stage1, batch_frames=4, min_reference_gap_frames=12)
+    seg = motion_segment(clip, extractor)
+    out = stage(**seg)
+
+    n = len(seg["crops"])
+    assert out["driving"].shape == (n, 21, 3) and out["driving"].dtype == np.float32
+    assert out["ref_index"].shape == (n,) and out["pose"].shape == (n, 3)
+    face = np.flatnonzero(seg["has_face"])
+    empty = np.flatnonzero(~seg["has_face"])
+    assert len(face) == 15 and len(empty) == 5
+
+    # Only face crops reach the extractor, in batches of at most batch_frames.
+    seen = np.concatenate(counting.seen)
+    assert all(len(b) <= 4 for b in counting.seen)
+    np.testing.assert_array_equal(seen, seg["crops"][face].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    # Frames without a face: all zeros.
+    assert not out["driving"][empty].any() and not out["pose"][empty].any() and not out["ref_index"][empty].any()
+
+    source = extract_motion(extractor, seg["crops"][face], batch_size=4)
+    np.testing.assert_allclose(out["pose"][face], np.stack([source["pitch"], source["yaw"], source["roll"]], -1), atol=1e-5)
+    # Eyes, brows, the rest of the face: the source frame's own expression.
+    np.testing.assert_allclose(out["driving"][face][:, NON_LIP], source["exp"][:, NON_LIP], rtol=0, atol=1e-6)
+
+    # Lips: neutral + Stage 1's offset for the frame. At 25 fps the mapping is one to one
+    # (paper: features "synchronised to 25 Hz ... one-to-one with the video frames"):
+    # frame i takes row i of the audio, i.e. row i - first_feature of the window.
+    rows = stage1_rows(stage1, seg["features"], seg["neutral_x_c"], seg["neutral_exp"])
+    frames = seg["frame_indices"][face]
+    expected_offsets = rows[frames - seg["first_feature"]]
+    lips = out["driving"][face][:, list(LIP_KEYPOINTS)]
+    in_audio = seg["frame_times"][face] < seg["audio_duration_s"]
+    assert in_audio.sum() == 9 and (~in_audio).sum() == 6
+    expected_lips = seg["neutral_exp"][list(LIP_KEYPOINTS)] + expected_offsets[:, list(LIP_KEYPOINTS)]
+    np.testing.assert_allclose(lips[in_audio], expected_lips[in_audio], rtol=0, atol=1e-5)
+    assert np.abs(expected_offsets[:, list(LIP_KEYPOINTS)]).max() > 1e-2  # the offsets are really there
+    # Past the end of the dubbed track: the neutral (closed) mouth, exactly.
+    np.testing.assert_array_equal(lips[~in_audio], np.broadcast_to(seg["neutral_exp"][list(LIP_KEYPOINTS)], lips[~in_audio].shape))
+
+
+def test_motion_offsets_at_2997_fps_interpolate_between_rows(clip, motion_models):
+    """At 29.97 fps a frame's offset is Stage 1's 25 Hz track linearly interpolated at the
+    frame's centre ((i + 0.5) / fps), row j being centred at (j + 0.5) / 25 s."""
+    extractor, stage1 = motion_models
+    stage = MotionStage(extractor, stage1, batch_frames=8)
+    fps = 30000 / 1001
+    seg = motion_segment(clip, extractor, first=15, end=30, warmup_rows=0)
+    seg["frame_times"] = seg["frame_indices"] / fps
+    seg["first_feature"] = 9  # the window starts at 0.36 s
+    seg["audio_duration_s"] = 10.0
+    out = stage(**seg)
+    rows = stage1_rows(stage1, seg["features"], seg["neutral_x_c"], seg["neutral_exp"])  # (F, 21, 3)
+    row_centres = (seg["first_feature"] + np.arange(len(rows)) + 0.5) / 25.0
+    frame_centres = (seg["frame_indices"] + 0.5) / fps
+    lip = list(LIP_KEYPOINTS)
+    expected = np.stack(
+        [np.interp(frame_centres, row_centres, rows[:, k, c]) for k in lip for c in range(3)], axis=-1
+    ).reshape(-1, len(lip), 3)
+    np.testing.assert_allclose(out["driving"][:, lip], seg["neutral_exp"][lip] + expected, rtol=0, atol=1e-5)
+
+
+def test_motion_audio_changes_lips_only_and_never_earlier_frames(clip, motion_models):
+    extractor, stage1 = motion_models
+    stage = MotionStage(extractor, stage1, batch_frames=8)
+    seg = motion_segment(clip, extractor)
+    base = stage(**seg)
+    changed = dict(seg, features=seg["features"].copy())
+    # Replace the audio from row 10 on (absolute feature frame 16 = 0.64 s onwards).
+    changed["features"][10:] = np.random.default_rng(5).normal(size=changed["features"][10:].shape)
+    out = stage(**changed)
+
+    lip = list(LIP_KEYPOINTS)
+    face = seg["has_face"]
+    np.testing.assert_array_equal(out["driving"][:, NON_LIP], base["driving"][:, NON_LIP])
+    np.testing.assert_array_equal(out["ref_index"], base["ref_index"])
+    # Frame i reads row i-6: frame 15 reads row 9, and Stage 1 is causal, so it is
+    # unchanged; frames 16..23 (inside the dubbed track) change.
+    frames = seg["frame_indices"]
+    before = face & (frames < 16)
+    after = face & (frames >= 16) & (seg["frame_times"] < seg["audio_duration_s"])
+    assert before.sum() == 1 and after.sum() == 8
+    np.testing.assert_allclose(out["driving"][before][:, lip], base["driving"][before][:, lip], rtol=0, atol=1e-6)
+    diff = np.abs(out["driving"][after][:, lip] - base["driving"][after][:, lip]).max(axis=(1, 2))
+    assert (diff > 1e-3).all()
+    # Past the dubbed track the audio does not matter at all.
+    past = face & (seg["frame_times"] >= seg["audio_duration_s"])
+    np.testing.assert_array_equal(out["driving"][past], base["driving"][past])
+
+
+def test_motion_reference_is_never_near_its_target(clip, motion_models):
+    extractor, stage1 = motion_models
+    seg = motion_segment(clip, extractor, first=0, end=30, warmup_rows=0)
+    # Reference poses: the exact poses of the bank's frames, so a target that is itself in
+    # the bank (2, 8, 16, 22, 28) has a distance-0 reference right on top of it, the
+    # MuseTalk leak the stage must avoid.
+    out = MotionStage(extractor, stage1, batch_frames=8, min_reference_gap_frames=12)(**seg)
+    face = np.flatnonzero(seg["has_face"])
+    gap = np.abs(seg["frame_indices"][face, None] - seg["ref_frames"][None])  # (n, R)
+    dist = np.linalg.norm(out["pose"][face, None] - seg["ref_pose"][None], axis=-1)
+    chosen = out["ref_index"][face]
+    rows = np.arange(len(face))
+    assert (gap >= 12).any(axis=1).all()  # every target has an allowed reference here
+    assert (gap[rows, chosen] >= 12).all()
+    np.testing.assert_allclose(dist[rows, chosen], np.where(gap >= 12, dist, np.inf).min(axis=1), rtol=1e-6)
+    assert (dist[rows, chosen] > dist.min(axis=1)).any()  # the gap rule really overrode a closer pose
+    # With a gap nothing satisfies, the farthest reference in time is used.
+    out = MotionStage(extractor, stage1, batch_frames=8, min_reference_gap_frames=100)(**seg)
+    np.testing.assert_array_equal(gap[rows, out["ref_index"][face]], gap.max(axis=1))
+
+
+def test_motion_without_any_face_skips_the_extractor(clip, motion_models):
+    extractor, stage1 = motion_models
+    counting = CountingExtractor(extractor)
+    seg = motion_segment(clip, extractor, first=10, end=15)
+    assert not seg["has_face"].any()
+    out = MotionStage(counting, stage1)(**seg)
+    assert counting.seen == []
+    assert out["driving"].shape == (5, 21, 3) and not out["driving"].any()
+    assert not out["ref_index"].any() and not out["pose"].any()
+
+
+# ----------------------------------------------------------------------------- completion
+
+
+@pytest.fixture(scope="module")
+def completion_models():
+    torch.manual_seed(2)
+    return LatentVAE.from_config(tiny_vae_config()), IMCUNet(IMCUNetConfig.tiny())
+
+
+@pytest.fixture(scope="module")
+def completion_inputs(clip):
+    rng = np.random.default_rng(3)
+    crops = clip["crops"][[0, 5, 12, 18, 26]].copy()
+    # A no-face frame carries noise (not the zeros crop_faces leaves) so "returned as given"
+    # is a real check.
+    crops[2] = rng.integers(0, 256, crops[2].shape, dtype=np.uint8)
+    return dict(
+        crops=crops,
+        has_face=np.array([True, True, False, True, True]),
+        driving=rng.normal(scale=0.05, size=(5, 21, 3)).astype(np.float32),
+        ref_index=np.array([1, 0, 0, 1, 0]),
+        ref_crops=clip["crops"][[2, 24]].copy(),
+    )
+
+
+def completion_stage(models, **kwargs):
+    vae, unet = models
+    return CompletionStage(vae, unet, MouthMask().array(), device="cpu", **kwargs)
+
+
+def test_completion_shapes_passthrough_determinism_and_reference_cache(completion_models, completion_inputs):
+    stage = completion_stage(completion_models, batch_frames=3)
+    x = completion_inputs
+    out = stage("video-a", **x)
+    assert out.shape == (5, 256, 256, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[2], x["crops"][2])  # no face: the input crop, byte for byte
+    assert not np.array_equal(out[[0, 1, 3, 4]], x["crops"][[0, 1, 3, 4]])  # face frames were re-rendered
+    assert stage.reference_encodes == 1
+
+    again = stage("video-a", **x)
+    np.testing.assert_array_equal(again, out)
+    assert stage.reference_encodes == 1  # the bank of a video is encoded once
+    stage("video-b", **x)
+    assert stage.reference_encodes == 2
+    stage("video-a", **x)
+    assert stage.reference_encodes == 2
+    stage("video-c", **dict(x, has_face=np.zeros(5, bool)))
+    assert stage.reference_encodes == 2  # nothing to complete, nothing encoded
+
+    # A cache of one video: switching videos re-encodes.
+    small = completion_stage(completion_models, reference_cache_videos=1)
+    for video in ("a", "b", "a"):
+        small(video, **x)
+    assert small.reference_encodes == 3
+
+    # Batching does not change a frame's result.
+    whole = completion_stage(completion_models, batch_frames=16)("video-a", **x)
+    assert np.abs(whole.astype(int) - out.astype(int)).max() <= 1
+
+
+def test_completion_depends_on_motion_and_on_references_only_through_alpha(completion_models, completion_inputs):
+    vae, unet = completion_models
+    x = completion_inputs
+    face = x["has_face"]
+    other_refs = np.random.default_rng(4).integers(0, 256, x["ref_crops"].shape, dtype=np.uint8)
+
+    assert all(a.item() == 0.0 for a in unet.rsca_alphas())  # untrained init: RSCA is off
+    stage = completion_stage(completion_models)
+    base = stage("refs-1", **x)
+    # α = 0: the reference crops cannot matter, bit for bit.
+    np.testing.assert_array_equal(stage("refs-2", **dict(x, ref_crops=other_refs)), base)
+    np.testing.assert_array_equal(stage("refs-3", **dict(x, ref_index=1 - x["ref_index"])), base)
+    # The driving motion always enters (motion cross-attention has no gate).
+    moved = stage("refs-1", **dict(x, driving=x["driving"] + 0.5))
+    assert (np.abs(moved[face].astype(int) - base[face].astype(int)).max(axis=(1, 2, 3)) > 0).all()
+
+    trained = IMCUNet(unet.config)
+    trained.load_state_dict(unet.state_dict())
+    with torch.no_grad():
+        for alpha in trained.rsca_alphas():
+            alpha.fill_(1.0)
+    stage = completion_stage((vae, trained))
+    with_refs = stage("refs-1", **x)
+    assert not np.array_equal(with_refs[face], base[face])
+    changed = stage("refs-2", **dict(x, ref_crops=other_refs))
+    assert (np.abs(changed[face].astype(int) - with_refs[face].astype(int)).max(axis=(1, 2, 3)) > 0).all()
+    np.testing.assert_array_equal(changed[~face], x["crops"][~face])
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+def read_all(path):
+    with av.open(path) as container:
+        return np.stack([frame_to_rgb(f) for f in container.decode(video=0)])
+
+
+def mouth_footprint(affine, alpha, threshold):
+    """Frame pixels (240, 320) bool where the warped blend mask exceeds `threshold`."""
+    warped = cv2.warpAffine(alpha, cv2.invertAffineTransform(affine), (320, 240), flags=cv2.INTER_LINEAR)
+    return warped > threshold
+
+
+@pytest.fixture(scope="module")
+def blend_mask():
+    return MouthMask().feathered(6.0)
+
+
+def compose(clip, blend_mask, tmp_path, generated_for, start=5, end=20, name="seg.mp4"):
+    out_path = str(tmp_path / name)
+    sl = slice(start, end)
+    written = ComposeStage(blend_mask, preset="veryfast")(
+        clip["path"], out_path, start, end, 320, 240, FPS,
+        generated_for(clip["crops"][sl]), clip["affines"][sl], clip["has_face"][sl],
+    )
+    return out_path, written
+
+
+def test_compose_identity_generation_reproduces_the_source(clip, blend_mask, tmp_path):
+    out_path, written = compose(clip, blend_mask, tmp_path, lambda crops: crops)
+    assert written == 15
+    info = probe_video(out_path)
+    assert (info.width, info.height, info.fps, info.n_frames) == (320, 240, FPS, 15)
+    composed = read_all(out_path).astype(np.float32)
+    source = clip["frames"][5:20].astype(np.float32)
+    assert composed.shape == source.shape
+    diff = np.abs(composed - source)
+    assert diff.mean() < 2.0
+    assert diff.mean(axis=(1, 2, 3)).max() < 3.0  # every frame, face or not
+    # Inside the pasted mouth the crop went through two bilinear warps; still close.
+    inside = mouth_footprint(clip["affines"][5], blend_mask, 0.99)
+    assert inside.sum() > 500
+    assert diff[0][inside].mean() < 6.0
+
+
+def test_compose_pastes_only_the_mouth_of_face_frames(clip, blend_mask, tmp_path):
+    red = lambda crops: np.broadcast_to(np.array([255, 0, 0], np.uint8), crops.shape).copy()  # noqa: E731
+    out_path, written = compose(clip, blend_mask, tmp_path, red)
+    assert written == 15
+    composed = read_all(out_path).astype(np.float32)
+    # The same segment re-encoded with identity generation: what codec loss alone does.
+    identity = read_all(compose(clip, blend_mask, tmp_path, lambda crops: crops, name="id.mp4")[0]).astype(np.float32)
+    source = clip["frames"][5:20].astype(np.float32)
+    has_face = clip["has_face"][5:20]
+    for i in range(15):
+        diff = np.abs(composed[i] - source[i])
+        codec_only = np.abs(composed[i] - identity[i])
+        if not has_face[i]:
+            assert diff.mean() < 2.0, f"frame {5 + i} has no face and must be unchanged"
+            assert codec_only.mean() < 0.5
+            continue
+        alpha = blend_mask
+        inside = cv2.erode(mouth_footprint(clip["affines"][5 + i], alpha, 0.99).astype(np.uint8), np.ones((5, 5)))
+        near = cv2.dilate(mouth_footprint(clip["affines"][5 + i], alpha, 0.0).astype(np.uint8), np.ones((17, 17)))
+        inside, far = inside.astype(bool), ~near.astype(bool)
+        assert inside.sum() > 300 and far.sum() > 0.6 * far.size
+        r, g, b = (composed[i][inside][:, c] for c in range(3))
+        assert r.mean() > 200 and g.mean() < 50 and b.mean() < 50, f"frame {5 + i}: mouth is not red"
+        assert diff[far].mean() < 3.0, f"frame {5 + i}: pixels far from the mouth changed"
+        assert codec_only[far].mean() < 1.0, f"frame {5 + i}: pixels far from the mouth changed"
+        # And the source there was not red to begin with.
+        assert source[i][inside][:, 1].mean() > 80
+
+
+def test_compose_range_beyond_the_video_names_the_file(clip, blend_mask, tmp_path):
+    out_path = str(tmp_path / "beyond.mp4")
+    n = 10
+    with pytest.raises(MediaError, match="astronaut.mp4"):
+        ComposeStage(blend_mask, preset="veryfast")(
+            clip["path"], out_path, 25, 25 + n, 320, 240, FPS,
+            np.zeros((n, 256, 256, 3), np.uint8), np.full((n, 2, 3), np.nan), np.zeros(n, bool),
+        )
+    assert not (tmp_path / "beyond.mp4").exists()  # no partial segment is left behind
+    with pytest.raises(MediaError, match="astronaut.mp4"):
+        ComposeStage(blend_mask, preset="veryfast")(
+            clip["path"], out_path, 40, 40 + n, 320, 240, FPS,
+            np.zeros((n, 256, 256, 3), np.uint8), np.full((n, 2, 3), np.nan), np.zeros(n, bool),
+        )
+    assert not (tmp_path / "beyond.mp4").exists()
