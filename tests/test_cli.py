@@ -1,0 +1,136 @@
+"""`imgtalk` command line, in process: exit codes and the messages users see. No Ray job
+runs here (tests/test_e2e.py does that); every `dub` below fails before Ray is started."""
+import json
+import os
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.weights import load_stage1, load_stage2, read_bundle_info
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("weights") / "tiny")
+    assert main(["weights", "init", "--size", "tiny", out]) == 0
+    return out
+
+
+def test_weights_init_writes_a_loadable_untrained_bundle(tmp_path, capsys):
+    out = str(tmp_path / "bundle")
+    assert main(["weights", "init", "--size", "tiny", "--seed", "3", out]) == 0
+    assert out in capsys.readouterr().out
+
+    info = read_bundle_info(out)
+    assert info.size == "tiny" and info.trained is False
+    with open(os.path.join(out, "bundle.json")) as f:
+        meta = json.load(f)
+    assert meta["trained"] is False and meta["size"] == "tiny" and meta["seed"] == 3
+    stage1, stage2 = load_stage1(info), load_stage2(info)
+    # Untrained means Stage 1 predicts no offset (zero-initialised head) and RSCA is off.
+    assert not stage1.head.weight.any() and not stage1.head.bias.any()
+    assert all(a.item() == 0.0 for a in stage2.rsca_alphas())
+
+    # The seed is what makes a bundle: same seed, same weights; another seed, others.
+    again = str(tmp_path / "again")
+    other = str(tmp_path / "other")
+    assert main(["weights", "init", "--size", "tiny", "--seed", "3", again]) == 0
+    assert main(["weights", "init", "--size", "tiny", "--seed", "4", other]) == 0
+    weights = lambda root: load_stage2(read_bundle_info(root)).conv_in.weight  # noqa: E731
+    assert torch.equal(weights(out), weights(again))
+    assert not torch.equal(weights(out), weights(other))
+
+
+def test_dub_with_a_missing_manifest_names_it(bundle, tmp_path, capsys):
+    manifest = str(tmp_path / "nowhere" / "manifest.parquet")
+    report = str(tmp_path / "report.parquet")
+    code = main(["dub", "--manifest", manifest, "--weights", bundle, "--output-report", report])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert manifest in err and "not found" in err
+    assert not os.path.exists(report)
+
+
+def test_dub_with_a_manifest_that_is_not_parquet_names_it(bundle, tmp_path, capsys):
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_text("video_uri,audio_uri,output_uri\n")
+    code = main(["dub", "--manifest", str(manifest), "--weights", bundle, "--output-report", str(tmp_path / "r.parquet")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(manifest) in err and "Parquet" in err
+
+
+def test_dub_with_weights_that_are_not_a_bundle_names_bundle_json(tmp_path, capsys):
+    not_a_bundle = tmp_path / "weights"
+    not_a_bundle.mkdir()
+    (not_a_bundle / "model.safetensors").write_bytes(b"\0" * 16)
+    args = ["dub", "--manifest", str(tmp_path / "m.parquet"), "--output-report", str(tmp_path / "r.parquet")]
+    assert main(args + ["--weights", str(not_a_bundle)]) == 2
+    err = capsys.readouterr().err
+    assert os.path.join(str(not_a_bundle), "bundle.json") in err
+
+    missing = str(tmp_path / "no-such-weights")
+    assert main(args + ["--weights", missing]) == 2
+    assert missing in capsys.readouterr().err
+
+
+def test_dub_with_a_damaged_bundle_names_the_missing_component(bundle, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    with open(os.path.join(bundle, "bundle.json")) as f:
+        (damaged / "bundle.json").write_text(f.read())
+    code = main(["dub", "--manifest", str(tmp_path / "m.parquet"), "--weights", str(damaged),
+                 "--output-report", str(tmp_path / "r.parquet")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(damaged) in err and "missing" in err
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("segment_seconds: -3\n", "segment_seconds"),
+        ("batch:\n  complete_frames: 0\n", "batch.complete_frames"),
+        ("output:\n  crf: 99\n", "output.crf"),
+        ("device: tpu\n", "device"),
+        ("pools:\n  complete:\n    size: 2\n    gpus: 1\n", "pools.complete.gpus"),
+    ],
+)
+def test_dub_with_an_invalid_config_names_the_file_and_key(bundle, tmp_path, capsys, yaml_text, key):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml_text)
+    code = main(["dub", "--manifest", str(tmp_path / "m.parquet"), "--weights", bundle,
+                 "--output-report", str(tmp_path / "r.parquet"), "--config", str(config)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and key in err
+
+
+def test_dub_with_unparseable_or_missing_config(bundle, tmp_path, capsys):
+    args = ["dub", "--manifest", str(tmp_path / "m.parquet"), "--weights", bundle, "--output-report", str(tmp_path / "r.parquet")]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("segment_seconds: [1, 2\n")
+    assert main(args + ["--config", str(broken)]) == 2
+    assert str(broken) in capsys.readouterr().err
+    missing = str(tmp_path / "absent.yaml")
+    assert main(args + ["--config", missing]) == 2
+    assert missing in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["dub", "--weights", "w", "--output-report", "r"], "--manifest"),
+        (["dub", "--manifest", "m", "--output-report", "r"], "--weights"),
+        (["weights", "init", "--size", "huge", "out"], "huge"),
+        (["weights", "init"], "out"),
+        ([], "command"),
+    ],
+)
+def test_usage_errors_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
