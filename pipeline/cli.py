@@ -49,6 +49,9 @@ def cmd_demo(args) -> int:
     folder = os.path.abspath(args.folder)
     print(f"making the sample catalogue in {folder} …")
     paths = make_sample_catalogue(folder)
+    # A demo run always dubs: clear what an earlier demo committed (a real `dub` skips it).
+    for name in os.listdir(paths["outputs"]):
+        os.remove(os.path.join(paths["outputs"], name))
     weights = args.weights
     if weights is None:
         weights = os.path.join(folder, "weights-tiny")

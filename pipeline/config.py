@@ -22,6 +22,9 @@ class PoolConfig(_Strict):
     size: int = Field(1, ge=1, description="actor pool size (or max concurrent tasks)")
     num_cpus: float = Field(0.25, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(
+        None, gt=0, description="heap memory each actor/task reserves (Ray schedules by it); ~1.5 for CPU stages, more for complete"
+    )
 
 
 def _pools_default() -> dict[str, PoolConfig]:

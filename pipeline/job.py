@@ -50,7 +50,7 @@ def _init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     return True
 
 
@@ -170,9 +170,17 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weig
     cfg = config.model_dump()
     pools = config.pools
 
+    if not any(p.memory_gb for p in pools.values()):
+        # Without memory reservations Ray's high-memory detector repeats the advice to set
+        # them every 30 s; the README's operator guide says when to (pools.<stage>.memory_gb).
+        ctx.issue_detectors_config.detectors = [
+            d for d in ctx.issue_detectors_config.detectors if "HighMemory" not in d.__name__
+        ]
+
     def actors(name: str):
         p = pools[name]
-        return dict(compute=ActorPoolStrategy(size=p.size), num_cpus=p.num_cpus, num_gpus=p.num_gpus or None)
+        extra = {"memory": int(p.memory_gb * 2**30)} if p.memory_gb else {}
+        return dict(compute=ActorPoolStrategy(size=p.size), num_cpus=p.num_cpus, num_gpus=p.num_gpus or None, **extra)
 
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map(ops.PlanOp, fn_constructor_args=(cfg,), **actors("plan"))
