@@ -302,6 +302,7 @@ class MotionOp:
 
     def __init__(self, config: dict, weights_uri: str):
         from stages.audio.cache import FeatureCache
+        from stages.completion.stage import resolve_device
         from stages.motion.stage import MotionStage
 
         self.config = JobConfig.model_validate(config)
@@ -313,6 +314,8 @@ class MotionOp:
             load_stage1(info),
             batch_frames=self.config.batch.motion_frames,
             min_reference_gap_frames=self.config.analyse.min_reference_gap_frames,
+            # Ray hides GPUs from actors that reserved none, so "auto" lands on the CPU there.
+            device=resolve_device(self.config.device),
         )
         fs, root = self.storage.fs_for(self.config.cache_uri)
         self.cache = FeatureCache(fs, root)
