@@ -62,12 +62,14 @@ def media(tmp_path_factory):
     speak("Hi.", str(root / "short.wav"))  # shorter than a25: padded
     speak("This dubbed line goes on for quite a bit longer than the picture does.", str(root / "long.wav"))
     (root / "corrupt.mp4").write_bytes(os.urandom(5000))
+    (root / "garbled.wav").write_bytes(b"RIFF" + os.urandom(3000))
     # an audio-only file handed over as a video
     shutil.copy(root / "short.wav", root / "audio_only.mp4.wav")
     paths.update(
         short=str(root / "short.wav"),
         long=str(root / "long.wav"),
         corrupt=str(root / "corrupt.mp4"),
+        garbled=str(root / "garbled.wav"),
         audio_only=str(root / "audio_only.mp4.wav"),
         root=str(root),
     )
@@ -82,7 +84,16 @@ def _rows(media, out):
         {"video_uri": media["noface"], "audio_uri": media["short"], "output_uri": f"{out}/noface.mp4"},
         {"video_uri": media["audio_only"], "audio_uri": media["short"], "output_uri": f"{out}/audio_only.mp4"},
         {"video_uri": media["a25"], "audio_uri": media["root"] + "/missing.wav", "output_uri": f"{out}/missing_audio.mp4"},
+        {"video_uri": media["a25"], "audio_uri": media["garbled"], "output_uri": f"{out}/garbled_audio.mp4"},
     ]
+
+
+def by_stage(report):
+    out = {}
+    for r in report:
+        if r.status == "failed":
+            out[r.error_stage] = out.get(r.error_stage, 0) + 1
+    return out
 
 
 def _mean_abs(a, b):
@@ -93,7 +104,8 @@ def _check_outputs(report, media, fetch):
     by_name = {os.path.basename(r.output_uri).split(".")[0]: r for r in report}
     assert by_name["a25"].status == "ok", by_name["a25"].error
     assert by_name["b2997"].status == "ok", by_name["b2997"].error
-    for name, needle in [("corrupt", "corrupt.mp4"), ("noface", "no face"), ("audio_only", "no video stream"), ("missing_audio", "missing.wav")]:
+    for name, needle in [("corrupt", "corrupt.mp4"), ("noface", "no face"), ("audio_only", "no video stream"),
+                         ("missing_audio", "missing.wav"), ("garbled_audio", "garbled.wav")]:
         r = by_name[name]
         assert r.status == "failed", name
         assert needle in r.error, (name, r.error)
@@ -130,9 +142,10 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
     config = JobConfig(segment_seconds=1.0, cache_uri=str(tmp_path / "cache"))
     result = run_dub(manifest, bundle, str(tmp_path / "report.parquet"), config)
     report = read_report(str(tmp_path / "report.parquet"), Storage())
-    assert [r.row_index for r in report] == list(range(6))
+    assert [r.row_index for r in report] == list(range(7))
     _check_outputs(report, media, fetch=lambda uri: uri)
-    assert result.counts == {"ok": 2, "failed": 4, "skipped": 0}
+    assert result.counts == {"ok": 2, "failed": 5, "skipped": 0}
+    assert by_stage(report) == {"plan": 3, "analyse": 1, "audio": 1}
     # a25 spans 3 segments of 1 s (2.4 s, the 0.4 s tail merged)
     assert report[0].segments == 2 and report[1].segments == 2
     # nothing half-written at the output location
@@ -146,7 +159,7 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
     run_dub(manifest, bundle, str(tmp_path / "report2.parquet"), config)
     report2 = read_report(str(tmp_path / "report2.parquet"), Storage())
     assert report2[0].status == "skipped" and report2[1].status == "skipped"
-    assert report2[6].status == "ok" and report2[6].feature_cache_hit is True
+    assert report2[7].status == "ok" and report2[7].feature_cache_hit is True
     assert Storage().sha256(f"{out}/a25.mp4") == sha_before
 
 
