@@ -93,6 +93,28 @@ class StorageConfig(_Strict):
         )
 
 
+class SecurityConfig(_Strict):
+    """Where manifest URIs may point (pipeline/security.py has the matching rules).
+    None (the default) admits everything: right for a laptop demo, not for manifests
+    from other teams. A list admits only URIs under one of its prefixes; local paths only
+    through a local prefix."""
+
+    allowed_input_prefixes: list[str] | None = Field(None, description="video_uri and audio_uri must be under one of these")
+    allowed_output_prefixes: list[str] | None = Field(None, description="output_uri must be under one of these")
+
+    @field_validator("allowed_input_prefixes", "allowed_output_prefixes")
+    @classmethod
+    def _no_credentials(cls, v: list[str] | None) -> list[str] | None:
+        from pipeline.security import PolicyError, locate
+
+        for prefix in v or []:
+            try:
+                locate(prefix)
+            except PolicyError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
 class JobConfig(_Strict):
     segment_seconds: float = Field(4.0, gt=0.2, le=120)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -108,6 +130,19 @@ class JobConfig(_Strict):
     audio: AudioConfig = AudioConfig()
     motion: MotionConfig = MotionConfig()
     storage: StorageConfig = StorageConfig()
+    security: SecurityConfig = SecurityConfig()
+    max_failed_videos: int | None = Field(
+        None, ge=0, description="stop the job cleanly once more videos than this have failed (None: never)"
+    )
+
+    @field_validator("cache_uri", "work_uri")
+    @classmethod
+    def _uri_without_credentials(cls, v: str | None) -> str | None:
+        from pipeline.security import has_credentials, redact
+
+        if v is not None and has_credentials(v):
+            raise ValueError(f"{redact(v)}: URIs must not carry credentials; they come from the environment or instance roles")
+        return v
 
     @field_validator("pools")
     @classmethod

@@ -76,6 +76,10 @@ ROW_DEFAULTS: dict = {
     "generated": b"",
     "segment_uri": "",
     "segment_frames": 0,
+    # resume: what the segment's work location is keyed by, and whether a committed
+    # segment from an earlier run stands in for face..compose
+    "work_key": "",
+    "segment_reused": False,
     # seconds spent per stage
     "time_plan_s": 0.0,
     "time_analyse_s": 0.0,

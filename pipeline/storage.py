@@ -8,8 +8,11 @@ moved into place, so a crash never leaves a half-written object at an output URI
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -21,10 +24,77 @@ import fsspec
 from fsspec.core import url_to_fs
 
 T = TypeVar("T")
+log = logging.getLogger("imgtalk.storage")
 
-# Errors worth retrying against object storage (throttling, resets, timeouts). Missing
-# files and permission errors are not transient and are raised at once.
-_TRANSIENT = (ConnectionError, TimeoutError, BrokenPipeError)
+# What the object is, not how it was asked for: never worth a second try.
+_FINAL = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
+# S3 error codes that mean "slow down" or "the server had trouble", whatever the status.
+_RETRY_CODES = frozenset(
+    {
+        "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+        "RequestThrottled", "RequestTimeout", "RequestTimeoutException", "InternalError",
+        "ServiceUnavailable", "BadGateway", "GatewayTimeout", "PriorRequestNotComplete",
+    }
+)
+_RETRY_ERRNOS = frozenset(
+    {
+        errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+        errno.ECONNREFUSED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+        errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO),
+    }
+)
+
+
+def _network_error_types() -> tuple[type, ...]:
+    """Connection-level failures of the S3 client stack (botocore over aiohttp), which do
+    not derive from the builtin ConnectionError."""
+    types: list[type] = []
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        types += [BotoConnectionError, HTTPClientError, IncompleteReadError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientConnectionError, ClientPayloadError
+
+        types += [ClientConnectionError, ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors another attempt may not see: throttling, 5xx, resets, timeouts.
+
+    s3fs turns botocore's ClientError into OSError subclasses (404 -> FileNotFoundError,
+    403 -> PermissionError, anything else -> OSError(EIO) with the ClientError as its
+    cause), so the whole cause chain is read, the server's own verdict first."""
+    chain = _chain(exc)
+    if any(isinstance(e, _FINAL) for e in chain):
+        return False
+    for e in chain:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and ("Error" in response or "ResponseMetadata" in response):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+            if code in _RETRY_CODES:
+                return True
+            return status == 429 or (status >= 500 and status != 501)  # 501: not implemented, ever
+    network = _network_error_types()
+    for e in chain:
+        if isinstance(e, (ConnectionError, TimeoutError) + network):
+            return True
+    return any(isinstance(e, OSError) and e.errno in _RETRY_ERRNOS for e in chain)
 
 
 @dataclass(frozen=True)
@@ -69,22 +139,34 @@ class Storage:
         return fs, path
 
     def retry(self, fn: Callable[[], T], what: str) -> T:
+        """fn(), again after exponential backoff while it fails transiently (is_transient);
+        permanent errors are raised at once, unchanged."""
         delay = self.options.backoff_s
         for attempt in range(self.options.retries + 1):
             try:
                 return fn()
-            except FileNotFoundError:
-                raise
-            except PermissionError:
-                raise
-            except _TRANSIENT + (OSError,) as e:  # noqa: PERF203 - retry loop
-                if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            except Exception as e:  # noqa: BLE001, PERF203 - classified below, re-raised if final
+                if not is_transient(e):
                     raise
                 if attempt == self.options.retries:
-                    raise OSError(f"{what}: storage error after {attempt + 1} attempts: {e}") from e
-                time.sleep(delay)
+                    raise OSError(f"{what}: storage error after {attempt + 1} attempts: {type(e).__name__}: {e}") from e
+                # Jitter so that many workers hitting one throttled bucket spread out.
+                pause = delay * random.uniform(0.5, 1.0)
+                log.warning("%s: %s: %s (attempt %d, retrying in %.2f s)", what, type(e).__name__, e, attempt + 1, pause)
+                time.sleep(pause)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    def identity(self, uri: str) -> str:
+        """A short string that changes whenever the object's content does: size + ETag on
+        object stores, size + modification time (ns) on files."""
+        if not is_remote(uri):
+            st = os.stat(strip_file_scheme(uri))
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        fs, path = self.fs_for(uri)
+        info = self.retry(lambda: fs.info(path), f"stat {uri}")
+        tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+        return f"{info.get('size')}:{str(tag).strip(chr(34))}"
 
     def exists(self, uri: str) -> bool:
         fs, path = self.fs_for(uri)
@@ -152,10 +234,15 @@ class Storage:
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
             self.retry(lambda: fs.put(local_path, tmp), f"upload {uri}")
             try:
-                self.retry(lambda: fs.mv(tmp, path), f"commit {uri}")
+                # Copy and delete as separate retried steps (not mv): a retried copy is
+                # harmless, a retried mv whose first delete went through finds no source.
+                self.retry(lambda: fs.copy(tmp, path), f"commit {uri}")
             finally:
-                if fs.exists(tmp):
-                    fs.rm(tmp)
+                try:
+                    self.retry(lambda: fs.rm(tmp), f"remove {uri} temporary")
+                except Exception as e:  # noqa: BLE001 - a leftover temporary key never fails a commit
+                    if not isinstance(e, FileNotFoundError):
+                        log.warning("could not remove temporary %s: %s", tmp, e)
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
