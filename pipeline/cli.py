@@ -1,6 +1,6 @@
 """`imgtalk`: the command line.
 
-    imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…]
+    imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--metrics-port N]
     imgtalk demo [--folder DIR] [--weights URI] [--config job.yaml]
     imgtalk weights init --size tiny|paper OUT
 """
@@ -16,11 +16,11 @@ class UserError(Exception):
 
 
 def _print_summary(result) -> None:
+    from pipeline.progress import format_summary
+
     print()
-    print(f"job {result.job_id}: {len(result.rows)} videos in {result.seconds:.1f} s")
-    for status in ("ok", "failed", "skipped"):
-        print(f"  {status:8s} {result.counts.get(status, 0)}")
-    print(f"  frames   {result.frames}  ({result.frames_per_second:.2f} frames/s end to end)")
+    print(f"job {result.job_id}: {len(result.rows)} videos")
+    print(format_summary(result.counts, result.seconds, result.frames))
     failed = [r for r in result.rows if r.status == "failed"]
     for r in failed:
         print(f"  FAILED row {r.row_index} [{r.error_stage}] {r.error}")
@@ -32,7 +32,7 @@ def cmd_dub(args) -> int:
     from pipeline.job import run_dub
 
     config = load_job_config(args.config)
-    result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address)
+    result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address, metrics_export_port=args.metrics_port)
     _print_summary(result)
     for r in result.rows:
         if r.status == "ok":
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-report", required=True, help="where to write the Parquet report")
     d.add_argument("--config", help="job config YAML")
     d.add_argument("--address", help="Ray address (auto, ray://host:10001); default: a local Ray for this job")
+    d.add_argument(
+        "--metrics-port",
+        type=int,
+        help="local Ray only: export Prometheus metrics on this port (and write Ray's service-discovery file); "
+        "a cluster sets it at `ray start --metrics-export-port`",
+    )
     d.set_defaults(func=cmd_dub)
 
     m = sub.add_parser("demo", help="make a sample catalogue and dub it end to end on a local Ray")

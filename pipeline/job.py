@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from pipeline.config import JobConfig
+from pipeline.progress import JobTracker, Report
 from pipeline.rows import new_row, normalise
 from pipeline.schemas import ManifestRow, ReportRow, read_manifest, write_report
 from pipeline.storage import Storage
@@ -40,8 +41,13 @@ class JobResult:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
-def _init_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to `address`, or start a local Ray for this job. True if we started it."""
+def _init_ray(address: str | None, num_cpus: int | None = None, metrics_export_port: int | None = None) -> bool:
+    """Connect to `address`, or start a local Ray for this job. True if we started it.
+
+    With `metrics_export_port` a local Ray exports Prometheus metrics on that port and
+    runs its dashboard head on loopback: the head is what writes Ray's service-discovery
+    file (/tmp/ray/prom_metrics_service_discovery.json) that deploy/prometheus reads. A
+    cluster sets its ports at `ray start --metrics-export-port`."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -50,7 +56,12 @@ def _init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    exporting = (
+        dict(include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=metrics_export_port)
+        if metrics_export_port
+        else dict(include_dashboard=False)
+    )
+    ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=False, logging_level=logging.WARNING, **exporting)
     return True
 
 
@@ -110,7 +121,9 @@ def run_dub(
     config: JobConfig | None = None,
     address: str | None = None,
     progress: bool | None = None,
+    metrics_export_port: int | None = None,
 ) -> JobResult:
+    """progress: draw a live progress line on stderr (None: when stderr is a terminal)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -126,7 +139,9 @@ def run_dub(
     read_bundle_info(localize_bundle(weights_uri, storage))
     manifest = read_manifest(manifest_uri, storage)
 
-    report: dict[int, ReportRow] = {}
+    show = sys.stderr.isatty() if progress is None else progress
+    tracker = JobTracker(job_id, len(manifest), stream=sys.stderr if show else None)
+    report: dict[int, ReportRow] = Report(tracker)
     todo: list[dict] = []
     for index, m, error in manifest:
         if m is None:
@@ -149,12 +164,15 @@ def run_dub(
         )
 
     if todo:
-        started_ray = _init_ray(address)
+        started_ray = _init_ray(address, metrics_export_port=metrics_export_port)
         try:
-            report.update(_run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, progress))
+            tracker.attach_metrics()
+            report.update(_run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker))
         finally:
+            tracker.close()
             if started_ray:
                 ray.shutdown()
+    tracker.close()
 
     rows = [report[i] for i in sorted(report)]
     write_report(rows, report_uri, storage)
@@ -163,9 +181,9 @@ def run_dub(
     return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts)
 
 
-def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict], progress) -> dict[int, ReportRow]:
+def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict], tracker: JobTracker) -> dict[int, ReportRow]:
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
+    ctx.enable_progress_bars = False  # the job draws its own line (pipeline.progress)
     ctx.print_on_execution_start = False
     cfg = config.model_dump()
     pools = config.pools
@@ -195,7 +213,7 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weig
     finalize = ray.remote(num_cpus=pools["finalize"].num_cpus, max_retries=2)(ops.finalize_video)
     pending: dict[str, list[dict]] = {}
     futures: dict = {}
-    report: dict[int, ReportRow] = {}
+    report: dict[int, ReportRow] = Report(tracker)
 
     def close_video(segments: list[dict]) -> None:
         head = segments[0]
@@ -216,17 +234,7 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weig
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
         futures[finalize.remote(cfg, video, seg_info)] = segments
 
-    for raw in ds.iter_rows():
-        row = normalise(raw)
-        vid = row["video_id"]
-        if int(row["n_segments"]) == 0:  # failed before it was split
-            report[int(row["row_index"])] = _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan")
-            continue
-        pending.setdefault(vid, []).append(row)
-        if len(pending[vid]) == int(row["n_segments"]):
-            close_video(pending.pop(vid))
-
-    for fut, segments in futures.items():
+    def finalized(fut, segments: list[dict]) -> None:
         head = segments[0]
         try:
             final = ray.get(fut)
@@ -236,6 +244,24 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weig
             report[int(head["row_index"])] = _video_report(
                 job_id, head, segments, None, f"output {head['output_uri']}: {type(cause).__name__}: {cause}", "finalize"
             )
+
+    for raw in ds.iter_rows():
+        row = normalise(raw)
+        vid = row["video_id"]
+        if int(row["n_segments"]) == 0:  # failed before it was split
+            report[int(row["row_index"])] = _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan")
+            continue
+        pending.setdefault(vid, []).append(row)
+        tracker.segment(row)
+        if len(pending[vid]) == int(row["n_segments"]):
+            close_video(pending.pop(vid))
+        if futures:  # settle finished videos as they finish, for progress and metrics
+            done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0)
+            for fut in done:
+                finalized(fut, futures.pop(fut))
+
+    for fut, segments in futures.items():
+        finalized(fut, segments)
     for vid, segments in pending.items():  # should not happen: a segment never came back
         head = segments[0]
         report[int(head["row_index"])] = _video_report(

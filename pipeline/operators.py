@@ -8,9 +8,7 @@ each run. Constructors load models once per actor.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import math
 import os
 import tempfile
@@ -22,6 +20,7 @@ import numpy as np
 # mediapipe's C++ logging prints a warning per graph; keep worker logs readable.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
+from pipeline import metrics
 from pipeline.config import JobConfig
 from pipeline.rows import fail, fps_of, normalise, pack, unpack
 from pipeline.storage import Storage, is_remote, join_uri
@@ -34,6 +33,9 @@ from pipeline.weights import (
     localize_bundle,
     read_bundle_info,
 )
+
+# Every row an operator fails is counted (imgtalk_errors_total{stage, kind}) where it fails.
+fail = metrics.counting_failures(fail)
 
 
 def _setup_torch(config: JobConfig) -> None:
@@ -58,8 +60,7 @@ def _timed(row: dict, key: str, start: float) -> None:
 
 
 def _skip(row: dict) -> bool:
-    # A segment committed by an earlier run of the same work is done: nothing to recompute.
-    return bool(row["error"]) or bool(row["segment_reused"])
+    return bool(row["error"])
 
 
 # --------------------------------------------------------------------------- plan
@@ -72,6 +73,7 @@ class PlanOp:
         self.config = JobConfig.model_validate(config)
         self.storage = Storage(self.config.storage.options())
 
+    @metrics.instrumented("plan")
     def __call__(self, row: dict) -> dict:
         from stages.media import MediaError, probe_video
 
@@ -84,7 +86,6 @@ class PlanOp:
                 return fail(row, "plan", f"audio {row['audio_uri']}: no such file")
             with open_source(self.storage, row["video_uri"]) as src:
                 info = probe_video(src)
-            video_identity = self.storage.identity(row["video_uri"])
         except MediaError as e:
             return fail(row, "plan", str(e))
         except FileNotFoundError:
@@ -99,7 +100,6 @@ class PlanOp:
             n_frames=info.n_frames,
             duration_s=info.duration_s,
             rotation=info.rotation,
-            work_key=_digest(row["work_key"], row["video_uri"], video_identity),
         )
         _timed(row, "time_plan_s", start)
         return row
@@ -122,6 +122,7 @@ class AnalyseOp:
         # Each call of a FaceTracker starts a fresh clip, so one tracker serves every video.
         self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0)
 
+    @metrics.instrumented("analyse")
     def __call__(self, row: dict) -> dict:
         from stages.face import crop_faces
         from stages.media import MediaError, decode_frames
@@ -193,6 +194,7 @@ class AudioOp:
         fs, root = self.storage.fs_for(self.config.cache_uri)
         self.cache = FeatureCache(fs, root)
 
+    @metrics.instrumented("audio")
     def __call__(self, row: dict) -> dict:
         from stages.audio import AudioError, load_audio
         from stages.audio.cache import content_hash
@@ -272,6 +274,7 @@ class FaceOp:
             max_gap_frames=self.config.face.max_gap_frames,
         )
 
+    @metrics.instrumented("face")
     def __call__(self, row: dict) -> dict:
         from stages.face import crop_faces
         from stages.media import MediaError, decode_frames
@@ -281,11 +284,6 @@ class FaceOp:
             return row
         start = time.perf_counter()
         try:
-            uri = segment_uri(self.config, row)
-            done = committed_segment(self.storage, uri)
-            if done is not None:  # an earlier run of this very work committed it
-                row.update(segment_uri=uri, segment_frames=done["frames"], face_frames=done["face_frames"], segment_reused=True)
-                return row
             with open_source(self.storage, row["video_uri"]) as src:
                 frames = [f for _, f in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]))]
             track = self.tracker(frames)
@@ -330,6 +328,7 @@ class MotionOp:
         fs, root = self.storage.fs_for(self.config.cache_uri)
         self.cache = FeatureCache(fs, root)
 
+    @metrics.instrumented("motion")
     def __call__(self, row: dict) -> dict:
         from stages.audio.cache import CachedFeatures
 
@@ -394,6 +393,7 @@ class CompleteOp:
             precision=self.config.precision,
         )
 
+    @metrics.instrumented("complete")
     def __call__(self, row: dict) -> dict:
         row = normalise(row)
         if _skip(row):
@@ -418,83 +418,8 @@ class CompleteOp:
 # --------------------------------------------------------------------------- compose
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
-
-
-# Settings that change a segment's pixels or bytes; paths, pools, storage and policy do not.
-PIXEL_SETTINGS = ("device", "precision", "torch_threads", "batch", "output", "face", "analyse", "audio", "motion")
-
-
-def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> str:
-    """What every segment of a job depends on besides its own video and audio: the stage
-    code, the weights bundle (each file's size and ETag or mtime) and PIXEL_SETTINGS.
-    Computed once by the driver; PlanOp adds the video, segment_uri the rest."""
-    import stages
-
-    code = hashlib.sha256()
-    roots = [os.path.dirname(os.path.abspath(stages.__file__)), os.path.abspath(__file__)]
-    for root in roots:
-        files = [root] if os.path.isfile(root) else sorted(
-            os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.endswith(".py")
-        )
-        for f in files:
-            with open(f, "rb") as fh:
-                code.update(os.path.relpath(f, os.path.dirname(roots[0])).encode() + b"\0" + fh.read())
-    if is_remote(weights_uri):
-        fs, path = storage.fs_for(weights_uri)
-        listing = storage.retry(lambda: fs.find(path, detail=True), f"list {weights_uri}")
-        weights = sorted(
-            (k[len(path) :], v.get("size"), str(v.get("ETag") or v.get("LastModified") or "")) for k, v in listing.items()
-        )
-    else:
-        root = weights_uri[len("file://") :] if weights_uri.startswith("file://") else weights_uri
-        weights = sorted(
-            (os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
-            for d, _, names in os.walk(root)
-            for f in names
-        )
-    settings = config.model_dump(include=set(PIXEL_SETTINGS), mode="json")
-    return _digest(code.hexdigest(), json.dumps(weights), json.dumps(settings, sort_keys=True))
-
-
 def segment_uri(config: JobConfig, row: dict) -> str:
-    """Where a segment's encoded part goes. Keyed by everything that decides its bytes
-    (work_key: stage code, weights, settings, the video's identity; the dubbed audio's
-    content hash; per-row segment length and crf; the frame range) and never by the job:
-    a restarted job finds what a crashed one committed, and changed inputs never meet a
-    stale part."""
-    key = _digest(row["work_key"], row["audio_sha256"], row["segment_seconds"], row["crf"])
-    name = f"{int(row['seg_idx']):05d}-{int(row['frame_start'])}-{int(row['frame_end'])}.mp4"
-    return join_uri(config.work_dir(), "segments", row["video_id"], key, name)
-
-
-def segment_marker_uri(uri: str) -> str:
-    """Written after the segment itself: its presence means the segment is whole."""
-    return uri[: -len(".mp4")] + ".json" if uri.endswith(".mp4") else uri + ".json"
-
-
-def committed_segment(storage: Storage, uri: str) -> dict | None:
-    """The marker of a segment an earlier run committed ({frames, face_frames}), or None."""
-    try:
-        marker = json.loads(storage.read_bytes(segment_marker_uri(uri)))
-        if not storage.exists(uri):
-            return None
-        return {"frames": int(marker["frames"]), "face_frames": int(marker["face_frames"])}
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError):
-        return None  # a marker we cannot read is no promise: redo the segment
-
-
-def drop_segments(storage: Storage, segments: list[dict]) -> None:
-    """Delete a settled video's encoded parts (and their markers): the folder they share."""
-    folders = {s["segment_uri"].rsplit("/", 1)[0] for s in segments if s["segment_uri"]}
-    for folder in folders:
-        storage.rm(folder, recursive=True)
-        if not is_remote(folder):  # the per-video folder above it, when now empty
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(folder[len("file://") :] if folder.startswith("file://") else folder))
+    return join_uri(config.work_dir(), "segments", row["job_id"], row["video_id"], f"{int(row['seg_idx']):05d}.mp4")
 
 
 class ComposeOp:
@@ -511,6 +436,7 @@ class ComposeOp:
             MouthMask().feathered(self.config.face.feather_px), codec=out.codec, crf=out.crf, preset=out.preset
         )
 
+    @metrics.instrumented("compose")
     def __call__(self, row: dict) -> dict:
         row = normalise(row)
         if _skip(row):
@@ -535,8 +461,6 @@ class ComposeOp:
                         crf=None if int(row["crf"]) < 0 else int(row["crf"]),
                     )
                 self.storage.put_atomic(local, uri)
-            marker = {"frames": int(written), "face_frames": int(row["face_frames"])}
-            self.storage.write_bytes_atomic(json.dumps(marker).encode(), segment_marker_uri(uri))
         except Exception as e:  # noqa: BLE001
             return fail(row, "compose", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
         row.update(segment_uri=uri, segment_frames=written, generated=b"", affines=b"", has_face=b"", ref_crops=b"")
@@ -549,11 +473,7 @@ class ComposeOp:
 
 def finalize_video(config_dict: dict, video: dict, segments: list[dict]) -> dict:
     """Concatenate a video's segments (no re-encode), mux the dubbed audio (AAC), probe
-    the result, and commit it atomically. Returns report fields.
-
-    Idempotent, so Ray may retry it after a worker died: it leaves the segments in place
-    (the driver drops them once the report row is written) and does not upload an output
-    that is already there with the same content."""
+    the result, and commit it atomically. Returns report fields."""
     from stages.media import concat_segments, mux_audio, probe_video
 
     config = JobConfig.model_validate(config_dict)
@@ -589,9 +509,9 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict]) -> dict
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         size = os.path.getsize(final)
-        out = video["output_uri"]
-        if not (storage.exists(out) and storage.size(out) == size and storage.sha256(out) == h.hexdigest()):
-            storage.put_atomic(final, out)
+        storage.put_atomic(final, video["output_uri"])
+    for seg in segments:
+        storage.rm(seg["segment_uri"])
     return {
         "output_frames": info.n_frames,
         "output_bytes": size,

@@ -1,0 +1,91 @@
+"""The terminal progress line and summary table: known numbers in, known text out; and
+the tracker's counting (each manifest row once, ETA from the work left)."""
+import io
+
+import pytest
+
+from pipeline.progress import JobTracker, Report, Snapshot, format_duration, format_progress, format_summary
+from pipeline.schemas import ReportRow
+
+
+def test_format_duration():
+    assert format_duration(None) == "--:--"
+    assert format_duration(0) == "0:00"
+    assert format_duration(59.4) == "0:59"
+    assert format_duration(61) == "1:01"
+    assert format_duration(3600 + 2 * 60 + 3) == "1:02:03"
+
+
+def test_progress_line_from_known_numbers():
+    snap = Snapshot(videos_total=4, ok=1, failed=1, skipped=0, frames_done=52, fraction=0.5, elapsed_s=13.0)
+    assert snap.videos_done == 2
+    assert snap.frames_per_second == pytest.approx(4.0)
+    assert snap.eta_s == pytest.approx(13.0)  # half done in 13 s: 13 s to go
+    assert format_progress(snap) == "[##########----------] 2/4 videos (1 failed)  52 frames  4.0 frames/s  ETA 0:13"
+    start = Snapshot(videos_total=3)
+    assert start.eta_s is None
+    assert format_progress(start, width=10) == "[----------] 0/3 videos  0 frames  0.0 frames/s  ETA --:--"
+    done = Snapshot(videos_total=3, ok=2, skipped=1, frames_done=90, fraction=1.0, elapsed_s=30.0)
+    assert format_progress(done, width=4) == "[####] 3/3 videos  90 frames  3.0 frames/s  ETA 0:00"
+
+
+def test_summary_table_from_known_numbers():
+    text = format_summary({"ok": 12, "failed": 3, "skipped": 100}, seconds=125.04, frames=4500)
+    assert text.splitlines() == [
+        "status     videos",
+        "--------  -------",
+        "ok             12",
+        "failed          3",
+        "skipped       100",
+        "total         115",
+        "--------  -------",
+        "time      125.0 s",
+        "frames       4500",
+        "frames/s    35.99",
+    ]
+    # nothing done, no time: no division by zero
+    assert format_summary({}, 0.0, 0).splitlines()[-1] == "frames/s    0.00"
+
+
+def _row(i: int, status: str, frames: int | None = None) -> ReportRow:
+    return ReportRow(
+        job_id="j", row_index=i, video_id=f"v{i}", video_uri=f"/in/v{i}.mp4", audio_uri="/in/a.wav",
+        output_uri=f"/out/v{i}.mp4", status=status, output_frames=frames,
+    )
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_tracker_counts_each_row_once_and_estimates_from_work_left():
+    clock = Clock()
+    stream = io.StringIO()
+    tracker = JobTracker("j", videos_total=4, stream=stream, clock=clock, redraw_s=0.0)
+    report = Report(tracker)
+    report[0] = _row(0, "skipped")  # already done: not part of the work left
+    clock.now += 10
+    # video 1 has 2 segments; one is back (25 frames)
+    tracker.segment({"video_id": "v1", "n_segments": 2, "frame_start": 0, "frame_end": 25, "error": ""})
+    snap = tracker.snapshot()
+    assert (snap.skipped, snap.frames_done, snap.elapsed_s) == (1, 25, 10.0)
+    assert snap.fraction == pytest.approx(0.5 / 3)  # half a video of the 3 to dub
+    assert snap.eta_s == pytest.approx(50.0)
+
+    graph = Report(tracker)  # the graph's own dict, merged into the job's later
+    graph[1] = _row(1, "ok", 50)
+    graph[2] = _row(2, "failed")
+    report.update(graph)  # the same rows again: not counted twice
+    snap = tracker.snapshot()
+    assert (snap.ok, snap.failed, snap.skipped, snap.videos_done) == (1, 1, 1, 3)
+    assert snap.fraction == pytest.approx(2 / 3)
+    assert sorted(report) == [0, 1, 2]
+    assert "\r" in stream.getvalue() and "3/4 videos (1 failed)" in stream.getvalue()
+    report[3] = _row(3, "ok", 10)
+    tracker.close()
+    tracker.close()  # idempotent
+    assert stream.getvalue().endswith("4/4 videos (1 failed)  25 frames  2.5 frames/s  ETA 0:00\x1b[K\n")
