@@ -8,7 +8,9 @@ each run. Constructors load models once per actor.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import math
 import os
 import tempfile
@@ -60,7 +62,8 @@ def _timed(row: dict, key: str, start: float) -> None:
 
 
 def _skip(row: dict) -> bool:
-    return bool(row["error"])
+    # A segment committed by an earlier run of the same work is done: nothing to recompute.
+    return bool(row["error"]) or bool(row["segment_reused"])
 
 
 # --------------------------------------------------------------------------- plan
@@ -86,6 +89,7 @@ class PlanOp:
                 return fail(row, "plan", f"audio {row['audio_uri']}: no such file")
             with open_source(self.storage, row["video_uri"]) as src:
                 info = probe_video(src)
+            video_identity = self.storage.identity(row["video_uri"])
         except MediaError as e:
             return fail(row, "plan", str(e))
         except FileNotFoundError:
@@ -100,6 +104,7 @@ class PlanOp:
             n_frames=info.n_frames,
             duration_s=info.duration_s,
             rotation=info.rotation,
+            work_key=_digest(row["work_key"], row["video_uri"], video_identity),
         )
         _timed(row, "time_plan_s", start)
         return row
@@ -284,6 +289,11 @@ class FaceOp:
             return row
         start = time.perf_counter()
         try:
+            uri = segment_uri(self.config, row)
+            done = committed_segment(self.storage, uri)
+            if done is not None:  # an earlier run of this very work committed it
+                row.update(segment_uri=uri, segment_frames=done["frames"], face_frames=done["face_frames"], segment_reused=True)
+                return row
             with open_source(self.storage, row["video_uri"]) as src:
                 frames = [f for _, f in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]))]
             track = self.tracker(frames)
@@ -418,8 +428,83 @@ class CompleteOp:
 # --------------------------------------------------------------------------- compose
 
 
+def _digest(*parts) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
+
+
+# Settings that change a segment's pixels or bytes; paths, pools, storage and policy do not.
+PIXEL_SETTINGS = ("device", "precision", "torch_threads", "batch", "output", "face", "analyse", "audio", "motion")
+
+
+def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> str:
+    """What every segment of a job depends on besides its own video and audio: the stage
+    code, the weights bundle (each file's size and ETag or mtime) and PIXEL_SETTINGS.
+    Computed once by the driver; PlanOp adds the video, segment_uri the rest."""
+    import stages
+
+    code = hashlib.sha256()
+    roots = [os.path.dirname(os.path.abspath(stages.__file__)), os.path.abspath(__file__)]
+    for root in roots:
+        files = [root] if os.path.isfile(root) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.endswith(".py")
+        )
+        for f in files:
+            with open(f, "rb") as fh:
+                code.update(os.path.relpath(f, os.path.dirname(roots[0])).encode() + b"\0" + fh.read())
+    if is_remote(weights_uri):
+        fs, path = storage.fs_for(weights_uri)
+        listing = storage.retry(lambda: fs.find(path, detail=True), f"list {weights_uri}")
+        weights = sorted(
+            (k[len(path) :], v.get("size"), str(v.get("ETag") or v.get("LastModified") or "")) for k, v in listing.items()
+        )
+    else:
+        root = weights_uri[len("file://") :] if weights_uri.startswith("file://") else weights_uri
+        weights = sorted(
+            (os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, names in os.walk(root)
+            for f in names
+        )
+    settings = config.model_dump(include=set(PIXEL_SETTINGS), mode="json")
+    return _digest(code.hexdigest(), json.dumps(weights), json.dumps(settings, sort_keys=True))
+
+
 def segment_uri(config: JobConfig, row: dict) -> str:
-    return join_uri(config.work_dir(), "segments", row["job_id"], row["video_id"], f"{int(row['seg_idx']):05d}.mp4")
+    """Where a segment's encoded part goes. Keyed by everything that decides its bytes
+    (work_key: stage code, weights, settings, the video's identity; the dubbed audio's
+    content hash; per-row segment length and crf; the frame range) and never by the job:
+    a restarted job finds what a crashed one committed, and changed inputs never meet a
+    stale part."""
+    key = _digest(row["work_key"], row["audio_sha256"], row["segment_seconds"], row["crf"])
+    name = f"{int(row['seg_idx']):05d}-{int(row['frame_start'])}-{int(row['frame_end'])}.mp4"
+    return join_uri(config.work_dir(), "segments", row["video_id"], key, name)
+
+
+def segment_marker_uri(uri: str) -> str:
+    """Written after the segment itself: its presence means the segment is whole."""
+    return uri[: -len(".mp4")] + ".json" if uri.endswith(".mp4") else uri + ".json"
+
+
+def committed_segment(storage: Storage, uri: str) -> dict | None:
+    """The marker of a segment an earlier run committed ({frames, face_frames}), or None."""
+    try:
+        marker = json.loads(storage.read_bytes(segment_marker_uri(uri)))
+        if not storage.exists(uri):
+            return None
+        return {"frames": int(marker["frames"]), "face_frames": int(marker["face_frames"])}
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return None  # a marker we cannot read is no promise: redo the segment
+
+
+def drop_segments(storage: Storage, segments: list[dict]) -> None:
+    """Delete a settled video's encoded parts (and their markers): the folder they share."""
+    folders = {s["segment_uri"].rsplit("/", 1)[0] for s in segments if s["segment_uri"]}
+    for folder in folders:
+        storage.rm(folder, recursive=True)
+        if not is_remote(folder):  # the per-video folder above it, when now empty
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(folder[len("file://") :] if folder.startswith("file://") else folder))
 
 
 class ComposeOp:
@@ -461,6 +546,8 @@ class ComposeOp:
                         crf=None if int(row["crf"]) < 0 else int(row["crf"]),
                     )
                 self.storage.put_atomic(local, uri)
+            marker = {"frames": int(written), "face_frames": int(row["face_frames"])}
+            self.storage.write_bytes_atomic(json.dumps(marker).encode(), segment_marker_uri(uri))
         except Exception as e:  # noqa: BLE001
             return fail(row, "compose", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
         row.update(segment_uri=uri, segment_frames=written, generated=b"", affines=b"", has_face=b"", ref_crops=b"")
@@ -473,7 +560,11 @@ class ComposeOp:
 
 def finalize_video(config_dict: dict, video: dict, segments: list[dict]) -> dict:
     """Concatenate a video's segments (no re-encode), mux the dubbed audio (AAC), probe
-    the result, and commit it atomically. Returns report fields."""
+    the result, and commit it atomically. Returns report fields.
+
+    Idempotent, so Ray may retry it after a worker died: it leaves the segments in place
+    (the driver drops them once the report row is written) and does not upload an output
+    that is already there with the same content."""
     from stages.media import concat_segments, mux_audio, probe_video
 
     config = JobConfig.model_validate(config_dict)
@@ -509,9 +600,9 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict]) -> dict
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         size = os.path.getsize(final)
-        storage.put_atomic(final, video["output_uri"])
-    for seg in segments:
-        storage.rm(seg["segment_uri"])
+        out = video["output_uri"]
+        if not (storage.exists(out) and storage.size(out) == size and storage.sha256(out) == h.hexdigest()):
+            storage.put_atomic(final, out)
     return {
         "output_frames": info.n_frames,
         "output_bytes": size,
