@@ -358,6 +358,26 @@ def test_rayjob_fields(kuberay):
     assert runtime_env["env_vars"]["AWS_ENDPOINT_URL_S3"].startswith("https://")
 
 
+def test_metrics_port_and_podmonitor_match_the_manifests(kuberay):
+    spec = kuberay["RayCluster"]["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        port = int(group["rayStartParams"]["metrics-export-port"])
+        for c in group["template"]["spec"]["containers"]:
+            assert {"containerPort": port, "name": "metrics"} in c["ports"]
+    guide = _read("deploy", "MONITORING.md")
+    snippets = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", guide, re.S)]
+    monitors = [d for d in snippets if d.get("kind") == "PodMonitor"]
+    assert len(monitors) == 1
+    monitor = monitors[0]["spec"]
+    assert monitor["selector"]["matchLabels"] == {"ray.io/cluster": kuberay["RayCluster"]["metadata"]["name"]}
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"
+    # The job's own `job` label (the job id) is what the dashboard selects on.
+    assert endpoint["honorLabels"] is True
+    for path in sorted(set(re.findall(r"`((?:deploy|pipeline|tests|benchmarks)/[\w./-]+|ray_cluster\.yaml)`", guide))):
+        assert os.path.exists(_path(path)), f"deploy/MONITORING.md names {path}, which is not in the repo"
+
+
 # --------------------------------------------------------------------------- job config
 
 
@@ -378,6 +398,11 @@ def test_cluster_job_config(job_config):
         if name not in ("audio", "motion", "complete"):
             assert p.num_gpus == 0, name
     assert job_config.cache_uri.startswith("s3://") and (job_config.work_uri or "").startswith("s3://")
+    # Manifests come from other teams: a cluster job names where rows may point.
+    sec = job_config.security
+    assert sec.allowed_input_prefixes and sec.allowed_output_prefixes
+    assert all(p.startswith("s3://") for p in sec.allowed_input_prefixes + sec.allowed_output_prefixes)
+    assert job_config.max_failed_videos is not None
 
 
 def _demand(job_config) -> tuple[float, float]:
