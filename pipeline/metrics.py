@@ -10,9 +10,17 @@ What Ray 2.60 puts on the wire (checked against a local run):
   - each series also carries WorkerId, NodeAddress, SessionName, Component, Version
     (user metrics keep WorkerId), so queries sum over workers: `sum by (stage) (...)`;
   - counters are cumulative in the agent and outlive the worker that recorded them;
-    gauges are dropped ~2 export intervals after their process stops re-reporting them;
+    a gauge is exported only when it is set and dropped two export intervals later, so a
+    gauge that must stay visible is set again periodically (JobMetrics.refresh), and the
+    per-stage GPU memory gauges show while a stage is busy;
+  - a histogram's _sum is rebuilt from bucket midpoints (each observation counts as the
+    middle of its bucket; the last bucket as twice its lower bound), so it is approximate:
+    latency panels use the buckets (histogram_quantile), not _sum/_count;
   - processes push to the agent every RAY_metrics_report_interval_ms (default 10000 ms,
-    never faster than 1000 ms), read from the environment when Ray starts.
+    never faster than 1000 ms), read from the environment when Ray starts;
+  - each node's agent exports even with include_dashboard=False, but the service-
+    discovery file is written by the dashboard head: a local Ray started for
+    `imgtalk dub --metrics-port` runs its dashboard (on loopback) for that reason.
 
 Labels are `stage`, `job` (the job id), `kind` (errors) and `status` (videos): never a
 URI, a path or anything from the storage options, so no credential can reach a label.

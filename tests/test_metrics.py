@@ -194,3 +194,18 @@ def test_counters_equal_what_the_job_processed(metrics_port, media, bundle, tmp_
     assert total(samples2, "ray_imgtalk_errors_total", job=job2) == 0
     # the first job's series are still there, unchanged: counters are per job
     assert total(scrape(metrics_port), "ray_imgtalk_frames_processed_total", stage="face", job=job) == frames
+
+
+def test_error_kind_names_the_exception_or_a_category():
+    from pipeline.metrics import error_kind
+    from stages.media import MediaError
+
+    assert error_kind(ValueError("bad")) == "ValueError"
+    # rows failed inside an `except` block: the exception being handled names the kind
+    assert error_kind("video 'x.mp4': cannot be opened as media", active=MediaError("x")) == "MediaError"
+    # a message that carries its exception's class (the operators' catch-all branches)
+    assert error_kind("output /o/a.mp4: OSError: disk full") == "OSError"
+    assert error_kind("audio /in/a.wav: no such file") == "not_found"
+    assert error_kind("video /in/a.mp4: no face found in any of 24 frames") == "no_face"
+    assert error_kind("only 1 of 3 segments completed") == "lost_segments"
+    assert error_kind(None) == error_kind("") == "other"
