@@ -53,13 +53,13 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_progress(snap: Snapshot, width: int = 20) -> str:
-    """One line, e.g. `[#####---------------] 1/4 videos (1 failed)  52 frames  4.3 frames/s  ETA 0:06`."""
+    """One line, e.g. `[#####---------------] 1/4 videos (1 failed)  52 frames  4.3 frames/s  0:12 elapsed  ETA 0:36`."""
     filled = min(width, int(snap.fraction * width))
     bar = "[" + "#" * filled + "-" * (width - filled) + "]"
     failed = f" ({snap.failed} failed)" if snap.failed else ""
     return (
         f"{bar} {snap.videos_done}/{snap.videos_total} videos{failed}  {snap.frames_done} frames  "
-        f"{snap.frames_per_second:.1f} frames/s  ETA {format_duration(snap.eta_s)}"
+        f"{snap.frames_per_second:.1f} frames/s  {format_duration(snap.elapsed_s)} elapsed  ETA {format_duration(snap.eta_s)}"
     )
 
 

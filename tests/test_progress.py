@@ -21,12 +21,12 @@ def test_progress_line_from_known_numbers():
     assert snap.videos_done == 2
     assert snap.frames_per_second == pytest.approx(4.0)
     assert snap.eta_s == pytest.approx(13.0)  # half done in 13 s: 13 s to go
-    assert format_progress(snap) == "[##########----------] 2/4 videos (1 failed)  52 frames  4.0 frames/s  ETA 0:13"
+    assert format_progress(snap) == "[##########----------] 2/4 videos (1 failed)  52 frames  4.0 frames/s  0:13 elapsed  ETA 0:13"
     start = Snapshot(videos_total=3)
     assert start.eta_s is None
-    assert format_progress(start, width=10) == "[----------] 0/3 videos  0 frames  0.0 frames/s  ETA --:--"
+    assert format_progress(start, width=10) == "[----------] 0/3 videos  0 frames  0.0 frames/s  0:00 elapsed  ETA --:--"
     done = Snapshot(videos_total=3, ok=2, skipped=1, frames_done=90, fraction=1.0, elapsed_s=30.0)
-    assert format_progress(done, width=4) == "[####] 3/3 videos  90 frames  3.0 frames/s  ETA 0:00"
+    assert format_progress(done, width=4) == "[####] 3/3 videos  90 frames  3.0 frames/s  0:30 elapsed  ETA 0:00"
 
 
 def test_summary_table_from_known_numbers():
@@ -88,4 +88,4 @@ def test_tracker_counts_each_row_once_and_estimates_from_work_left():
     report[3] = _row(3, "ok", 10)
     tracker.close()
     tracker.close()  # idempotent
-    assert stream.getvalue().endswith("4/4 videos (1 failed)  25 frames  2.5 frames/s  ETA 0:00\x1b[K\n")
+    assert stream.getvalue().endswith("4/4 videos (1 failed)  25 frames  2.5 frames/s  0:10 elapsed  ETA 0:00\x1b[K\n")
