@@ -173,8 +173,8 @@ class JobTracker:
             self._draw()
 
     def _draw(self, force: bool = False) -> None:
-        if self.stream is None:
-            return
+        if self.stream is None or (self._stop.is_set() and not force):
+            return  # the line has ended; rows settled after close() show in the summary
         with self._draw_lock:
             now = self.clock()
             if not force and now - self._last_draw < self.redraw_s:

@@ -89,3 +89,7 @@ def test_tracker_counts_each_row_once_and_estimates_from_work_left():
     tracker.close()
     tracker.close()  # idempotent
     assert stream.getvalue().endswith("4/4 videos (1 failed)  25 frames  2.5 frames/s  0:10 elapsed  ETA 0:00\x1b[K\n")
+    # the line has ended: later events are counted but draw nothing after it
+    before = stream.getvalue()
+    tracker.segment({"video_id": "v9", "n_segments": 1, "frame_start": 0, "frame_end": 5, "error": ""})
+    assert stream.getvalue() == before and tracker.snapshot().frames_done == 30
