@@ -32,11 +32,16 @@ def cmd_dub(args) -> int:
     from pipeline.job import run_dub
 
     config = load_job_config(args.config)
+    if args.max_failed_videos is not None:
+        config = config.model_copy(update={"max_failed_videos": args.max_failed_videos})
     result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address, metrics_export_port=args.metrics_port)
     _print_summary(result)
     for r in result.rows:
         if r.status == "ok":
             print(f"output: {r.output_uri}")
+    if result.stopped:
+        print(f"imgtalk: error: the job stopped early: {result.stopped}; every row is in the report ({result.report_uri})", file=sys.stderr)
+        return 4
     return 0 if result.counts.get("failed", 0) == 0 else 3
 
 
@@ -87,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="job config YAML")
     d.add_argument("--address", help="Ray address (auto, ray://host:10001); default: a local Ray for this job")
     d.add_argument(
+        "--max-failed-videos",
+        type=int,
+        metavar="N",
+        help="error budget: stop cleanly (report written, exit 4) once more than N videos have failed; overrides the config",
+    )
+    d.add_argument(
         "--metrics-port",
         type=int,
         help="local Ray only: export Prometheus metrics on this port (and write Ray's service-discovery file); "
@@ -114,12 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.schemas import ManifestError
+    from pipeline.security import PolicyError
     from pipeline.weights import BundleError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "max_failed_videos", None) is not None and args.max_failed_videos < 0:
+        print("imgtalk: error: --max-failed-videos must be 0 or more", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, BundleError, UserError) as e:
+    except (ConfigError, ManifestError, BundleError, PolicyError, UserError) as e:
         print(f"imgtalk: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

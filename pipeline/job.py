@@ -22,6 +22,7 @@ from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
 from pipeline.rows import new_row, normalise
 from pipeline.schemas import ManifestRow, ReportRow, read_manifest, write_report
+from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
 from pipeline.storage import Storage
 
 log = logging.getLogger("imgtalk")
@@ -35,6 +36,7 @@ class JobResult:
     seconds: float
     frames: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    stopped: str | None = None  # why the job ended early (error budget, pipeline failure), if it did
 
     @property
     def frames_per_second(self) -> float:
@@ -75,6 +77,9 @@ def _report_row(job_id: str, index: int, m: ManifestRow | None, raw: dict, **fie
         output_uri=m.output_uri if m else str(raw.get("output_uri", "")),
     )
     base.update(fields)
+    for key in ("video_uri", "audio_uri", "output_uri", "error"):
+        if base.get(key):
+            base[key] = redact(base[key])
     return ReportRow(**base)
 
 
@@ -135,6 +140,11 @@ def run_dub(
     started = time.perf_counter()
     job_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
+    for what, uri in (("manifest", manifest_uri), ("weights", weights_uri), ("report", report_uri)):
+        if has_credentials(uri):
+            raise PolicyError(f"{what} {redact(uri)}: URIs must not carry credentials; they come from the environment or instance roles")
+    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes)
+
     # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
     read_bundle_info(localize_bundle(weights_uri, storage))
     manifest = read_manifest(manifest_uri, storage)
@@ -147,7 +157,14 @@ def run_dub(
         if m is None:
             report[index] = _report_row(job_id, index, None, {}, status="failed", error=error, error_stage="manifest")
             continue
-        if storage.exists(m.output_uri):
+        # Checked before anything opens them: a refused row is never read or written.
+        refused = [policy.check(uri, kind) for uri, kind in ((m.video_uri, "video"), (m.audio_uri, "audio"), (m.output_uri, "output"))]
+        refused = [r for r in refused if r]
+        if refused:
+            report[index] = _report_row(job_id, index, m, {}, status="failed", error="; ".join(refused), error_stage="security")
+            continue
+        video_uri, audio_uri, output_uri = (policy.canonical(u) for u in (m.video_uri, m.audio_uri, m.output_uri))
+        if storage.exists(output_uri):
             report[index] = _report_row(job_id, index, m, {}, status="skipped", error=None)
             continue
         todo.append(
@@ -155,33 +172,69 @@ def run_dub(
                 job_id=job_id,
                 row_index=index,
                 video_id=m.video_id,
-                video_uri=m.video_uri,
-                audio_uri=m.audio_uri,
-                output_uri=m.output_uri,
+                video_uri=video_uri,
+                audio_uri=audio_uri,
+                output_uri=output_uri,
                 crf=m.options.crf if m.options.crf is not None else -1,
                 segment_seconds=m.options.segment_seconds or config.segment_seconds,
             )
         )
 
-    if todo:
+    budget = config.max_failed_videos
+    failed_early = sum(r.status == "failed" for r in report.values())
+    stopped = None
+    if todo and budget is not None and failed_early > budget:
+        stopped = f"{failed_early} videos failed before any work started (max_failed_videos={budget})"
+    elif todo:
+        fingerprint = ops.work_fingerprint(config, weights_uri, storage)
+        for row in todo:
+            row["work_key"] = fingerprint
         started_ray = _init_ray(address, metrics_export_port=metrics_export_port)
         try:
             tracker.attach_metrics()
-            report.update(_run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker))
+            remaining = None if budget is None else budget - failed_early
+            graph_report, stopped = _run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker, remaining)
+            report.update(graph_report)
         finally:
             tracker.close()
             if started_ray:
                 ray.shutdown()
     tracker.close()
+    if stopped:
+        log.error("job %s stopped early: %s", job_id, stopped)
+    by_index = {i: m for i, m, _ in manifest}
+    for row in todo:  # every manifest row gets exactly one report row, even when the job stopped
+        index = int(row["row_index"])
+        if index not in report:
+            m = by_index[index]
+            report[index] = _report_row(
+                job_id, index, m, {}, status="skipped" if stopped else "failed",
+                error=f"not processed: the job stopped early ({stopped})" if stopped else "never came back from the pipeline",
+                error_stage="budget" if stopped and "max_failed_videos" in stopped else "pipeline",
+            )
 
-    rows = [report[i] for i in sorted(report)]
+    # The report names URIs as the manifest wrote them (the job may have used a resolved
+    # form), with any user-info redacted.
+    rows = [
+        report[i].model_copy(update={k: redact(getattr(by_index[i], k)) for k in ("video_uri", "audio_uri", "output_uri")})
+        if by_index.get(i) is not None else report[i]
+        for i in sorted(report)
+    ]
     write_report(rows, report_uri, storage)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "skipped")}
     frames = sum(r.output_frames or 0 for r in rows if r.status == "ok")
-    return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts)
+    return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts, stopped)
 
 
-def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict], tracker: JobTracker) -> dict[int, ReportRow]:
+def _run_graph(
+    ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict],
+    tracker: JobTracker, max_failures: int | None = None,
+) -> tuple[dict[int, ReportRow], str | None]:
+    """Run the graph; (report rows of the videos it settled, why it stopped early or None).
+
+    With `max_failures` the driver stops consuming the stream once more videos than that
+    have failed: the executor is shut down (queued and running segment work cancelled),
+    in-flight finalize tasks are awaited, and the caller reports the rest as skipped."""
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the job draws its own line (pipeline.progress)
     ctx.print_on_execution_start = False
@@ -195,6 +248,10 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weig
             d for d in ctx.issue_detectors_config.detectors if "HighMemory" not in d.__name__
         ]
 
+    # Fault tolerance is Ray Data's default for actor pools (max_restarts=-1,
+    # max_task_retries=-1: a dead actor is replaced and its segments resubmitted) and for
+    # map tasks (max_retries=-1). Passing them here is the deprecated **ray_remote_args
+    # route; tests/test_resilience.py pins the defaults and kills a completion actor.
     def actors(name: str):
         p = pools[name]
         extra = {"memory": int(p.memory_gb * 2**30)} if p.memory_gb else {}
@@ -212,23 +269,33 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weig
 
     finalize = ray.remote(num_cpus=pools["finalize"].num_cpus, max_retries=2)(ops.finalize_video)
     pending: dict[str, list[dict]] = {}
+    closed: set[str] = set()  # videos whose segments all came back: a late duplicate is ignored
     futures: dict = {}
     report: dict[int, ReportRow] = Report(tracker)
+    failures = 0
+    storage = Storage(config.storage.options())
+
+    def settle(index: int, row: ReportRow) -> None:
+        nonlocal failures
+        if index in report:  # never two rows for one manifest row
+            log.warning("row %d already settled as %s; ignoring a second %s", index, report[index].status, row.status)
+            return
+        report[index] = row
+        failures += row.status == "failed"
+
+    def drop(segments: list[dict]) -> None:
+        try:
+            ops.drop_segments(storage, segments)
+        except OSError as e:  # leftovers only cost space; the work area may be expired
+            log.warning("could not remove segments of %s: %s", segments[0]["output_uri"], e)
 
     def close_video(segments: list[dict]) -> None:
         head = segments[0]
         failed = [s for s in segments if s["error"]]
         if failed:
             first = sorted(failed, key=lambda s: int(s["seg_idx"]))[0]
-            report[int(head["row_index"])] = _video_report(job_id, head, segments, None, first["error"], first["error_stage"])
-            for s in segments:  # encoded parts of a failed video are garbage now
-                if s["segment_uri"]:
-                    try:
-                        from pipeline.storage import Storage
-
-                        Storage(config.storage.options()).rm(s["segment_uri"])
-                    except OSError:
-                        pass
+            settle(int(head["row_index"]), _video_report(job_id, head, segments, None, first["error"], first["error_stage"]))
+            drop(segments)  # encoded parts of a failed video are garbage now
             return
         video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")}
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
@@ -238,33 +305,56 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weig
         head = segments[0]
         try:
             final = ray.get(fut)
-            report[int(head["row_index"])] = _video_report(job_id, head, segments, final, None, None)
         except Exception as e:  # noqa: BLE001 - one video's finalize failure is that video's
             cause = getattr(e, "cause", None) or e
-            report[int(head["row_index"])] = _video_report(
+            settle(int(head["row_index"]), _video_report(
                 job_id, head, segments, None, f"output {head['output_uri']}: {type(cause).__name__}: {cause}", "finalize"
-            )
+            ))
+            return
+        settle(int(head["row_index"]), _video_report(job_id, head, segments, final, None, None))
+        drop(segments)  # only now: finalize may be retried until its result is in
 
-    for raw in ds.iter_rows():
-        row = normalise(raw)
-        vid = row["video_id"]
-        if int(row["n_segments"]) == 0:  # failed before it was split
-            report[int(row["row_index"])] = _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan")
-            continue
-        pending.setdefault(vid, []).append(row)
-        tracker.segment(row)
-        if len(pending[vid]) == int(row["n_segments"]):
-            close_video(pending.pop(vid))
-        if futures:  # settle finished videos as they finish, for progress and metrics
-            done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0)
-            for fut in done:
-                finalized(fut, futures.pop(fut))
+    def over_budget() -> bool:
+        return max_failures is not None and failures > max_failures
 
-    for fut, segments in futures.items():
+    stopped = None
+    rows = iter(ds.iter_rows())
+    try:
+        for raw in rows:
+            row = normalise(raw)
+            vid = row["video_id"]
+            if int(row["n_segments"]) == 0:  # failed before it was split
+                settle(int(row["row_index"]), _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan"))
+            elif vid in closed or any(s["seg_idx"] == row["seg_idx"] for s in pending.get(vid, [])):
+                log.warning("segment %s of %s came back twice; keeping the first", row["seg_idx"], row["output_uri"])
+            else:
+                pending.setdefault(vid, []).append(row)
+                tracker.segment(row)
+                if len(pending[vid]) == int(row["n_segments"]):
+                    closed.add(vid)
+                    close_video(pending.pop(vid))
+            if futures:  # settle finished videos as they finish, for progress and metrics
+                done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0)
+                for fut in done:
+                    finalized(fut, futures.pop(fut))
+            if over_budget():
+                total = failures + config.max_failed_videos - max_failures  # with those failed before the graph
+                stopped = f"{total} videos failed, more than max_failed_videos={config.max_failed_videos}"
+                break
+    except Exception as e:  # noqa: BLE001 - the stream itself failed: report what settled
+        log.exception("the Ray Data stream failed")
+        stopped = f"the pipeline failed: {type(e).__name__}: {e}"
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # shuts the streaming executor down: queued and running work is cancelled
+
+    for fut, segments in list(futures.items()):
         finalized(fut, segments)
-    for vid, segments in pending.items():  # should not happen: a segment never came back
-        head = segments[0]
-        report[int(head["row_index"])] = _video_report(
-            job_id, head, segments, None, f"only {len(segments)} of {head['n_segments']} segments completed", "pipeline"
-        )
-    return report
+    if stopped is None:
+        for vid, segments in pending.items():  # should not happen: a segment never came back
+            head = segments[0]
+            settle(int(head["row_index"]), _video_report(
+                job_id, head, segments, None, f"only {len(segments)} of {head['n_segments']} segments completed", "pipeline"
+            ))
+    return report, stopped

@@ -1,0 +1,594 @@
+"""Resilience: transient storage errors are retried and permanent ones are not; a dead
+completion actor is replaced and its segments redone; a restarted job resumes (committed
+videos skipped, committed segments reused) and ends with the bytes an uninterrupted run
+makes; the error budget stops a job cleanly.
+
+Lean media: three 1 s 320x240 clips at 25 fps, segment_seconds 0.5 (two segments each).
+Every run's outputs are compared with one uninterrupted reference run by sha256: x264
+and the CPU models are deterministic, so "nothing lost" means "the same bytes".
+"""
+import errno
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from fractions import Fraction
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+
+from pipeline.config import JobConfig, StorageConfig
+from pipeline.sample_catalogue import SampleVideo, speak, write_video
+from pipeline.schemas import read_report, write_manifest
+from pipeline.storage import Storage, StorageOptions, is_transient
+from pipeline.weights import init_bundle
+from stages.media import probe_video, segment_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-DO-NOT-LOG",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Worker processes inherit this from the raylet this module starts; it tells our actors
+# apart from those of any other Ray on the machine.
+RUN_MARK = ("IMGTALK_TEST_RUN", uuid.uuid4().hex)
+SMALL = (320, 240)
+NAMES = ("v0", "v1", "v2")
+
+
+# --------------------------------------------------------------------------- unit: retries
+
+
+def _client_error(status: int, code: str):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def _as_s3fs_raises(error):
+    """The exception s3fs hands to our code for a botocore error."""
+    from s3fs.errors import translate_boto_error
+
+    return translate_boto_error(error)
+
+
+def test_transient_errors_are_told_from_permanent_ones():
+    import aiohttp
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+    from fsspec.exceptions import FSTimeoutError
+
+    transient = [
+        _as_s3fs_raises(_client_error(503, "SlowDown")),
+        _as_s3fs_raises(_client_error(503, "ServiceUnavailable")),
+        _as_s3fs_raises(_client_error(500, "InternalError")),
+        _as_s3fs_raises(_client_error(429, "TooManyRequests")),
+        _as_s3fs_raises(_client_error(400, "RequestTimeout")),  # S3 says 400, means "try again"
+        _as_s3fs_raises(_client_error(400, "ThrottlingException")),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+        ConnectionClosedError(endpoint_url="http://127.0.0.1:1"),
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        aiohttp.ServerDisconnectedError(),
+        ConnectionResetError(errno.ECONNRESET, "reset by peer"),
+        FSTimeoutError(),
+        OSError(errno.ETIMEDOUT, "timed out"),
+    ]
+    permanent = [
+        _as_s3fs_raises(_client_error(404, "NoSuchKey")),
+        _as_s3fs_raises(_client_error(404, "NoSuchBucket")),
+        _as_s3fs_raises(_client_error(403, "AccessDenied")),
+        _as_s3fs_raises(_client_error(400, "SomeCodeS3fsDoesNotKnow")),  # OSError(EIO) whose cause says 400
+        _as_s3fs_raises(_client_error(400, "InvalidArgument")),
+        _as_s3fs_raises(_client_error(501, "NotImplemented")),
+        OSError(errno.ENOSPC, "no space left"),
+        ValueError("not storage at all"),
+        FileNotFoundError("k"),
+    ]
+    assert isinstance(permanent[3], OSError) and permanent[3].errno == errno.EIO  # what makes the cause matter
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_retry_retries_transient_errors_with_backoff_and_raises_permanent_ones_at_once():
+    storage = Storage(StorageOptions(retries=3, backoff_s=0.01))
+    calls = []
+
+    def flaky():
+        calls.append(time.perf_counter())
+        if len(calls) < 3:
+            raise _as_s3fs_raises(_client_error(503, "SlowDown"))
+        return "body"
+
+    assert storage.retry(flaky, "read s3://b/k") == "body"
+    assert len(calls) == 3
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[1] > gaps[0] * 1.2  # backoff doubles (jitter stays within 0.5-1x)
+
+    calls.clear()
+
+    def denied():
+        calls.append(1)
+        raise _as_s3fs_raises(_client_error(403, "AccessDenied"))
+
+    with pytest.raises(PermissionError):
+        storage.retry(denied, "read s3://b/k")
+    assert len(calls) == 1
+
+    calls.clear()
+
+    def down():
+        calls.append(1)
+        raise _as_s3fs_raises(_client_error(503, "SlowDown"))
+
+    with pytest.raises(OSError, match=r"read s3://b/k: storage error after 4 attempts: OSError"):
+        storage.retry(down, "read s3://b/k")
+    assert len(calls) == 4
+
+
+def test_ray_data_replaces_dead_actors_and_retries_their_work_by_default():
+    """The job relies on these defaults instead of passing the deprecated remote args."""
+    from ray.data import DataContext
+    from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+    from ray.data._internal.remote_fn import cached_remote_fn
+
+    args = ActorPoolMapOperator._apply_default_remote_args({}, DataContext.get_current())
+    assert args["max_restarts"] == -1 and args["max_task_retries"] == -1
+    task = cached_remote_fn(lambda: None)
+    assert task._default_options["max_retries"] == -1
+
+
+# --------------------------------------------------------------------------- unit: resume keys
+
+
+def _segment_row(**over):
+    from pipeline.rows import new_row
+
+    row = new_row(
+        job_id="job-a", row_index=0, video_id="vid", video_uri="/in/v.mp4", audio_uri="/in/a.wav", output_uri="/out/v.mp4",
+        segment_seconds=0.5, work_key="wk", audio_sha256="sha", seg_idx=1, n_segments=2, frame_start=12, frame_end=25,
+    )
+    row.update(over)
+    return row
+
+
+def test_segment_location_follows_its_inputs_not_the_job(tmp_path):
+    from pipeline.operators import segment_uri
+
+    config = JobConfig(cache_uri=str(tmp_path))
+    base = segment_uri(config, _segment_row())
+    assert base.startswith(str(tmp_path / "work" / "segments" / "vid") + "/")
+    assert segment_uri(config, _segment_row(job_id="job-b")) == base
+    for change in (dict(work_key="wk2"), dict(audio_sha256="other"), dict(crf=30), dict(segment_seconds=1.0),
+                   dict(frame_start=13), dict(frame_end=24), dict(seg_idx=0)):
+        assert segment_uri(config, _segment_row(**change)) != base, change
+
+
+def test_work_fingerprint_changes_with_weights_and_pixel_settings_only(tmp_path):
+    from pipeline.operators import work_fingerprint
+
+    bundle = str(tmp_path / "w")
+    init_bundle(bundle, size="tiny")
+    storage = Storage()
+    config = JobConfig()
+    base = work_fingerprint(config, bundle, storage)
+    assert work_fingerprint(config, bundle, storage) == base
+    assert work_fingerprint(JobConfig(pools={"complete": {"size": 3}}, cache_uri="/elsewhere"), bundle, storage) == base
+    assert work_fingerprint(JobConfig(output={"crf": 30}), bundle, storage) != base
+    assert work_fingerprint(JobConfig(face={"feather_px": 2.0}), bundle, storage) != base
+    weights = os.path.join(bundle, "stage2", "model.safetensors")
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # retrained in place
+    assert work_fingerprint(config, bundle, storage) != base
+
+
+def test_plan_keys_the_work_by_the_video_content(tmp_path):
+    from pipeline.operators import PlanOp
+    from pipeline.rows import new_row
+
+    video, audio = str(tmp_path / "v.mp4"), str(tmp_path / "a.wav")
+    write_video(video, SampleVideo("v", Fraction(25), 0.4, "", size=SMALL))
+    speak("Hi.", audio)
+    plan = PlanOp(JobConfig().model_dump())
+    row = dict(new_row(video_id="v", video_uri=video, audio_uri=audio, output_uri="o", work_key="fp"))
+    first = plan(dict(row))["work_key"]
+    assert first and first == plan(dict(row))["work_key"]
+    write_video(video, SampleVideo("v", Fraction(25), 0.48, "", size=SMALL))  # the file changed under the same name
+    assert plan(dict(row))["work_key"] != first
+    assert plan(dict(row, work_key="other weights"))["work_key"] != plan(dict(row))["work_key"]
+
+
+def test_committed_segment_skips_face_motion_complete_and_compose_without_reading_the_video(tmp_path):
+    from pipeline.operators import ComposeOp, FaceOp, _skip, segment_marker_uri, segment_uri
+
+    config = JobConfig(cache_uri=str(tmp_path))
+    row = _segment_row(video_uri=str(tmp_path / "not-there.mp4"))  # decoding it would fail the row
+    uri = segment_uri(config, row)
+    face = FaceOp(config.model_dump())
+    out = face(dict(row))
+    assert out["error_stage"] == "face" and not out["segment_reused"]  # nothing committed: real work, which fails
+
+    os.makedirs(os.path.dirname(uri))
+    open(uri, "wb").write(b"an encoded segment")
+    assert face(dict(row))["error_stage"] == "face"  # no marker: the segment may be half a run's
+    open(segment_marker_uri(uri), "w").write(json.dumps({"frames": 13, "face_frames": 9}))
+    out = face(dict(row))
+    assert out["error"] == "" and out["segment_reused"] is True
+    assert (out["segment_uri"], out["segment_frames"], out["face_frames"]) == (uri, 13, 9)
+    assert _skip(out)
+    composed = ComposeOp(config.model_dump())(dict(out))
+    assert composed["segment_uri"] == uri and composed["time_compose_s"] == 0.0
+    assert open(uri, "rb").read() == b"an encoded segment"
+
+
+def test_finalize_is_idempotent(tmp_path):
+    from pipeline.operators import finalize_video
+
+    seg, audio, out = str(tmp_path / "seg.mp4"), str(tmp_path / "a.wav"), str(tmp_path / "out" / "v.mp4")
+    write_video(seg, SampleVideo("v", Fraction(25), 0.4, "", size=SMALL))
+    speak("Hi.", audio)
+    config = JobConfig().model_dump()
+    video = {"video_uri": seg, "audio_uri": audio, "output_uri": out, "rotation": 0}
+    first = finalize_video(config, video, [{"seg_idx": 0, "segment_uri": seg}])
+    committed = os.stat(out)
+    # A retry after the worker died past the commit: same result, the output left alone.
+    again = finalize_video(config, video, [{"seg_idx": 0, "segment_uri": seg}])
+    assert {k: v for k, v in again.items() if k != "time_finalize_s"} == {k: v for k, v in first.items() if k != "time_finalize_s"}
+    assert os.path.exists(seg)  # the driver drops segments once the report row is in
+    now = os.stat(out)
+    assert (now.st_ino, now.st_mtime_ns) == (committed.st_ino, committed.st_mtime_ns)
+    assert os.listdir(tmp_path / "out") == ["v.mp4"]
+
+
+# --------------------------------------------------------------------------- fixtures for jobs
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.update(S3_ENV)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ[RUN_MARK[0]] = RUN_MARK[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("weights") / "tiny")
+    init_bundle(path, size="tiny")
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    paths = {"root": str(root)}
+    for name, seconds, line in zip(NAMES, (1.0, 1.2, 0.8), ("Hi.", "Hello there.", "Good day.")):
+        paths[name] = str(root / f"{name}.mp4")
+        write_video(paths[name], SampleVideo(name, Fraction(25), seconds, "", size=SMALL))
+        paths[name + ".wav"] = str(root / f"{name}.wav")
+        speak(line, paths[name + ".wav"])
+    for i in range(3):
+        paths[f"corrupt{i}"] = str(root / f"corrupt{i}.mp4")
+        (root / f"corrupt{i}.mp4").write_bytes(os.urandom(4000 + i))
+    return paths
+
+
+def _rows(media, out):
+    return [{"video_uri": media[n], "audio_uri": media[n + ".wav"], "output_uri": f"{out}/{n}.mp4"} for n in NAMES]
+
+
+def _config(cache, **over) -> JobConfig:
+    return JobConfig(segment_seconds=0.5, cache_uri=cache, **over)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, bundle, media, tmp_path_factory):
+    """One uninterrupted run: output sha256 and frame count per video."""
+    from pipeline.job import run_dub
+
+    tmp = tmp_path_factory.mktemp("reference")
+    write_manifest(_rows(media, str(tmp / "out")), str(tmp / "manifest.parquet"), Storage())
+    result = run_dub(str(tmp / "manifest.parquet"), bundle, str(tmp / "report.parquet"), _config(str(tmp / "cache")))
+    assert [r.status for r in result.rows] == ["ok"] * 3, [r.error for r in result.rows]
+    # the work area is emptied as videos settle
+    assert not [f for _, _, files in os.walk(tmp / "cache" / "work") for f in files]
+    return {n: (r.output_sha256, r.output_frames) for n, r in zip(NAMES, result.rows)}
+
+
+def _check_against_reference(report, reference, media, fetch, statuses=("ok",)):
+    assert [r.row_index for r in report] == [0, 1, 2]  # one row per manifest row, none twice
+    for name, r in zip(NAMES, report):
+        assert r.status in statuses, (name, r.status, r.error)
+        local = fetch(r.output_uri)
+        assert probe_video(local).n_frames == probe_video(media[name]).n_frames == reference[name][1]  # whole
+        assert Storage().sha256(local) == reference[name][0], name  # the same bytes as the uninterrupted run
+
+
+def _ray_processes(title: str) -> list[int]:
+    """PIDs of this module's Ray workers whose process title names `title`."""
+    mark = f"{RUN_MARK[0]}={RUN_MARK[1]}".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            if not cmd.startswith(b"ray::") or title.encode() not in cmd:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def _markers(folder) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".json")]
+
+
+# --------------------------------------------------------------------------- a dead completion actor
+
+
+def test_killed_completion_actor_is_replaced_and_the_job_completes(ray_local, bundle, media, reference, tmp_path):
+    from pipeline.job import run_dub
+
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    write_manifest(_rows(media, out), str(tmp_path / "manifest.parquet"), Storage())
+    done: dict = {}
+    job = threading.Thread(
+        target=lambda: done.update(result=run_dub(str(tmp_path / "manifest.parquet"), bundle, str(tmp_path / "report.parquet"), _config(cache)))
+    )
+    job.start()
+    killed, replacement = None, None
+    deadline = time.monotonic() + 300
+    while job.is_alive() and time.monotonic() < deadline:
+        if killed is None and _markers(os.path.join(cache, "work")):  # a segment went through completion
+            pids = _ray_processes("CompleteOp")
+            if pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+        elif killed is not None:
+            replacement = replacement or next((p for p in _ray_processes("CompleteOp") if p != killed), None)
+        time.sleep(0.05)
+    job.join(timeout=60)
+    assert killed is not None, "the completion actor was never seen"
+    assert replacement is not None, "no replacement completion actor started"
+    result = done["result"]
+    assert result.counts == {"ok": 3, "failed": 0, "skipped": 0}
+    _check_against_reference(read_report(str(tmp_path / "report.parquet"), Storage()), reference, media, fetch=lambda u: u)
+    assert sorted(os.listdir(out)) == ["v0.mp4", "v1.mp4", "v2.mp4"]  # nothing twice, nothing half-written
+
+
+# --------------------------------------------------------------------------- flaky object storage
+
+
+class FlakyS3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint that records every request
+    and, while its failure budget lasts, fails the first request for each (method, path)
+    by answering 503 SlowDown or by dropping the connection unanswered, alternately."""
+
+    def __init__(self, upstream: str, max_failures: int = 0):
+        host, port = upstream.split("//", 1)[1].split(":")
+        self.upstream = (host, int(port))
+        self.max_failures = max_failures
+        self.requests: list[tuple[str, str]] = []
+        self.injected: Counter = Counter()  # (method, path) -> failures injected
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_one(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = (self.command, self.path.split("?", 1)[0])
+                verdict = proxy.verdict(key, self.path)
+                if verdict == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if verdict == "503":
+                    payload = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response_only(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def verdict(self, key, full_path) -> str | None:
+        with self.lock:
+            self.requests.append((key[0], full_path))
+            if self.injected[key] or sum(self.injected.values()) >= self.max_failures:
+                return None
+            self.injected[key] += 1
+            return "503" if sum(self.injected.values()) % 2 else "drop"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def _s3_client(endpoint):
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+    )
+
+
+def test_storage_failures_are_retried_and_nothing_is_lost(ray_local, bundle, media, reference, s3_endpoint, tmp_path):
+    from pipeline.job import run_dub
+
+    s3 = _s3_client(s3_endpoint)
+    s3.create_bucket(Bucket="flaky")
+    rows = []
+    for n in NAMES:
+        s3.upload_file(media[n], "flaky", f"in/{n}.mp4")
+        s3.upload_file(media[n + ".wav"], "flaky", f"in/{n}.wav")
+        rows.append({"video_uri": f"s3://flaky/in/{n}.mp4", "audio_uri": f"s3://flaky/in/{n}.wav", "output_uri": f"s3://flaky/out/{n}.mp4"})
+    write_manifest(rows, "s3://flaky/manifest.parquet", Storage(StorageOptions(endpoint_url=s3_endpoint)))
+
+    proxy = FlakyS3Proxy(s3_endpoint, max_failures=60)
+    try:
+        config = _config("s3://flaky/cache", storage=StorageConfig(endpoint_url=proxy.url, backoff_s=0.05))
+        result = run_dub("s3://flaky/manifest.parquet", bundle, "s3://flaky/report.parquet", config)
+    finally:
+        proxy.stop()
+    assert result.counts == {"ok": 3, "failed": 0, "skipped": 0}, [r.error for r in result.rows]
+    # the failures really happened, on every kind of request, and each failed request was asked again
+    assert sum(proxy.injected.values()) == 60
+    assert {m for m, _ in proxy.injected} >= {"GET", "PUT", "HEAD"}
+    asked = Counter((m, p.split("?", 1)[0]) for m, p in proxy.requests)
+    assert all(asked[key] >= 2 for key in proxy.injected)
+
+    def fetch(uri):
+        local = str(tmp_path / os.path.basename(uri))
+        s3.download_file("flaky", uri.split("flaky/", 1)[1], local)
+        return local
+
+    _check_against_reference(read_report("s3://flaky/report.parquet", Storage(StorageOptions(endpoint_url=s3_endpoint))), reference, media, fetch)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="flaky", Prefix="out/").get("Contents", []))
+    assert keys == ["out/v0.mp4", "out/v1.mp4", "out/v2.mp4"]  # no temporary keys left
+    assert not s3.list_objects_v2(Bucket="flaky", Prefix="cache/work/").get("Contents")  # segments dropped once settled
+
+
+# --------------------------------------------------------------------------- a dead driver
+
+
+def _segment_counts(media, out) -> dict[str, int]:
+    """video_id -> segments, as the job plans them."""
+    from pipeline.schemas import ManifestRow
+
+    counts = {}
+    for row in _rows(media, out):
+        m = ManifestRow.model_validate(row)
+        name = os.path.basename(m.output_uri)[:-4]
+        counts[m.video_id] = (name, len(segment_plan(m.video_id, probe_video(media[name]), 0.5)))
+    return counts
+
+
+def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, media, reference, tmp_path):
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(_rows(media, out), manifest, Storage())
+    with open(tmp_path / "job.yaml", "w") as f:
+        yaml.safe_dump({"segment_seconds": 0.5, "cache_uri": cache}, f)
+    address = ray_local.get_runtime_context().gcs_address
+
+    def dub(report):
+        cmd = [sys.executable, "-m", "pipeline.cli", "dub", "--manifest", manifest, "--weights", bundle,
+               "--output-report", report, "--config", str(tmp_path / "job.yaml"), "--address", address]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    plan = _segment_counts(media, out)
+    segments = os.path.join(cache, "work", "segments")
+    first = dub(str(tmp_path / "report1.parquet"))
+    # Kill it once some video has every segment committed but no output yet: the restart
+    # must reuse those segments rather than redo them.
+    deadline = time.monotonic() + 300
+    whole = {}
+    while first.poll() is None and time.monotonic() < deadline:
+        whole = {
+            vid: name for vid, (name, n) in plan.items()
+            if len(_markers(os.path.join(segments, vid))) == n and not os.path.exists(f"{out}/{name}.mp4")
+        }
+        if whole:
+            break
+        time.sleep(0.02)
+    first.kill()
+    log = first.communicate()[0].decode(errors="replace")
+    assert whole, f"never caught a video between its last segment and its commit; driver said:\n{log[-3000:]}"
+    assert not os.path.exists(tmp_path / "report1.parquet")  # it really died mid-job
+    committed = {name for name in NAMES if os.path.exists(f"{out}/{name}.mp4")}
+
+    second = dub(str(tmp_path / "report2.parquet"))
+    log = second.communicate(timeout=400)[0].decode(errors="replace")
+    assert second.returncode == 0, log[-3000:]
+    report = read_report(str(tmp_path / "report2.parquet"), Storage())
+    _check_against_reference(report, reference, media, fetch=lambda u: u, statuses=("ok", "skipped"))
+    assert {n for n, r in zip(NAMES, report) if r.status == "skipped"} == committed  # committed videos skipped
+    for name in whole.values():  # committed segments reused: no face/motion/completion/compose work
+        r = report[NAMES.index(name)]
+        assert r.status == "ok" and r.segments == plan[r.video_id][1]
+        assert (r.time_face_s, r.time_motion_s, r.time_complete_s, r.time_compose_s) == (0.0, 0.0, 0.0, 0.0)
+    assert sorted(os.listdir(out)) == ["v0.mp4", "v1.mp4", "v2.mp4"]
+
+
+# --------------------------------------------------------------------------- the error budget
+
+
+def test_error_budget_stops_the_job_cleanly(ray_local, bundle, media, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = str(tmp_path / "out")
+    rows = [{"video_uri": media[f"corrupt{i}"], "audio_uri": media["v0.wav"], "output_uri": f"{out}/c{i}.mp4"} for i in range(3)]
+    write_manifest(rows, str(tmp_path / "manifest.parquet"), Storage())
+    with open(tmp_path / "job.yaml", "w") as f:
+        yaml.safe_dump({"segment_seconds": 0.5, "cache_uri": str(tmp_path / "cache")}, f)
+    code = main(["dub", "--manifest", str(tmp_path / "manifest.parquet"), "--weights", bundle, "--output-report",
+                 str(tmp_path / "report.parquet"), "--config", str(tmp_path / "job.yaml"), "--max-failed-videos", "1"])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert "stopped early" in err and "max_failed_videos=1" in err
+    report = read_report(str(tmp_path / "report.parquet"), Storage())
+    assert [r.row_index for r in report] == [0, 1, 2]  # every manifest row, once
+    assert sorted(r.status for r in report) == ["failed", "failed", "skipped"]
+    for r in report:
+        if r.status == "failed":
+            assert r.error_stage == "plan" and "corrupt" in r.error
+        else:
+            assert r.error_stage == "budget" and "max_failed_videos=1" in r.error
+    assert not os.path.exists(out)
