@@ -36,6 +36,8 @@ def cmd_dub(args) -> int:
         config = config.model_copy(update={"max_failed_videos": args.max_failed_videos})
     result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address, metrics_export_port=args.metrics_port)
     _print_summary(result)
+    if result.segments_reused:
+        print(f"resumed: reused {result.segments_reused} encoded segments committed by an earlier run")
     for r in result.rows:
         if r.status == "ok":
             print(f"output: {r.output_uri}")

@@ -37,6 +37,7 @@ class JobResult:
     frames: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     stopped: str | None = None  # why the job ended early (error budget, pipeline failure), if it did
+    segments_reused: int = 0  # encoded segments an earlier run committed, not recomputed
 
     @property
     def frames_per_second(self) -> float:
@@ -182,7 +183,7 @@ def run_dub(
 
     budget = config.max_failed_videos
     failed_early = sum(r.status == "failed" for r in report.values())
-    stopped = None
+    stopped, reused = None, 0
     if todo and budget is not None and failed_early > budget:
         stopped = f"{failed_early} videos failed before any work started (max_failed_videos={budget})"
     elif todo:
@@ -193,7 +194,7 @@ def run_dub(
         try:
             tracker.attach_metrics()
             remaining = None if budget is None else budget - failed_early
-            graph_report, stopped = _run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker, remaining)
+            graph_report, stopped, reused = _run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker, remaining)
             report.update(graph_report)
         finally:
             tracker.close()
@@ -223,14 +224,15 @@ def run_dub(
     write_report(rows, report_uri, storage)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "skipped")}
     frames = sum(r.output_frames or 0 for r in rows if r.status == "ok")
-    return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts, stopped)
+    return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts, stopped, reused)
 
 
 def _run_graph(
     ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict],
     tracker: JobTracker, max_failures: int | None = None,
-) -> tuple[dict[int, ReportRow], str | None]:
-    """Run the graph; (report rows of the videos it settled, why it stopped early or None).
+) -> tuple[dict[int, ReportRow], str | None, int]:
+    """Run the graph; (report rows of the videos it settled, why it stopped early or None,
+    how many segments an earlier run had committed).
 
     With `max_failures` the driver stops consuming the stream once more videos than that
     have failed: the executor is shut down (queued and running segment work cancelled),
@@ -317,7 +319,7 @@ def _run_graph(
     def over_budget() -> bool:
         return max_failures is not None and failures > max_failures
 
-    stopped = None
+    stopped, reused = None, 0
     rows = iter(ds.iter_rows())
     try:
         for raw in rows:
@@ -330,6 +332,7 @@ def _run_graph(
             else:
                 pending.setdefault(vid, []).append(row)
                 tracker.segment(row)
+                reused += bool(row["segment_reused"])
                 if len(pending[vid]) == int(row["n_segments"]):
                     closed.add(vid)
                     close_video(pending.pop(vid))
@@ -357,4 +360,4 @@ def _run_graph(
             settle(int(head["row_index"]), _video_report(
                 job_id, head, segments, None, f"only {len(segments)} of {head['n_segments']} segments completed", "pipeline"
             ))
-    return report, stopped
+    return report, stopped, reused

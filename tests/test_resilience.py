@@ -10,6 +10,7 @@ and the CPU models are deterministic, so "nothing lost" means "the same bytes".
 import errno
 import http.client
 import json
+import logging
 import os
 import shutil
 import signal
@@ -379,12 +380,15 @@ def test_killed_completion_actor_is_replaced_and_the_job_completes(ray_local, bu
 class FlakyS3Proxy:
     """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint that records every request
     and, while its failure budget lasts, fails the first request for each (method, path)
-    by answering 503 SlowDown or by dropping the connection unanswered, alternately."""
+    by answering 503 SlowDown or by dropping the connection unanswered, alternately.
+    `outages` {(method, path): n} answers the first n requests for a path with 503: long
+    enough to outlast botocore's own retries."""
 
-    def __init__(self, upstream: str, max_failures: int = 0):
+    def __init__(self, upstream: str, max_failures: int = 0, outages: dict | None = None):
         host, port = upstream.split("//", 1)[1].split(":")
         self.upstream = (host, int(port))
         self.max_failures = max_failures
+        self.outages = Counter(outages or {})
         self.requests: list[tuple[str, str]] = []
         self.injected: Counter = Counter()  # (method, path) -> failures injected
         self.lock = threading.Lock()
@@ -410,7 +414,8 @@ class FlakyS3Proxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # a HEAD answer has no body, whatever its length says
+                        self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
@@ -437,6 +442,9 @@ class FlakyS3Proxy:
     def verdict(self, key, full_path) -> str | None:
         with self.lock:
             self.requests.append((key[0], full_path))
+            if self.outages[key] > 0:
+                self.outages[key] -= 1
+                return "503"
             if self.injected[key] or sum(self.injected.values()) >= self.max_failures:
                 return None
             self.injected[key] += 1
@@ -469,7 +477,7 @@ def _s3_client(endpoint):
     )
 
 
-def test_storage_failures_are_retried_and_nothing_is_lost(ray_local, bundle, media, reference, s3_endpoint, tmp_path):
+def test_storage_failures_are_retried_and_nothing_is_lost(ray_local, bundle, media, reference, s3_endpoint, tmp_path, caplog):
     from pipeline.job import run_dub
 
     s3 = _s3_client(s3_endpoint)
@@ -481,7 +489,11 @@ def test_storage_failures_are_retried_and_nothing_is_lost(ray_local, bundle, med
         rows.append({"video_uri": f"s3://flaky/in/{n}.mp4", "audio_uri": f"s3://flaky/in/{n}.wav", "output_uri": f"s3://flaky/out/{n}.mp4"})
     write_manifest(rows, "s3://flaky/manifest.parquet", Storage(StorageOptions(endpoint_url=s3_endpoint)))
 
-    proxy = FlakyS3Proxy(s3_endpoint, max_failures=60)
+    # Besides one failure on most paths, the driver's check for an existing output meets an
+    # outage that outlasts botocore's five attempts: the job's own retry must carry it.
+    outage = ("HEAD", "/flaky/out/v1.mp4")
+    proxy = FlakyS3Proxy(s3_endpoint, max_failures=60, outages={outage: 6})
+    caplog.set_level(logging.WARNING, logger="imgtalk.storage")
     try:
         config = _config("s3://flaky/cache", storage=StorageConfig(endpoint_url=proxy.url, backoff_s=0.05))
         result = run_dub("s3://flaky/manifest.parquet", bundle, "s3://flaky/report.parquet", config)
@@ -493,6 +505,8 @@ def test_storage_failures_are_retried_and_nothing_is_lost(ray_local, bundle, med
     assert {m for m, _ in proxy.injected} >= {"GET", "PUT", "HEAD"}
     asked = Counter((m, p.split("?", 1)[0]) for m, p in proxy.requests)
     assert all(asked[key] >= 2 for key in proxy.injected)
+    assert proxy.outages[outage] == 0 and asked[outage] >= 7
+    assert "exists s3://flaky/out/v1.mp4: OSError" in caplog.text and "retrying in" in caplog.text
 
     def fetch(uri):
         local = str(tmp_path / os.path.basename(uri))
@@ -535,24 +549,37 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
 
     plan = _segment_counts(media, out)
     segments = os.path.join(cache, "work", "segments")
-    first = dub(str(tmp_path / "report1.parquet"))
-    # Kill it once some video has every segment committed but no output yet: the restart
-    # must reuse those segments rather than redo them.
-    deadline = time.monotonic() + 300
-    whole = {}
-    while first.poll() is None and time.monotonic() < deadline:
-        whole = {
-            vid: name for vid, (name, n) in plan.items()
-            if len(_markers(os.path.join(segments, vid))) == n and not os.path.exists(f"{out}/{name}.mp4")
+
+    def committed_segments() -> dict[str, int]:
+        """video name -> segments committed for it, for videos with no output yet."""
+        return {
+            name: len(_markers(os.path.join(segments, vid))) for vid, (name, n) in plan.items()
+            if not os.path.exists(f"{out}/{name}.mp4")
         }
-        if whole:
+
+    first = dub(str(tmp_path / "report1.parquet"))
+    # Kill it once segments are committed for a video that has no output yet; the best
+    # moment is a video with every segment committed, so wait a little for one.
+    deadline, seen_partial = time.monotonic() + 300, None
+    while first.poll() is None and time.monotonic() < deadline:
+        counts = committed_segments()
+        if any(counts[name] == n for name, n in plan.values() if name in counts):
             break
+        if any(counts.values()):
+            seen_partial = seen_partial or time.monotonic()
+            if time.monotonic() - seen_partial > 2.0:
+                break
         time.sleep(0.02)
     first.kill()
     log = first.communicate()[0].decode(errors="replace")
-    assert whole, f"never caught a video between its last segment and its commit; driver said:\n{log[-3000:]}"
+    assert first.returncode == -signal.SIGKILL, f"the driver finished before it could be killed:\n{log[-3000:]}"
     assert not os.path.exists(tmp_path / "report1.parquet")  # it really died mid-job
+    # The dead driver's finalize tasks are killed with it (or finish): let them go first.
+    while _ray_processes("finalize_video") and time.monotonic() < deadline:
+        time.sleep(0.1)
     committed = {name for name in NAMES if os.path.exists(f"{out}/{name}.mp4")}
+    reusable = committed_segments()
+    assert sum(reusable.values()) > 0, "no committed segment was left for the restart to reuse"
 
     second = dub(str(tmp_path / "report2.parquet"))
     log = second.communicate(timeout=400)[0].decode(errors="replace")
@@ -560,11 +587,17 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
     report = read_report(str(tmp_path / "report2.parquet"), Storage())
     _check_against_reference(report, reference, media, fetch=lambda u: u, statuses=("ok", "skipped"))
     assert {n for n, r in zip(NAMES, report) if r.status == "skipped"} == committed  # committed videos skipped
-    for name in whole.values():  # committed segments reused: no face/motion/completion/compose work
+    # committed segments reused, not recomputed
+    assert f"resumed: reused {sum(reusable.values())} encoded segments committed by an earlier run" in log, log[-3000:]
+    for name, count in reusable.items():
         r = report[NAMES.index(name)]
         assert r.status == "ok" and r.segments == plan[r.video_id][1]
-        assert (r.time_face_s, r.time_motion_s, r.time_complete_s, r.time_compose_s) == (0.0, 0.0, 0.0, 0.0)
+        if count == r.segments:  # wholly reused: no face/motion/completion/compose work at all
+            assert (r.time_face_s, r.time_motion_s, r.time_complete_s, r.time_compose_s) == (0.0, 0.0, 0.0, 0.0)
     assert sorted(os.listdir(out)) == ["v0.mp4", "v1.mp4", "v2.mp4"]
+    for vid, (name, _) in plan.items():  # the restart dropped the segments of every video it settled
+        if name not in committed:
+            assert not _markers(os.path.join(segments, vid)), name
 
 
 # --------------------------------------------------------------------------- the error budget
