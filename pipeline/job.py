@@ -56,6 +56,8 @@ def _init_ray(address: str | None, num_cpus: int | None = None, metrics_export_p
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
+    # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster, never start one.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
