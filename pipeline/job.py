@@ -266,6 +266,9 @@ def _run_graph(
     ds = ds.map(ops.AnalyseOp, fn_constructor_args=(cfg, weights_uri), **actors("analyse"))
     ds = ds.map(ops.AudioOp, fn_constructor_args=(cfg, weights_uri), **actors("audio"))
     ds = ds.flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
+    # One segment per block: a video's segments then spread over the actor pools instead
+    # of travelling (and being processed) together, and no block grows with video length.
+    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map(ops.FaceOp, fn_constructor_args=(cfg,), **actors("face"))
     ds = ds.map(ops.MotionOp, fn_constructor_args=(cfg, weights_uri), **actors("motion"))
     ds = ds.map(ops.CompleteOp, fn_constructor_args=(cfg, weights_uri), **actors("complete"))
@@ -329,6 +332,7 @@ def _run_graph(
             vid = row["video_id"]
             if int(row["n_segments"]) == 0:  # failed before it was split
                 settle(int(row["row_index"]), _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan"))
+                drop([row])  # its reference bank, if analyse got that far
             elif vid in closed or any(s["seg_idx"] == row["seg_idx"] for s in pending.get(vid, [])):
                 log.warning("segment %s of %s came back twice; keeping the first", row["seg_idx"], row["output_uri"])
             else:

@@ -127,6 +127,13 @@ class AnalyseOp:
         # Each call of a FaceTracker starts a fresh clip, so one tracker serves every video.
         self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0)
 
+    def _store_references(self, row: dict, ref_crops: np.ndarray) -> str:
+        """The reference bank goes to the work area once per video; segments carry its URI
+        (a 1.2 MB bank copied into every segment row would grow with video length)."""
+        uri = join_uri(self.config.work_dir(), "refs", f"{row['video_id']}.npy")
+        self.storage.write_bytes_atomic(pack(ref_crops), uri)
+        return uri
+
     @metrics.instrumented("analyse")
     def __call__(self, row: dict) -> dict:
         from stages.face import crop_faces
@@ -170,7 +177,7 @@ class AnalyseOp:
             neutral_x_c=pack(analysis.neutral_x_c),
             neutral_exp=pack(analysis.neutral_exp),
             ref_frames=pack(analysis.ref_frames),
-            ref_crops=pack(analysis.ref_crops),
+            ref_crops_uri=self._store_references(row, analysis.ref_crops),
             ref_pose=pack(analysis.ref_pose),
             sampled_face_fraction=analysis.sampled_face_fraction,
         )
@@ -402,6 +409,15 @@ class CompleteOp:
             device=self.config.device,
             precision=self.config.precision,
         )
+        self._banks: dict[str, np.ndarray] = {}
+
+    def _references(self, uri: str) -> np.ndarray:
+        """A video's reference bank, read once per video by this actor."""
+        if uri not in self._banks:
+            self._banks[uri] = unpack(self.storage.read_bytes(uri))
+            while len(self._banks) > 8:
+                self._banks.pop(next(iter(self._banks)))
+        return self._banks[uri]
 
     @metrics.instrumented("complete")
     def __call__(self, row: dict) -> dict:
@@ -416,7 +432,7 @@ class CompleteOp:
                 unpack(row["has_face"]),
                 unpack(row["driving"]),
                 unpack(row["ref_index"]),
-                unpack(row["ref_crops"]),
+                self._references(row["ref_crops_uri"]),
             )
         except Exception as e:  # noqa: BLE001
             return fail(row, "complete", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
@@ -500,6 +516,8 @@ def committed_segment(storage: Storage, uri: str) -> dict | None:
 def drop_segments(storage: Storage, segments: list[dict]) -> None:
     """Delete a settled video's encoded parts (and their markers): the folder they share."""
     folders = {s["segment_uri"].rsplit("/", 1)[0] for s in segments if s["segment_uri"]}
+    for uri in {s["ref_crops_uri"] for s in segments if s.get("ref_crops_uri")}:
+        storage.rm(uri)
     for folder in folders:
         storage.rm(folder, recursive=True)
         if not is_remote(folder):  # the per-video folder above it, when now empty
@@ -550,7 +568,7 @@ class ComposeOp:
             self.storage.write_bytes_atomic(json.dumps(marker).encode(), segment_marker_uri(uri))
         except Exception as e:  # noqa: BLE001
             return fail(row, "compose", f"video {row['video_uri']} segment {row['seg_idx']}: {type(e).__name__}: {e}")
-        row.update(segment_uri=uri, segment_frames=written, generated=b"", affines=b"", has_face=b"", ref_crops=b"")
+        row.update(segment_uri=uri, segment_frames=written, generated=b"", affines=b"", has_face=b"")
         _timed(row, "time_compose_s", start)
         return row
 

@@ -52,7 +52,7 @@ ROW_DEFAULTS: dict = {
     "neutral_x_c": b"",
     "neutral_exp": b"",
     "ref_frames": b"",
-    "ref_crops": b"",
+    "ref_crops_uri": "",  # the reference bank (R, 256, 256, 3) uint8 as .npy in the work area
     "ref_pose": b"",
     "sampled_face_fraction": 0.0,
     # audio
@@ -120,6 +120,6 @@ def fail(row: dict, stage: str, error: BaseException | str) -> dict:
     row = dict(row)
     row["error"] = message
     row["error_stage"] = stage
-    for k in HEAVY_KEYS + ("ref_crops",):
+    for k in HEAVY_KEYS:
         row[k] = b""
     return row

@@ -150,6 +150,9 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
     assert report[0].segments == 2 and report[1].segments == 2
     # nothing half-written at the output location
     assert sorted(os.listdir(out)) == ["a25.mp4", "b2997.mp4"]
+    # the work area is empty again: reference banks and encoded parts are dropped once settled
+    work = tmp_path / "cache" / "work"
+    assert [str(p) for p in work.rglob("*") if p.is_file()] == []
     assert report[0].feature_cache_hit is False
 
     # Re-run: committed outputs are skipped; a second dub of the same audio hits the cache.
