@@ -7,6 +7,8 @@ import os
 import pickle
 import re
 import shutil
+import time
+import urllib.request
 
 import pytest
 import yaml
@@ -232,17 +234,23 @@ def test_nothing_in_the_repository_turns_ray_token_auth_off():
 
 @pytest.fixture(scope="module")
 def ray_via_job():
-    """Ray started the way `imgtalk dub` starts it, with the fake secret in its environment."""
+    """Ray started the way `imgtalk dub --metrics-port` starts it, with the fake secret in
+    its environment; yields the metrics port."""
+    import socket
+
     import ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     from pipeline.job import _init_ray
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY=ENV_SECRET, AWS_DEFAULT_REGION="us-east-1")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    assert _init_ray(None, num_cpus=2)
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_metrics_report_interval_ms="500")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert _init_ray(None, num_cpus=2, metrics_export_port=port)
     assert get_authentication_mode() == AuthenticationMode.TOKEN  # token auth is on for the job's Ray
-    yield ray
+    yield port
     ray.shutdown()
 
 
@@ -330,11 +338,19 @@ def test_rows_outside_the_prefixes_are_refused_untouched_and_no_secret_leaks(ray
     assert len([k for k in keys if k.startswith("cache/hubert/")]) == 1 and not [k for k in keys if k.startswith("cache/work/")]
     assert "in/overwrite.mp4" not in keys
 
-    # the secrets appear nowhere: report, driver logs and output, Ray's logs of this session
+    # the secrets appear nowhere: report, driver logs and output, metrics, Ray's logs of this session
     report_bytes = s3.get_object(Bucket="media", Key="report.parquet")["Body"].read()
     out = capsys.readouterr()
+    metrics, deadline = "", time.monotonic() + 60
+    while f'job="{result.job_id}"' not in metrics or 'status="ok"' not in metrics:
+        assert time.monotonic() < deadline, "the job's metrics never reached the exporter"
+        time.sleep(1.0)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ray_via_job}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+    ours = [line for line in metrics.splitlines() if line.startswith("ray_imgtalk_")]
+    assert ours and not [line for line in ours if "://" in line or "@" in line]  # no URI in any label
     places = {"report": report_bytes.decode("latin-1"), "driver log": caplog.text, "stdout": out.out, "stderr": out.err,
-              "result": repr(result)}
+              "result": repr(result), "metrics": metrics}
     from ray._private.worker import global_worker
 
     logs = global_worker.node.get_logs_dir_path()
