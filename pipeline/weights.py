@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import os
 import tempfile
 import time
@@ -185,7 +186,8 @@ def init_bundle(out: str, size: Literal["tiny", "paper"] = "tiny", seed: int = 0
 def load_hubert(info: BundleInfo, device: str = "cpu", dtype=None):
     from stages.audio.hubert import HubertFeatures
 
-    return HubertFeatures(info.path("hubert"), device=device, **({"dtype": dtype} if dtype is not None else {}))
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return _wrap(lambda: HubertFeatures(info.path("hubert"), device=device, **kwargs), info.path("hubert"))
 
 
 def load_vae(info: BundleInfo):
@@ -222,7 +224,7 @@ def _wrap(fn, where: str):
         return fn()
     except CheckpointError as e:
         raise BundleError(str(e)) from e
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
         raise BundleError(f"{where}: cannot load ({type(e).__name__}: {e})") from e
 
 
