@@ -46,6 +46,19 @@ def _setup_torch(config: JobConfig) -> None:
     torch.set_num_threads(config.torch_threads)
 
 
+class _Op:
+    """What every operator sets up from the job config: plain config values and storage,
+    and for the operators that run models, torch's thread count and the weights bundle."""
+
+    def __init__(self, config: dict, weights_uri: str | None = None):
+        self.config = JobConfig.model_validate(config)
+        self.storage = Storage(self.config.storage.options())
+        self.bundle = None
+        if weights_uri is not None:
+            _setup_torch(self.config)
+            self.bundle = read_bundle_info(localize_bundle(weights_uri, self.storage))
+
+
 @contextlib.contextmanager
 def open_source(storage: Storage, uri: str):
     """A path or seekable file object PyAV can read: local paths as they are, remote
@@ -69,12 +82,11 @@ def _skip(row: dict) -> bool:
 # --------------------------------------------------------------------------- plan
 
 
-class PlanOp:
+class PlanOp(_Op):
     """Probe each video (fps, frame count, size) and check the dubbed audio is there."""
 
     def __init__(self, config: dict):
-        self.config = JobConfig.model_validate(config)
-        self.storage = Storage(self.config.storage.options())
+        super().__init__(config)
 
     @metrics.instrumented("plan")
     def __call__(self, row: dict) -> dict:
@@ -113,16 +125,14 @@ class PlanOp:
 # --------------------------------------------------------------------------- analyse
 
 
-class AnalyseOp:
+class AnalyseOp(_Op):
     """Per video: sample frames, pick the neutral frame and the reference bank."""
 
     def __init__(self, config: dict, weights_uri: str):
         from stages.face import FaceTracker
 
-        self.config = JobConfig.model_validate(config)
-        _setup_torch(self.config)
-        self.storage = Storage(self.config.storage.options())
-        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        super().__init__(config, weights_uri)
+        info = self.bundle
         self.extractor = load_motion_extractor(info)
         # Each call of a FaceTracker starts a fresh clip, so one tracker serves every video.
         self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0)
@@ -188,17 +198,15 @@ class AnalyseOp:
 # --------------------------------------------------------------------------- audio
 
 
-class AudioOp:
+class AudioOp(_Op):
     """Per video: HuBERT 25 Hz features of the dubbed track, through the content cache."""
 
     def __init__(self, config: dict, weights_uri: str):
         from stages.audio.cache import FeatureCache
         from stages.completion.stage import resolve_device
 
-        self.config = JobConfig.model_validate(config)
-        _setup_torch(self.config)
-        self.storage = Storage(self.config.storage.options())
-        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        super().__init__(config, weights_uri)
+        info = self.bundle
         self.device = resolve_device(self.config.device)
         self.hubert = load_hubert(info, device=self.device)
         self.hubert.chunk_seconds = self.config.audio.chunk_seconds
@@ -271,14 +279,13 @@ def split_segments(row: dict) -> list[dict]:
 # --------------------------------------------------------------------------- face
 
 
-class FaceOp:
+class FaceOp(_Op):
     """Decode a segment, detect/track/smooth the face, aligned 256² crops + affines."""
 
     def __init__(self, config: dict):
         from stages.face import FaceTracker
 
-        self.config = JobConfig.model_validate(config)
-        self.storage = Storage(self.config.storage.options())
+        super().__init__(config)
         # Each call starts a fresh clip (mediapipe state does not carry across segments).
         self.tracker = FaceTracker(
             min_detection_confidence=self.config.face.min_detection_confidence,
@@ -322,7 +329,7 @@ class FaceOp:
 # --------------------------------------------------------------------------- motion
 
 
-class MotionOp:
+class MotionOp(_Op):
     """Motion extractor on the source crops; Stage 1 from the cached audio features."""
 
     def __init__(self, config: dict, weights_uri: str):
@@ -330,10 +337,8 @@ class MotionOp:
         from stages.completion.stage import resolve_device
         from stages.motion.stage import MotionStage
 
-        self.config = JobConfig.model_validate(config)
-        _setup_torch(self.config)
-        self.storage = Storage(self.config.storage.options())
-        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        super().__init__(config, weights_uri)
+        info = self.bundle
         self.stage = MotionStage(
             load_motion_extractor(info),
             load_stage1(info),
@@ -390,17 +395,15 @@ class MotionOp:
 # --------------------------------------------------------------------------- complete
 
 
-class CompleteOp:
+class CompleteOp(_Op):
     """GPU actor: VAE + IMC-UNet. One actor per GPU on a cluster; fp32 on the CPU."""
 
     def __init__(self, config: dict, weights_uri: str):
         from stages.completion.stage import CompletionStage
         from stages.face import MouthMask
 
-        self.config = JobConfig.model_validate(config)
-        _setup_torch(self.config)
-        self.storage = Storage(self.config.storage.options())
-        info = read_bundle_info(localize_bundle(weights_uri, self.storage))
+        super().__init__(config, weights_uri)
+        info = self.bundle
         self.stage = CompletionStage(
             load_vae(info),
             load_stage2(info),
@@ -525,15 +528,14 @@ def drop_segments(storage: Storage, segments: list[dict]) -> None:
                 os.rmdir(os.path.dirname(folder[len("file://") :] if folder.startswith("file://") else folder))
 
 
-class ComposeOp:
+class ComposeOp(_Op):
     """Re-decode the segment, paste the generated crops back, encode, upload."""
 
     def __init__(self, config: dict):
         from stages.compose import ComposeStage
         from stages.face import MouthMask
 
-        self.config = JobConfig.model_validate(config)
-        self.storage = Storage(self.config.storage.options())
+        super().__init__(config)
         out = self.config.output
         self.stage = ComposeStage(
             MouthMask().feathered(self.config.face.feather_px), codec=out.codec, crf=out.crf, preset=out.preset
