@@ -3,7 +3,6 @@ on generated media: once on local folders, once against a real S3 endpoint on lo
 (moto server) for manifest, cache, outputs and report."""
 import os
 import shutil
-import socket
 import subprocess
 from fractions import Fraction
 
@@ -165,23 +164,6 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
     assert report2[0].status == "skipped" and report2[1].status == "skipped"
     assert report2[7].status == "ok" and report2[7].feature_cache_hit is True
     assert Storage().sha256(f"{out}/a25.mp4") == sha_before
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def test_dub_against_s3(ray_local, bundle, media, s3_endpoint, tmp_path):

@@ -254,22 +254,6 @@ def ray_via_job():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng missing: run scripts/install.sh")
 def test_rows_outside_the_prefixes_are_refused_untouched_and_no_secret_leaks(ray_via_job, s3_endpoint, tmp_path, caplog, capsys):
     import boto3
 
