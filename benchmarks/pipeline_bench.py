@@ -12,10 +12,10 @@ reused; outputs and feature caches are wiped before each run so nothing is reuse
 
 throughput  The demo catalogue (pipeline.sample_catalogue.SAMPLES) with a tiny random
             bundle, dubbed by run_dub on a local Ray (ray.init(num_cpus=os.cpu_count()),
-            timed apart), then by pipeline.local_loop.dub_rows_locally (the same operators
+            timed apart), then by pipeline.dub.local_loop.dub_rows_locally (the same operators
             in one Python loop) into another folder with another feature cache. Frames are
             source frames of the videos dubbed. Each finished segment is timed where it
-            comes out (the driver's pipeline.job.normalise on Ray, ComposeOp in the loop),
+            comes out (the driver's pipeline.dub.job.normalise on Ray, ComposeOp in the loop),
             which gives the first-segment latency and a rate after it.
 memory      One fresh subprocess per video (10 s and 60 s of 640x360 25 fps astronaut with
             a tone track of the same length) runs dub_rows_locally on that one row and
@@ -163,11 +163,11 @@ def fps(frames: int, seconds: float) -> float:
 def part_throughput(out: str, device: str) -> None:
     import ray
 
-    from pipeline import operators as ops
-    from pipeline.job import run_dub
-    from pipeline.local_loop import dub_rows_locally, make_rows
+    from pipeline.dub import operators as ops
+    from pipeline.dub.job import run_dub
+    from pipeline.dub.local_loop import dub_rows_locally, make_rows
     from pipeline.sample_catalogue import SAMPLES, make_sample_catalogue
-    from pipeline.schemas import write_manifest
+    from pipeline.dub.schemas import write_manifest
     from pipeline.storage import Storage
 
     root = os.path.join(out, "throughput")
@@ -189,8 +189,8 @@ def part_throughput(out: str, device: str) -> None:
     header(f"throughput: demo catalogue ({len(SAMPLES)} videos), tiny random bundle", device)
 
     # Ray: run_dub on a Ray this process starts, so ray.init's own time is known. The
-    # driver passes every finished segment row through pipeline.job.normalise.
-    import pipeline.job as job_module
+    # driver passes every finished segment row through pipeline.dub.job.normalise.
+    import pipeline.dub.job as job_module
 
     ray_dir = fresh_dir(os.path.join(root, "ray"))
     manifest = os.path.join(ray_dir, "manifest.parquet")
@@ -302,8 +302,8 @@ def memory_child(spec: dict) -> dict:
     one is the one whose memory grows with length."""
     import torch
 
-    from pipeline import operators as ops
-    from pipeline.local_loop import dub_rows_locally, make_rows
+    from pipeline.dub import operators as ops
+    from pipeline.dub.local_loop import dub_rows_locally, make_rows
 
     config = job_config(spec["device"], spec["cache"]).model_copy(update={"torch_threads": spec["torch_threads"]})
     stage = ["load"]  # what this process is doing now, read by the sampler thread

@@ -29,7 +29,7 @@ def _print_summary(result) -> None:
 
 def cmd_dub(args) -> int:
     from pipeline.config import load_job_config
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     config = load_job_config(args.config)
     if args.max_failed_videos is not None:
@@ -49,7 +49,7 @@ def cmd_dub(args) -> int:
 
 def cmd_demo(args) -> int:
     from pipeline.config import JobConfig, load_job_config
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
     from pipeline.sample_catalogue import make_sample_catalogue
     from pipeline.weights import init_bundle
 
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
-    from pipeline.schemas import ManifestError
+    from pipeline.dub.schemas import ManifestError
     from pipeline.security import PolicyError
     from pipeline.weights import BundleError
 

@@ -25,7 +25,7 @@ What Ray 2.60 puts on the wire (checked against a local run):
 Labels are `stage`, `job` (the job id), `kind` (errors) and `status` (videos): never a
 URI, a path or anything from the storage options, so no credential can reach a label.
 
-Outside Ray (unit tests, pipeline.local_loop) every call here is a no-op.
+Outside Ray (unit tests, pipeline.dub.local_loop) every call here is a no-op.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import time
 
 # Stages whose unit of work is a segment: they count frames and segments.
 SEGMENT_STAGES = ("face", "motion", "complete", "compose")
-# Stages run by the operators (pipeline.operators); failures elsewhere (manifest,
+# Stages run by the operators (pipeline.dub.operators); failures elsewhere (manifest,
 # finalize, ...) are counted by the driver when the video's report row settles.
 OPERATOR_STAGES = ("plan", "analyse", "audio") + SEGMENT_STAGES
 VIDEO_STATUSES = ("ok", "failed", "skipped")

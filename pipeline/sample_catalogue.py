@@ -19,7 +19,7 @@ import av
 import cv2
 import numpy as np
 
-from pipeline.schemas import write_manifest
+from pipeline.dub.schemas import write_manifest
 from pipeline.storage import Storage
 
 

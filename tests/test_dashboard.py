@@ -36,7 +36,7 @@ import yaml
 from pipeline import metrics
 from pipeline.config import JobConfig
 from pipeline.sample_catalogue import SampleVideo, write_video
-from pipeline.schemas import write_manifest
+from pipeline.dub.schemas import write_manifest
 from pipeline.storage import Storage
 from pipeline.weights import init_bundle
 
@@ -84,7 +84,7 @@ def ray_session():
     """A local Ray started the way `imgtalk dub --metrics-port` starts one."""
     import ray
 
-    from pipeline.job import _init_ray
+    from pipeline.dub.job import _init_ray
 
     saved = {k: os.environ.get(k) for k in ("RAY_metrics_report_interval_ms", "RAY_USAGE_STATS_ENABLED")}
     os.environ.update(RAY_metrics_report_interval_ms="500", RAY_USAGE_STATS_ENABLED="0")
@@ -180,7 +180,7 @@ def _expand(expr: str, dashboard: dict, job: str) -> str:
 
 
 def test_every_panel_query_returns_data_from_a_run(ray_session, prometheus, tmp_path):
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     with open(DASHBOARD) as f:
         dashboard = json.load(f)

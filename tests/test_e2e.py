@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import JobConfig
 from pipeline.sample_catalogue import SampleVideo, speak, write_video
-from pipeline.schemas import read_report, write_manifest
+from pipeline.dub.schemas import read_report, write_manifest
 from pipeline.storage import Storage
 from pipeline.weights import init_bundle
 from stages.media import decode_frames, probe_video
@@ -134,7 +134,7 @@ def _check_outputs(report, media, fetch):
 
 
 def test_dub_local_folders(ray_local, bundle, media, tmp_path):
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     out = str(tmp_path / "out")
     manifest = str(tmp_path / "manifest.parquet")
@@ -170,7 +170,7 @@ def test_dub_against_s3(ray_local, bundle, media, s3_endpoint, tmp_path):
     import boto3
 
     from pipeline.config import StorageConfig
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
     s3.create_bucket(Bucket="catalogue")

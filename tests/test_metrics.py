@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import JobConfig
 from pipeline.sample_catalogue import SampleVideo, write_video
-from pipeline.schemas import read_report, write_manifest
+from pipeline.dub.schemas import read_report, write_manifest
 from pipeline.storage import Storage
 from pipeline.weights import init_bundle
 
@@ -117,7 +117,7 @@ def settled(port: int, job: str, videos: int, timeout_s: float = 60.0):
 
 
 def _dub(media, bundle, tmp_path, rows, name):
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     manifest = str(tmp_path / f"{name}.parquet")
     write_manifest(rows, manifest, Storage())

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, JobConfig, load_job_config
-from pipeline.rows import ROW_DEFAULTS, fail, new_row, pack, unpack
-from pipeline.schemas import ManifestError, ReportRow, read_manifest, read_report, write_manifest, write_report
+from pipeline.dub.rows import ROW_DEFAULTS, fail, new_row, pack, unpack
+from pipeline.dub.schemas import ManifestError, ReportRow, read_manifest, read_report, write_manifest, write_report
 from pipeline.storage import Storage
 from stages.audio.cache import FeatureCache, content_hash
 from stages.motion.selection import choose_references, mouth_opening, select_neutral_and_references

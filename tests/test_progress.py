@@ -5,7 +5,7 @@ import io
 import pytest
 
 from pipeline.progress import JobTracker, Report, Snapshot, format_duration, format_progress, format_summary
-from pipeline.schemas import ReportRow
+from pipeline.dub.schemas import ReportRow
 
 
 def test_format_duration():

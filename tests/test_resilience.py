@@ -29,7 +29,7 @@ import yaml
 
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.sample_catalogue import SampleVideo, speak, write_video
-from pipeline.schemas import read_report, write_manifest
+from pipeline.dub.schemas import read_report, write_manifest
 from pipeline.storage import Storage, StorageOptions, is_transient
 from pipeline.weights import init_bundle
 from stages.media import probe_video, segment_plan
@@ -151,7 +151,7 @@ def test_ray_data_replaces_dead_actors_and_retries_their_work_by_default():
 
 
 def _segment_row(**over):
-    from pipeline.rows import new_row
+    from pipeline.dub.rows import new_row
 
     row = new_row(
         job_id="job-a", row_index=0, video_id="vid", video_uri="/in/v.mp4", audio_uri="/in/a.wav", output_uri="/out/v.mp4",
@@ -162,7 +162,7 @@ def _segment_row(**over):
 
 
 def test_segment_location_follows_its_inputs_not_the_job(tmp_path):
-    from pipeline.operators import segment_uri
+    from pipeline.workarea import segment_uri
 
     config = JobConfig(cache_uri=str(tmp_path))
     base = segment_uri(config, _segment_row())
@@ -174,7 +174,7 @@ def test_segment_location_follows_its_inputs_not_the_job(tmp_path):
 
 
 def test_work_fingerprint_changes_with_weights_and_pixel_settings_only(tmp_path):
-    from pipeline.operators import work_fingerprint
+    from pipeline.workarea import work_fingerprint
 
     bundle = str(tmp_path / "w")
     init_bundle(bundle, size="tiny")
@@ -192,8 +192,8 @@ def test_work_fingerprint_changes_with_weights_and_pixel_settings_only(tmp_path)
 
 
 def test_plan_keys_the_work_by_the_video_content(tmp_path):
-    from pipeline.operators import PlanOp
-    from pipeline.rows import new_row
+    from pipeline.dub.operators import PlanOp
+    from pipeline.dub.rows import new_row
 
     video, audio = str(tmp_path / "v.mp4"), str(tmp_path / "a.wav")
     write_video(video, SampleVideo("v", Fraction(25), 0.4, "", size=SMALL))
@@ -208,7 +208,8 @@ def test_plan_keys_the_work_by_the_video_content(tmp_path):
 
 
 def test_committed_segment_skips_face_motion_complete_and_compose_without_reading_the_video(tmp_path):
-    from pipeline.operators import ComposeOp, FaceOp, _skip, segment_marker_uri, segment_uri
+    from pipeline.dub.operators import ComposeOp, FaceOp, _skip
+    from pipeline.workarea import segment_marker_uri, segment_uri
 
     config = JobConfig(cache_uri=str(tmp_path))
     row = _segment_row(video_uri=str(tmp_path / "not-there.mp4"))  # decoding it would fail the row
@@ -231,7 +232,7 @@ def test_committed_segment_skips_face_motion_complete_and_compose_without_readin
 
 
 def test_finalize_is_idempotent(tmp_path):
-    from pipeline.operators import finalize_video
+    from pipeline.dub.operators import finalize_video
 
     seg, audio, out = str(tmp_path / "seg.mp4"), str(tmp_path / "a.wav"), str(tmp_path / "out" / "v.mp4")
     write_video(seg, SampleVideo("v", Fraction(25), 0.4, "", size=SMALL))
@@ -297,7 +298,7 @@ def _config(cache, **over) -> JobConfig:
 @pytest.fixture(scope="module")
 def reference(ray_local, bundle, media, tmp_path_factory):
     """One uninterrupted run: output sha256 and frame count per video."""
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     tmp = tmp_path_factory.mktemp("reference")
     write_manifest(_rows(media, str(tmp / "out")), str(tmp / "manifest.parquet"), Storage())
@@ -345,7 +346,7 @@ def _markers(folder) -> list[str]:
 
 
 def test_killed_completion_actor_is_replaced_and_the_job_completes(ray_local, bundle, media, reference, tmp_path):
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
     write_manifest(_rows(media, out), str(tmp_path / "manifest.parquet"), Storage())
@@ -465,7 +466,7 @@ def _s3_client(endpoint):
 
 
 def test_storage_failures_are_retried_and_nothing_is_lost(ray_local, bundle, media, reference, s3_endpoint, tmp_path, caplog):
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     s3 = _s3_client(s3_endpoint)
     s3.create_bucket(Bucket="flaky")
@@ -511,7 +512,7 @@ def test_storage_failures_are_retried_and_nothing_is_lost(ray_local, bundle, med
 
 def _segment_counts(media, out) -> dict[str, int]:
     """video_id -> segments, as the job plans them."""
-    from pipeline.schemas import ManifestRow
+    from pipeline.dub.schemas import ManifestRow
 
     counts = {}
     for row in _rows(media, out):

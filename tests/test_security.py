@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.config import ConfigError, JobConfig, StorageConfig, load_job_config
 from pipeline.sample_catalogue import SampleVideo, speak, write_video
-from pipeline.schemas import read_report, write_manifest
+from pipeline.dub.schemas import read_report, write_manifest
 from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
 from pipeline.storage import Storage, StorageOptions
 
@@ -118,7 +118,7 @@ def test_job_config_carries_the_policy_and_refuses_credentials(tmp_path):
 
 def test_job_level_uris_with_credentials_stop_the_job_before_any_io(tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
 
     with pytest.raises(PolicyError) as e:
         run_dub(f"s3://K:{URI_SECRET}@media/manifest.parquet", str(tmp_path / "no-weights"), str(tmp_path / "r.parquet"))
@@ -241,7 +241,7 @@ def ray_via_job():
     import ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
-    from pipeline.job import _init_ray
+    from pipeline.dub.job import _init_ray
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY=ENV_SECRET, AWS_DEFAULT_REGION="us-east-1")
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_metrics_report_interval_ms="500")
@@ -257,7 +257,7 @@ def ray_via_job():
 def test_rows_outside_the_prefixes_are_refused_untouched_and_no_secret_leaks(ray_via_job, s3_endpoint, tmp_path, caplog, capsys):
     import boto3
 
-    from pipeline.job import run_dub
+    from pipeline.dub.job import run_dub
     from pipeline.weights import init_bundle
     from test_resilience import FlakyS3Proxy
 

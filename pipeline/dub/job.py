@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
-from pipeline.rows import new_row, normalise
-from pipeline.schemas import ManifestRow, ReportRow, read_manifest, write_report
+from pipeline.dub.rows import new_row, normalise
+from pipeline.dub.schemas import ManifestRow, ReportRow, read_manifest, write_report
 from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
 from pipeline.storage import Storage
+from pipeline import workarea
 
 log = logging.getLogger("imgtalk")
 
@@ -135,7 +136,7 @@ def run_dub(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline import operators as ops
+    from pipeline.dub import operators as ops
     from pipeline.weights import localize_bundle, read_bundle_info
 
     config = config or JobConfig()
@@ -189,7 +190,7 @@ def run_dub(
     if todo and budget is not None and failed_early > budget:
         stopped = f"{failed_early} videos failed before any work started (max_failed_videos={budget})"
     elif todo:
-        fingerprint = ops.work_fingerprint(config, weights_uri, storage)
+        fingerprint = workarea.work_fingerprint(config, weights_uri, storage)
         for row in todo:
             row["work_key"] = fingerprint
         started_ray = _init_ray(address, metrics_export_port=metrics_export_port)
@@ -292,7 +293,7 @@ def _run_graph(
 
     def drop(segments: list[dict]) -> None:
         try:
-            ops.drop_segments(storage, segments)
+            workarea.drop_segments(storage, segments)
         except OSError as e:  # leftovers only cost space; the work area may be expired
             log.warning("could not remove segments of %s: %s", segments[0]["output_uri"], e)
 

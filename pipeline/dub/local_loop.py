@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
-from pipeline import operators as ops
+from pipeline.dub import operators as ops
 from pipeline.config import JobConfig
-from pipeline.rows import new_row
+from pipeline.dub.rows import new_row
 
 
 def dub_rows_locally(rows: list[dict], config: JobConfig, weights_uri: str) -> list[dict]:
@@ -39,7 +39,7 @@ def dub_rows_locally(rows: list[dict], config: JobConfig, weights_uri: str) -> l
 
 
 def make_rows(manifest_rows: list[dict], config: JobConfig) -> list[dict]:
-    from pipeline.schemas import ManifestRow
+    from pipeline.dub.schemas import ManifestRow
 
     job_id = "local-" + time.strftime("%Y%m%dT%H%M%S")
     out = []

@@ -1,27 +1,17 @@
 """The row that flows through the Ray Data graph.
 
 Every row has every key from the start, so all blocks share one Arrow schema whatever
-stage a row failed in. Arrays travel as `.npy` bytes: they keep dtype and shape exactly,
-and variable-length frame arrays need no ragged-tensor column types.
+stage a row failed in. Arrays travel as `.npy` bytes (pipeline.arrays).
 Every row carries (video_id, seg_idx, frame range); order is restored by key, never by
 arrival.
 """
 from __future__ import annotations
 
-import io
 from fractions import Fraction
 
 import numpy as np
 
-
-def pack(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def unpack(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+from pipeline.arrays import pack, unpack  # noqa: F401 - the row's array format
 
 
 HEAVY_KEYS = ("crops", "affines", "has_face", "driving", "ref_index", "generated")

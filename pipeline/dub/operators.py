@@ -1,0 +1,518 @@
+"""Ray Data operators of the dub job: thin wrappers that open URIs, unpack rows, call a
+Ray-free stage from `stages/`, and pack the result. A failure in one row marks that row
+(error, stage) and the row flows on untouched by later stages, so one bad video never
+stops the job.
+
+What every operator does around its stage (skip rows that failed upstream or whose
+segment an earlier run committed, time the call, turn an exception into a failed row
+whose message names the file, count it) is written once, in `row_step`. The classes hold
+no Ray imports; `pipeline.dub.job` decides where and how many of each run. Constructors
+load models once per actor.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from fractions import Fraction
+from typing import Callable
+
+import numpy as np
+
+# mediapipe's C++ logging prints a warning per graph; keep worker logs readable.
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+from pipeline import metrics
+from pipeline.config import JobConfig
+from pipeline.features import cached_features
+from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
+from pipeline.storage import Storage, is_remote, join_uri
+from pipeline.weights import (
+    load_hubert,
+    load_motion_extractor,
+    load_stage1,
+    load_stage2,
+    load_vae,
+    localize_bundle,
+    read_bundle_info,
+)
+from pipeline.workarea import committed_segment, digest, segment_marker_uri, segment_uri
+
+# Every row an operator fails is counted (imgtalk_errors_total{stage, kind}) where it fails.
+fail = metrics.counting_failures(fail)
+
+
+def _setup_torch(config: JobConfig) -> None:
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
+
+
+class _Op:
+    """What every operator sets up from the job config: plain config values and storage,
+    and for the operators that run models, torch's thread count and the weights bundle."""
+
+    def __init__(self, config: dict, weights_uri: str | None = None):
+        self.config = JobConfig.model_validate(config)
+        self.storage = Storage(self.config.storage.options())
+        self.bundle = None
+        if weights_uri is not None:
+            _setup_torch(self.config)
+            self.bundle = read_bundle_info(localize_bundle(weights_uri, self.storage))
+
+
+@contextlib.contextmanager
+def open_source(storage: Storage, uri: str):
+    """A path or seekable file object PyAV can read: local paths as they are, remote
+    objects as fsspec files (ranged reads, no full download)."""
+    if not is_remote(uri):
+        yield uri[len("file://") :] if uri.startswith("file://") else uri
+        return
+    with storage.open(uri, "rb", block_size=4 << 20) as f:
+        yield f
+
+
+def _skip(row: dict) -> bool:
+    # A segment committed by an earlier run of the same work is done: nothing to recompute.
+    return bool(row["error"]) or bool(row["segment_reused"])
+
+
+class RowError(Exception):
+    """A row's failure whose message already names the file and the problem."""
+
+
+def _video(row: dict) -> str:
+    return f"video {row['video_uri']}"
+
+
+def _audio(row: dict) -> str:
+    return f"audio {row['audio_uri']}"
+
+
+def _segment(row: dict) -> str:
+    return f"video {row['video_uri']} segment {row['seg_idx']}"
+
+
+def row_step(stage: str, subject: Callable[[dict], str]):
+    """Decorate an operator's `body(self, row) -> dict of updates` into its `__call__`.
+
+    Rows that failed upstream (or whose segment is already committed) pass through. An
+    exception fails the row at `stage`: a RowError or MediaError as written (they name the
+    file), an AudioError prefixed with the subject unless it names the URI already, a
+    missing file as "<subject>: no such file", anything else as "<subject>: Type: message".
+    The call's seconds add to the row's `time_<stage>_s`; a body that returns
+    `segment_reused=True` found the work done and is not timed."""
+    from stages.audio import AudioError
+    from stages.media import MediaError
+
+    def wrap(body):
+        @metrics.instrumented(stage)
+        @functools.wraps(body)
+        def call(self, row: dict) -> dict:
+            row = normalise(row)
+            if _skip(row):
+                return row
+            start = time.perf_counter()
+            try:
+                updates = body(self, row)
+            except (RowError, MediaError) as e:
+                return fail(row, stage, str(e))
+            except AudioError as e:
+                message = str(e)
+                return fail(row, stage, message if row["audio_uri"] in message else f"{subject(row)}: {message}")
+            except FileNotFoundError:
+                return fail(row, stage, f"{subject(row)}: no such file")
+            except Exception as e:  # noqa: BLE001 - any failure is this row's, not the job's
+                return fail(row, stage, f"{subject(row)}: {type(e).__name__}: {e}")
+            row.update(updates)
+            if not updates.get("segment_reused"):
+                key = f"time_{stage}_s"
+                row[key] = float(row.get(key, 0.0)) + (time.perf_counter() - start)
+            return row
+
+        return call
+
+    return wrap
+
+
+# --------------------------------------------------------------------------- plan
+
+
+class PlanOp(_Op):
+    """Probe each video (fps, frame count, size) and check the dubbed audio is there."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+
+    @row_step("plan", _video)
+    def __call__(self, row: dict) -> dict:
+        from stages.media import probe_video
+
+        if not self.storage.exists(row["audio_uri"]):
+            raise RowError(f"audio {row['audio_uri']}: no such file")
+        with open_source(self.storage, row["video_uri"]) as src:
+            info = probe_video(src)
+        video_identity = self.storage.identity(row["video_uri"])
+        return dict(
+            width=info.width,
+            height=info.height,
+            fps_num=info.fps.numerator,
+            fps_den=info.fps.denominator,
+            n_frames=info.n_frames,
+            duration_s=info.duration_s,
+            rotation=info.rotation,
+            work_key=digest(row["work_key"], row["video_uri"], video_identity),
+        )
+
+
+# --------------------------------------------------------------------------- analyse
+
+
+class AnalyseOp(_Op):
+    """Per video: sample frames, pick the neutral frame and the reference bank."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.face import FaceTracker
+
+        super().__init__(config, weights_uri)
+        self.extractor = load_motion_extractor(self.bundle)
+        # Each call of a FaceTracker starts a fresh clip, so one tracker serves every video.
+        self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0)
+
+    def _store_references(self, row: dict, ref_crops: np.ndarray) -> str:
+        """The reference bank goes to the work area once per video; segments carry its URI
+        (a 1.2 MB bank copied into every segment row would grow with video length)."""
+        uri = join_uri(self.config.work_dir(), "refs", f"{row['video_id']}.npy")
+        self.storage.write_bytes_atomic(pack(ref_crops), uri)
+        return uri
+
+    @row_step("analyse", _video)
+    def __call__(self, row: dict) -> dict:
+        from stages.face import FaceTrack, crop_faces
+        from stages.media import decode_frames
+        from stages.motion.extractor import extract_motion
+        from stages.motion.selection import NoFaceError, mouth_opening, select_neutral_and_references
+
+        n = int(row["n_frames"])
+        count = min(self.config.analyse.sample_frames, n)
+        indices = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
+        frames = []
+        with open_source(self.storage, row["video_uri"]) as src:
+            for i in indices:
+                frames.extend(f for _, f in decode_frames(src, int(i), int(i) + 1))
+        # Sampled frames are far apart in time: track each one as its own clip.
+        singles = [self.tracker([frame]) for frame in frames]
+        track = FaceTrack(
+            landmarks=np.concatenate([t.landmarks for t in singles]),
+            has_face=np.concatenate([t.has_face for t in singles]),
+        )
+        crops, _ = crop_faces(frames, track)
+        motion = extract_motion(self.extractor, crops, batch_size=self.config.batch.motion_frames)
+        try:
+            analysis = select_neutral_and_references(
+                indices, crops, track.has_face, mouth_opening(track.landmarks), motion, self.config.analyse.reference_bank
+            )
+        except NoFaceError:
+            raise RowError(
+                f"video {row['video_uri']}: no face found in any of {len(indices)} frames sampled across the video"
+            ) from None
+        return dict(
+            neutral_frame=analysis.neutral_frame,
+            neutral_x_c=pack(analysis.neutral_x_c),
+            neutral_exp=pack(analysis.neutral_exp),
+            ref_frames=pack(analysis.ref_frames),
+            ref_crops_uri=self._store_references(row, analysis.ref_crops),
+            ref_pose=pack(analysis.ref_pose),
+            sampled_face_fraction=analysis.sampled_face_fraction,
+        )
+
+
+# --------------------------------------------------------------------------- audio
+
+
+class AudioOp(_Op):
+    """Per video: HuBERT features of the dubbed track, through the content cache."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.audio.cache import FeatureCache
+        from stages.completion.stage import resolve_device
+
+        super().__init__(config, weights_uri)
+        self.device = resolve_device(self.config.device)
+        self.hubert = load_hubert(self.bundle, device=self.device)
+        self.hubert.chunk_seconds = self.config.audio.chunk_seconds
+        self.hubert.context_seconds = self.config.audio.context_seconds
+        fs, root = self.storage.fs_for(self.config.cache_uri)
+        self.cache = FeatureCache(fs, root)
+
+    @row_step("audio", _audio)
+    def __call__(self, row: dict) -> dict:
+        cached, sha, hit = cached_features(self.cache, self.hubert, self.storage.read_bytes(row["audio_uri"]))
+        return dict(
+            audio_sha256=sha,
+            features_path=cached.path,
+            feature_frames=cached.n_frames,
+            feature_dim=cached.dim,
+            audio_duration_s=cached.duration_s,
+            cache_hit=hit,
+        )
+
+
+# --------------------------------------------------------------------------- split
+
+
+def split_segments(row: dict) -> list[dict]:
+    """One video row -> its segment rows (one marker row when the video already failed)."""
+    from stages.media import VideoInfo, segment_plan
+
+    row = normalise(row)
+    if _skip(row):
+        return [dict(row, n_segments=0)]
+    info = VideoInfo(
+        width=int(row["width"]), height=int(row["height"]), rotation=0, fps=fps_of(row),
+        n_frames=int(row["n_frames"]), duration_s=float(row["duration_s"]), codec="", pix_fmt="", has_audio=False,
+    )
+    plan = segment_plan(row["video_id"], info, float(row["segment_seconds"]))
+    return [
+        dict(row, seg_idx=s.seg_idx, n_segments=len(plan), frame_start=s.frame_start, frame_end=s.frame_end)
+        for s in plan
+    ]
+
+
+# --------------------------------------------------------------------------- face
+
+
+class FaceOp(_Op):
+    """Decode a segment, detect/track/smooth the face, aligned 256² crops + affines."""
+
+    def __init__(self, config: dict):
+        from stages.face import FaceTracker
+
+        super().__init__(config)
+        # Each call starts a fresh clip (mediapipe state does not carry across segments).
+        self.tracker = FaceTracker(
+            min_detection_confidence=self.config.face.min_detection_confidence,
+            smoothing_sigma_frames=self.config.face.smoothing_sigma_frames,
+            max_gap_frames=self.config.face.max_gap_frames,
+        )
+
+    @row_step("face", _segment)
+    def __call__(self, row: dict) -> dict:
+        from stages.face import crop_faces
+        from stages.media import decode_frames
+
+        uri = segment_uri(self.config, row)
+        done = committed_segment(self.storage, uri)
+        if done is not None:  # an earlier run of this very work committed it
+            return dict(segment_uri=uri, segment_frames=done["frames"], face_frames=done["face_frames"], segment_reused=True)
+        with open_source(self.storage, row["video_uri"]) as src:
+            frames = [f for _, f in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]))]
+        track = self.tracker(frames)
+        crops, affines = crop_faces(frames, track)
+        return dict(
+            crops=pack(crops),
+            affines=pack(affines),
+            has_face=pack(track.has_face.astype(bool)),
+            face_frames=int(track.has_face.sum()),
+        )
+
+
+# --------------------------------------------------------------------------- motion
+
+
+class MotionOp(_Op):
+    """Motion extractor on the source crops; Stage 1 from the cached audio features."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.audio.cache import FeatureCache
+        from stages.completion.stage import resolve_device
+        from stages.motion.stage import MotionStage
+
+        super().__init__(config, weights_uri)
+        self.stage = MotionStage(
+            load_motion_extractor(self.bundle),
+            load_stage1(self.bundle),
+            batch_frames=self.config.batch.motion_frames,
+            min_reference_gap_frames=self.config.analyse.min_reference_gap_frames,
+            # Ray hides GPUs from actors that reserved none, so "auto" lands on the CPU there.
+            device=resolve_device(self.config.device),
+        )
+        fs, root = self.storage.fs_for(self.config.cache_uri)
+        self.cache = FeatureCache(fs, root)
+
+    @row_step("motion", _segment)
+    def __call__(self, row: dict) -> dict:
+        from stages.audio.cache import CachedFeatures
+
+        fps = fps_of(row)
+        frame_indices = np.arange(int(row["frame_start"]), int(row["frame_end"]))
+        frame_times = np.array([float(Fraction(int(i)) / fps) for i in frame_indices])
+        t0 = frame_times[0] if len(frame_times) else 0.0
+        t1 = float(Fraction(int(row["frame_end"])) / fps)
+        first = max(0, int(math.floor((t0 - self.config.motion.warmup_seconds) * 25)))
+        last = int(math.ceil(t1 * 25)) + 1
+        cached = CachedFeatures(row["features_path"], int(row["feature_frames"]), float(row["audio_duration_s"]), int(row["feature_dim"]))
+        features = self.cache.read_window(cached, first, last)
+        if len(features) < last - first:
+            # The dubbed track ends before the video: silence drives a closed mouth.
+            pad = np.zeros((last - first - len(features), cached.dim), np.float32)
+            features = np.concatenate([features, pad]) if len(features) else pad
+        out = self.stage(
+            crops=unpack(row["crops"]),
+            has_face=unpack(row["has_face"]),
+            frame_indices=frame_indices,
+            frame_times=frame_times,
+            features=features,
+            first_feature=first,
+            audio_duration_s=float(row["audio_duration_s"]),
+            neutral_x_c=unpack(row["neutral_x_c"]),
+            neutral_exp=unpack(row["neutral_exp"]),
+            ref_frames=unpack(row["ref_frames"]),
+            ref_pose=unpack(row["ref_pose"]),
+        )
+        return dict(driving=pack(out["driving"]), ref_index=pack(out["ref_index"]))
+
+
+# --------------------------------------------------------------------------- complete
+
+
+class CompleteOp(_Op):
+    """GPU actor: VAE + IMC-UNet. One actor per GPU on a cluster; fp32 on the CPU."""
+
+    def __init__(self, config: dict, weights_uri: str):
+        from stages.completion.stage import CompletionStage
+        from stages.face import MouthMask
+
+        super().__init__(config, weights_uri)
+        self.stage = CompletionStage(
+            load_vae(self.bundle),
+            load_stage2(self.bundle),
+            MouthMask().array(),
+            batch_frames=self.config.batch.complete_frames,
+            device=self.config.device,
+            precision=self.config.precision,
+        )
+        self._banks: dict[str, np.ndarray] = {}
+
+    def _references(self, uri: str) -> np.ndarray:
+        """A video's reference bank, read once per video by this actor."""
+        if uri not in self._banks:
+            self._banks[uri] = unpack(self.storage.read_bytes(uri))
+            while len(self._banks) > 8:
+                self._banks.pop(next(iter(self._banks)))
+        return self._banks[uri]
+
+    @row_step("complete", _segment)
+    def __call__(self, row: dict) -> dict:
+        generated = self.stage(
+            row["video_id"],
+            unpack(row["crops"]),
+            unpack(row["has_face"]),
+            unpack(row["driving"]),
+            unpack(row["ref_index"]),
+            self._references(row["ref_crops_uri"]),
+        )
+        return dict(generated=pack(generated), crops=b"", driving=b"", ref_index=b"")
+
+
+# --------------------------------------------------------------------------- compose
+
+
+class ComposeOp(_Op):
+    """Re-decode the segment, paste the generated crops back, encode, upload."""
+
+    def __init__(self, config: dict):
+        from stages.compose import ComposeStage
+        from stages.face import MouthMask
+
+        super().__init__(config)
+        out = self.config.output
+        self.stage = ComposeStage(
+            MouthMask().feathered(self.config.face.feather_px), codec=out.codec, crf=out.crf, preset=out.preset
+        )
+
+    @row_step("compose", _segment)
+    def __call__(self, row: dict) -> dict:
+        uri = segment_uri(self.config, row)
+        with tempfile.TemporaryDirectory(prefix="imgtalk-seg-") as tmp:
+            local = os.path.join(tmp, "segment.mp4")
+            with open_source(self.storage, row["video_uri"]) as src:
+                written = self.stage(
+                    src,
+                    local,
+                    int(row["frame_start"]),
+                    int(row["frame_end"]),
+                    int(row["width"]),
+                    int(row["height"]),
+                    fps_of(row),
+                    unpack(row["generated"]),
+                    unpack(row["affines"]),
+                    unpack(row["has_face"]),
+                    crf=None if int(row["crf"]) < 0 else int(row["crf"]),
+                )
+            self.storage.put_atomic(local, uri)
+        marker = {"frames": int(written), "face_frames": int(row["face_frames"])}
+        self.storage.write_bytes_atomic(json.dumps(marker).encode(), segment_marker_uri(uri))
+        return dict(segment_uri=uri, segment_frames=written, generated=b"", affines=b"", has_face=b"")
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def finalize_video(config_dict: dict, video: dict, segments: list[dict]) -> dict:
+    """Concatenate a video's segments (no re-encode), mux the dubbed audio (AAC), probe
+    the result, and commit it atomically. Returns report fields.
+
+    Idempotent, so Ray may retry it after a worker died: it leaves the segments in place
+    (the driver drops them once the report row is written) and does not upload an output
+    that is already there with the same content."""
+    from stages.media import concat_segments, mux_audio, probe_video
+
+    config = JobConfig.model_validate(config_dict)
+    storage = Storage(config.storage.options())
+    start = time.perf_counter()
+    segments = sorted(segments, key=lambda r: int(r["seg_idx"]))
+    with tempfile.TemporaryDirectory(prefix="imgtalk-final-") as tmp:
+        parts = []
+        for seg in segments:
+            local = os.path.join(tmp, f"seg{int(seg['seg_idx']):05d}.mp4")
+            with storage.open(seg["segment_uri"], "rb") as src, open(local, "wb") as dst:
+                dst.write(src.read())
+            parts.append(local)
+        video_only = os.path.join(tmp, "video.mp4")
+        concat_segments(parts, video_only)
+        audio_local = os.path.join(tmp, "audio" + os.path.splitext(video["audio_uri"])[1])
+        with storage.open(video["audio_uri"], "rb") as src, open(audio_local, "wb") as dst:
+            dst.write(src.read())
+        final = os.path.join(tmp, "final.mp4")
+        mux = mux_audio(
+            video_only,
+            audio_local,
+            final,
+            bitrate=config.output.audio_bitrate,
+            sample_rate=config.output.audio_sample_rate,
+            rotation=video.get("rotation") or None,  # keep a phone video's display matrix
+        )
+        info = probe_video(final)
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(final, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        size = os.path.getsize(final)
+        out = video["output_uri"]
+        if not (storage.exists(out) and storage.size(out) == size and storage.sha256(out) == h.hexdigest()):
+            storage.put_atomic(final, out)
+    return {
+        "output_frames": info.n_frames,
+        "output_bytes": size,
+        "output_sha256": h.hexdigest(),
+        "audio_padded_s": mux.padded_s,
+        "audio_trimmed_s": mux.trimmed_s,
+        "time_finalize_s": time.perf_counter() - start,
+    }

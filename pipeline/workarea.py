@@ -1,0 +1,100 @@
+"""The work area and its resume protocol.
+
+Encoded segments wait under `work_uri/segments/<video_id>/<key>/` until their video is
+finalized. A segment's key depends on everything that decides its bytes (stage code,
+weights, pixel settings, the video's identity, the dubbed audio, the frame range) and
+never on the job, so a restarted job finds what a crashed one committed, and changed
+inputs never meet a stale segment. A `<segment>.json` marker written after the segment
+says it is whole.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+
+from pipeline.config import JobConfig
+from pipeline.storage import Storage, is_remote, join_uri
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
+
+
+# Settings that change a segment's pixels or bytes; paths, pools, storage and policy do not.
+PIXEL_SETTINGS = ("device", "precision", "torch_threads", "batch", "output", "face", "analyse", "audio", "motion")
+
+
+def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> str:
+    """What every segment of a job depends on besides its own video and audio: the stage
+    code, the weights bundle (each file's size and ETag or mtime) and PIXEL_SETTINGS.
+    Computed once by the driver; PlanOp adds the video, segment_uri the rest."""
+    import stages
+
+    code = hashlib.sha256()
+    # The stages and the dub job's operators decide a segment's bytes.
+    roots = [os.path.dirname(os.path.abspath(stages.__file__)), os.path.join(os.path.dirname(os.path.abspath(__file__)), "dub")]
+    for root in roots:
+        files = [root] if os.path.isfile(root) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.endswith(".py")
+        )
+        for f in files:
+            with open(f, "rb") as fh:
+                code.update(os.path.relpath(f, os.path.dirname(roots[0])).encode() + b"\0" + fh.read())
+    if is_remote(weights_uri):
+        fs, path = storage.fs_for(weights_uri)
+        listing = storage.retry(lambda: fs.find(path, detail=True), f"list {weights_uri}")
+        weights = sorted(
+            (k[len(path) :], v.get("size"), str(v.get("ETag") or v.get("LastModified") or "")) for k, v in listing.items()
+        )
+    else:
+        root = weights_uri[len("file://") :] if weights_uri.startswith("file://") else weights_uri
+        weights = sorted(
+            (os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, names in os.walk(root)
+            for f in names
+        )
+    settings = config.model_dump(include=set(PIXEL_SETTINGS), mode="json")
+    return digest(code.hexdigest(), json.dumps(weights), json.dumps(settings, sort_keys=True))
+
+
+def segment_uri(config: JobConfig, row: dict) -> str:
+    """Where a segment's encoded part goes. Keyed by everything that decides its bytes
+    (work_key: stage code, weights, settings, the video's identity; the dubbed audio's
+    content hash; per-row segment length and crf; the frame range) and never by the job:
+    a restarted job finds what a crashed one committed, and changed inputs never meet a
+    stale part."""
+    key = digest(row["work_key"], row["audio_sha256"], row["segment_seconds"], row["crf"])
+    name = f"{int(row['seg_idx']):05d}-{int(row['frame_start'])}-{int(row['frame_end'])}.mp4"
+    return join_uri(config.work_dir(), "segments", row["video_id"], key, name)
+
+
+def segment_marker_uri(uri: str) -> str:
+    """Written after the segment itself: its presence means the segment is whole."""
+    return uri[: -len(".mp4")] + ".json" if uri.endswith(".mp4") else uri + ".json"
+
+
+def committed_segment(storage: Storage, uri: str) -> dict | None:
+    """The marker of a segment an earlier run committed ({frames, face_frames}), or None."""
+    try:
+        marker = json.loads(storage.read_bytes(segment_marker_uri(uri)))
+        if not storage.exists(uri):
+            return None
+        return {"frames": int(marker["frames"]), "face_frames": int(marker["face_frames"])}
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return None  # a marker we cannot read is no promise: redo the segment
+
+
+def drop_segments(storage: Storage, segments: list[dict]) -> None:
+    """Delete a settled video's encoded parts (and their markers): the folder they share."""
+    folders = {s["segment_uri"].rsplit("/", 1)[0] for s in segments if s["segment_uri"]}
+    for uri in {s["ref_crops_uri"] for s in segments if s.get("ref_crops_uri")}:
+        storage.rm(uri)
+    for folder in folders:
+        storage.rm(folder, recursive=True)
+        if not is_remote(folder):  # the per-video folder above it, when now empty
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(folder[len("file://") :] if folder.startswith("file://") else folder))
