@@ -323,3 +323,99 @@ def test_paper_size_vae_and_unet_run_once_on_cpu():
             f"(RSCA {sum(parameter_count(l.rsca) for l in layers):,}, "
             f"motion cross-attention {sum(parameter_count(l.motion_attention) for l in layers):,})"
         )
+
+
+# ----------------------------------------------------------------------------- motion statistics
+
+
+def motion_token_parts(model: IMCUNet, motion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(δ-driven part of the tokens (B,K,d_m), the bias part (d_m,)) of MotionTokens at init."""
+    tokens = model.motion_tokens
+    with torch.no_grad():
+        full = tokens(motion)
+        bias = tokens.project.bias
+        driven = full - bias - tokens.positional_encoding
+    return driven, bias
+
+
+def test_motion_statistics_lift_the_delta_above_the_linear_bias():
+    g = torch.Generator().manual_seed(3)
+    # LivePortrait-like δ: per-keypoint means and spreads around 1e-2.
+    mean = (torch.randn(21, 3, generator=g) * 1e-2).numpy()
+    std = (torch.rand(21, 3, generator=g) * 1.5e-2 + 0.5e-2).numpy()
+    motion = torch.from_numpy(mean) + torch.randn(256, 21, 3, generator=g) * torch.from_numpy(std)
+
+    torch.manual_seed(0)
+    plain = IMCUNet(IMCUNetConfig.tiny())
+    torch.manual_seed(0)
+    normalised = IMCUNet(IMCUNetConfig.tiny().with_motion_statistics(mean, std))
+    ratios = {}
+    for name, model in (("plain", plain), ("normalised", normalised)):
+        driven, bias = motion_token_parts(model, motion.float())
+        spread = driven.std(dim=0).norm(dim=-1).mean()  # std across the batch, norm over d_m, mean over K
+        ratios[name] = (spread / bias.norm()).item()
+    assert ratios["normalised"] >= 0.3, ratios
+    assert ratios["plain"] < 0.05, ratios
+
+
+def test_motion_statistics_config_round_trip_and_floor(tmp_path):
+    import numpy as np
+
+    mean = np.full((21, 3), 0.01)
+    std = np.full((21, 3), 0.02)
+    std[4, 1] = 0.0  # a coordinate that never moves
+    config = IMCUNetConfig.tiny().with_motion_statistics(mean, std)
+    assert config.motion_std[4][1] == 1e-6 and config.motion_std[0][0] == 0.02
+    assert isinstance(config.motion_mean, tuple) and isinstance(config.motion_mean[0], tuple)
+    with pytest.raises(ValueError, match="21, 3"):
+        IMCUNetConfig.tiny().with_motion_statistics(mean[:20], std[:20])
+
+    model = IMCUNet(config).eval()
+    plain = IMCUNet(IMCUNetConfig.tiny())
+    # The statistics are config, not weights: the safetensors key layout is unchanged.
+    assert list(model.state_dict()) == list(plain.state_dict())
+    model.save_pretrained(str(tmp_path))
+    loaded = IMCUNet.from_pretrained(str(tmp_path))
+    assert loaded.config == config
+    masked, motion, reference = unet_inputs()
+    motion = motion * 0.01
+    with torch.no_grad():
+        assert torch.equal(model(masked, motion, reference), loaded(masked, motion, reference))
+        # and they are used: the same weights without them give another answer
+        plain.load_state_dict(model.state_dict())
+        assert (plain.eval()(masked, motion, reference) - model(masked, motion, reference)).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = IMCUNet(IMCUNetConfig.tiny()).train()
+    set_alphas(model, 0.3)  # so the RSCA path is in the gradients too
+    masked, motion, reference = unet_inputs(height=16, width=16)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(masked, motion, reference).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    layer = model.transformer_layers()[0]
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    plain_loss, plain_grads = loss_and_grads()
+    plain_calls = len(calls)
+    model.set_gradient_checkpointing(True)
+    assert model.gradient_checkpointing
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    handle.remove()
+    # Checkpointing really ran: the layer's forward was recomputed during backward.
+    assert plain_calls == 1 and len(calls) - plain_calls == 2
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-7)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # Off again in eval / no-grad: a plain forward.
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(masked, motion, reference), model.train()(masked, motion, reference).detach())

@@ -26,11 +26,14 @@ not zero-initialised, so every alpha_l gets a gradient from the first step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
@@ -57,10 +60,30 @@ class IMCUNetConfig:
     self_attention: tuple[bool, ...] = (True, True, True, False)
     # Sinusoidal frequencies per axis of the 2-D position code given to RSCA keys and queries.
     reference_position_frequencies: int = 6
+    # Per-keypoint statistics of the motion condition δ, (num_kp, 3) nested tuples; None =
+    # identity. LivePortrait's δ is ~1e-2, so without them the shared Linear's bias dominates
+    # every motion token (at init: token norm 8.96, bias 8.94, δ-driven part 0.23 at d_m 768).
+    # MotionTokens feeds (δ - mean) / std. Set them with `with_motion_statistics`.
+    motion_mean: tuple[tuple[float, ...], ...] | None = None
+    motion_std: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         self.self_attention = tuple(bool(s) for s in self.self_attention)
+        for name in ("motion_mean", "motion_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            array = np.asarray(value, dtype=np.float64)
+            if array.shape != (self.num_kp, 3) or not np.isfinite(array).all():
+                raise ValueError(
+                    f"IMCUNetConfig: {name} must be finite ({self.num_kp}, 3) values or None, got shape {array.shape}"
+                )
+            setattr(self, name, tuple(tuple(float(v) for v in row) for row in array))
+        if (self.motion_mean is None) != (self.motion_std is None):
+            raise ValueError("IMCUNetConfig: motion_mean and motion_std must be given together")
+        if self.motion_std is not None and min(min(row) for row in self.motion_std) <= 0:
+            raise ValueError("IMCUNetConfig: motion_std must be > 0 (with_motion_statistics floors it at 1e-6)")
         if len(self.self_attention) != len(self.block_out_channels):
             raise ValueError(
                 f"IMCUNetConfig: self_attention has {len(self.self_attention)} entries, "
@@ -72,6 +95,18 @@ class IMCUNetConfig:
                     f"IMCUNetConfig: {channels} channels are not divisible by num_attention_heads "
                     f"{self.num_attention_heads} and norm_num_groups {self.norm_num_groups}"
                 )
+
+    def with_motion_statistics(self, mean, std) -> "IMCUNetConfig":
+        """A new config whose motion tokens normalise δ per keypoint: mean, std (num_kp, 3)
+        array-likes (numpy), e.g. over the training set's Stage 2 conditions. std is floored
+        at 1e-6 (a coordinate that never moves would otherwise divide by zero)."""
+        mean = np.asarray(mean, dtype=np.float64)
+        std = np.maximum(np.asarray(std, dtype=np.float64), 1e-6)
+        for name, array in (("mean", mean), ("std", std)):
+            if array.shape != (self.num_kp, 3):
+                raise ValueError(f"with_motion_statistics: {name} must be ({self.num_kp}, 3), got {array.shape}")
+        as_tuples = lambda a: tuple(tuple(float(v) for v in row) for row in a)  # noqa: E731
+        return dataclasses.replace(self, motion_mean=as_tuples(mean), motion_std=as_tuples(std))
 
     @property
     def position_dim(self) -> int:
@@ -109,17 +144,28 @@ def grid_position_code(height: int, width: int, num_frequencies: int, device=Non
 
 
 class MotionTokens(nn.Module):
-    """Eq. 8: T_pe = Linear(delta_k) + PE, one token per keypoint (never a flattened vector)."""
+    """Eq. 8: T_pe = Linear(delta_k) + PE, one token per keypoint (never a flattened vector).
 
-    def __init__(self, num_kp: int, motion_dim: int):
+    delta_k is first normalised per keypoint and coordinate, (delta - mean) / std, with the
+    config's motion statistics (identity when none are given). They are non-persistent
+    buffers: they come from the config, so the weights file keeps its key layout."""
+
+    def __init__(self, num_kp: int, motion_dim: int, mean=None, std=None):
         super().__init__()
         self.project = nn.Linear(3, motion_dim)  # shared by all keypoints
         # Random, not zero: with PE = 0 the tokens are an unordered set to the attention, and
         # the keypoints' distinct roles (lips vs. brows) would have to be learned from nothing.
         self.positional_encoding = nn.Parameter(torch.randn(num_kp, motion_dim) * 0.02)
+        mean = torch.zeros(num_kp, 3) if mean is None else torch.tensor(mean, dtype=torch.float32)
+        std = torch.ones(num_kp, 3) if std is None else torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("motion_mean", mean, persistent=False)
+        self.register_buffer("motion_std", std, persistent=False)
+
+    def normalise(self, motion: Tensor) -> Tensor:
+        return (motion - self.motion_mean) / self.motion_std  # (B,K,3)
 
     def forward(self, motion: Tensor) -> Tensor:
-        return self.project(motion) + self.positional_encoding  # (B,K,3) -> (B,K,d_m)
+        return self.project(self.normalise(motion)) + self.positional_encoding  # (B,K,3) -> (B,K,d_m)
 
 
 class ReferenceSpatialCrossAttention(nn.Module):
@@ -192,6 +238,20 @@ class IMCTransformerLayer(nn.Module):
         return x + h
 
 
+class _Checkpointed(nn.Module):
+    """Base of the levels: `_run` calls a resnet or transformer layer through
+    torch.utils.checkpoint (non-reentrant) when gradient checkpointing is on, the module is
+    training and autograd records; otherwise directly. Same values and gradients either way,
+    the activations inside the call are recomputed during backward instead of stored."""
+
+    gradient_checkpointing: bool = False
+
+    def _run(self, module: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+
 def _resnet(in_channels: int, out_channels: int, config: IMCUNetConfig) -> ResnetBlock2D:
     # No timestep: a single regression pass, so no time embedding enters the resnets.
     return ResnetBlock2D(
@@ -199,7 +259,7 @@ def _resnet(in_channels: int, out_channels: int, config: IMCUNetConfig) -> Resne
     )
 
 
-class DownLevel(nn.Module):
+class DownLevel(_Checkpointed):
     def __init__(self, in_channels: int, out_channels: int, config: IMCUNetConfig, self_attention: bool, downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
@@ -213,7 +273,7 @@ class DownLevel(nn.Module):
 
     def forward(self, h: Tensor, skips: list[Tensor], motion_tokens: Tensor, reference_tokens: Tensor | None) -> Tensor:
         for resnet, attention in zip(self.resnets, self.attentions):
-            h = attention(resnet(h, None), motion_tokens, reference_tokens)
+            h = self._run(attention, self._run(resnet, h, None), motion_tokens, reference_tokens)
             skips.append(h)
         if self.downsample is not None:
             h = self.downsample(h)  # (B,C,H,W) -> (B,C,ceil(H/2),ceil(W/2))
@@ -221,7 +281,7 @@ class DownLevel(nn.Module):
         return h
 
 
-class MidBlock(nn.Module):
+class MidBlock(_Checkpointed):
     def __init__(self, channels: int, config: IMCUNetConfig, self_attention: bool):
         super().__init__()
         self.resnet_in = _resnet(channels, channels, config)
@@ -229,11 +289,11 @@ class MidBlock(nn.Module):
         self.resnet_out = _resnet(channels, channels, config)
 
     def forward(self, h: Tensor, motion_tokens: Tensor, reference_tokens: Tensor | None) -> Tensor:
-        h = self.attention(self.resnet_in(h, None), motion_tokens, reference_tokens)
-        return self.resnet_out(h, None)
+        h = self._run(self.attention, self._run(self.resnet_in, h, None), motion_tokens, reference_tokens)
+        return self._run(self.resnet_out, h, None)
 
 
-class UpLevel(nn.Module):
+class UpLevel(_Checkpointed):
     def __init__(
         self,
         in_channels: int,
@@ -257,7 +317,7 @@ class UpLevel(nn.Module):
     def forward(self, h: Tensor, skips: list[Tensor], motion_tokens: Tensor, reference_tokens: Tensor | None) -> Tensor:
         for resnet, attention in zip(self.resnets, self.attentions):
             h = torch.cat([h, skips.pop()], dim=1)  # (B,C+C_skip,H,W)
-            h = attention(resnet(h, None), motion_tokens, reference_tokens)
+            h = self._run(attention, self._run(resnet, h, None), motion_tokens, reference_tokens)
         if self.upsample is not None:
             # To the next skip's size, not x2, so odd sizes (ceil in the way down) come back exactly.
             h = self.upsample(h, output_size=skips[-1].shape[-2:])
@@ -272,7 +332,7 @@ class IMCUNet(nn.Module):
         levels = len(channels)
         in_channels = config.latent_channels if config.use_rsca else 2 * config.latent_channels
 
-        self.motion_tokens = MotionTokens(config.num_kp, config.motion_dim)
+        self.motion_tokens = MotionTokens(config.num_kp, config.motion_dim, config.motion_mean, config.motion_std)
         self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
 
         skip_channels = [channels[0]]  # what the down path leaves for the up path, in push order
@@ -328,6 +388,18 @@ class IMCUNet(nn.Module):
             height, width, self.config.reference_position_frequencies, tokens.device, tokens.dtype
         )  # (hw,P)
         return torch.cat([tokens, code.expand(batch, -1, -1)], dim=-1)  # (B,hw,4+P)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each resnet / IMCTransformerLayer call in backward instead of storing its
+        activations (torch.utils.checkpoint, use_reentrant=False); active only in training mode
+        with autograd on. Loss and gradients are unchanged."""
+        for module in self.modules():
+            if isinstance(module, _Checkpointed):
+                module.gradient_checkpointing = bool(enabled)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, _Checkpointed))
 
     def rsca_alphas(self) -> list[nn.Parameter]:
         """alpha_l of every layer, in forward order (down, mid, up); empty for the concat ablation."""

@@ -41,11 +41,24 @@ class Stage2LossWeights:
     motion: float = 1.0
     adv: float = 0.01
     lambda_c: float = 0.1
+    # Optional, not in the paper: L1 between the completed latent ẑ and E(I_gt) inside the
+    # latent-resolution mouth mask. 0 = off (the paper's objective). It gives the UNet a direct
+    # target without the decoder in the graph, e.g. for a cheap warm-up or a sanity overfit.
+    latent: float = 0.0
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Eq. 11: pixel L1 over the whole image, mean over elements."""
     return F.l1_loss(pred, target)
+
+
+def masked_l1(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean |pred − target| over the elements where mask is 1 (mask broadcasts to pred, e.g.
+    (B or 1, 1, h, w) against (B, C, h, w); soft masks weight elements). No mask: plain mean."""
+    if mask is None:
+        return F.l1_loss(pred, target)
+    weight = mask.to(pred.dtype).expand_as(pred)
+    return ((pred - target).abs() * weight).sum() / weight.sum().clamp_min(1e-8)
 
 
 def _freeze(net: nn.Module) -> nn.Module:
@@ -157,13 +170,13 @@ class Stage2Loss(nn.Module):
     ):
         super().__init__()
         self.weights = weights
-        for name in ("rec", "perc", "motion", "adv", "lambda_c"):
+        for name in ("rec", "perc", "motion", "adv", "lambda_c", "latent"):
             if getattr(weights, name) < 0:
                 raise ValueError(f"Stage2LossWeights.{name} must be >= 0, got {getattr(weights, name)}")
         for name, module in (("perc", perceptual), ("motion", motion_loss), ("adv", discriminator)):
             if getattr(weights, name) > 0 and module is None:
                 raise ValueError(f"weight {name}={getattr(weights, name)} needs its module, got None")
-        if not any((weights.rec, weights.perc, weights.motion, weights.adv)):
+        if not any((weights.rec, weights.perc, weights.motion, weights.adv, weights.latent)):
             raise ValueError("all Stage 2 loss weights are 0: nothing to train")
         # One source of truth for λ_c: a MotionLoss built with another value is a config mistake.
         if motion_loss is not None and weights.motion > 0 and motion_loss.lambda_c != weights.lambda_c:
@@ -175,11 +188,25 @@ class Stage2Loss(nn.Module):
         self.discriminator = discriminator
 
     def forward(
-        self, generated: Tensor, target: Tensor, target_exp: Tensor, target_x_c: Tensor
+        self,
+        generated: Tensor | None,
+        target: Tensor | None,
+        target_exp: Tensor | None,
+        target_x_c: Tensor | None,
+        *,
+        completed_latent: Tensor | None = None,
+        target_latent: Tensor | None = None,
+        latent_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        # generated, target: (B,3,256,256) in [0,1]; target_exp, target_x_c: (B,K,3)
+        # generated, target: (B,3,256,256) in [0,1]; target_exp, target_x_c: (B,K,3).
+        # completed_latent, target_latent (B,4,h,w) and latent_mask (B or 1,1,h,w; None = whole
+        # latent) are used only when weights.latent > 0; the pixel inputs only by pixel terms.
         w = self.weights
         parts: dict[str, Tensor] = {}
+        if w.latent > 0:
+            if completed_latent is None or target_latent is None:
+                raise ValueError("Stage2Loss: weights.latent > 0 needs completed_latent and target_latent")
+            parts["latent"] = masked_l1(completed_latent, target_latent.detach(), latent_mask)
         if w.rec > 0:
             parts["rec"] = reconstruction_loss(generated, target)
         if w.perc > 0:
