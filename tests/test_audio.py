@@ -1,5 +1,7 @@
-"""Audio stage: decoding any container to 16 kHz mono, and HuBERT features at 25 Hz."""
+"""Audio stage: decoding any container to 16 kHz mono, HuBERT rows at 50 Hz and their
+25 Hz pair means, and the 50 Hz feature cache."""
 import fractions
+import json
 import math
 
 import av
@@ -13,15 +15,20 @@ from stages.audio import (
     FEATURE_RATE,
     SAMPLE_RATE,
     AudioError,
+    HUBERT_RATE,
     HubertFeatures,
     audio_duration,
     hubert_features_25hz,
+    hubert_features_50hz,
     hubert_large_config,
     load_audio,
     normalize_waveform,
+    pair_mean,
     sample_features,
+    steps_per_frame,
     tiny_hubert_config,
 )
+from stages.audio.cache import ROWS_PER_GROUP, CachedFeatures, FeatureCache, content_hash
 
 SINE_HZ = 440.0
 REAL_KERNELS = (10, 3, 3, 3, 3, 2, 2)
@@ -188,17 +195,20 @@ def test_configs_keep_the_real_conv_stack():
 @pytest.mark.parametrize("seconds,frames", [(1.0, 25), (2.0, 50), (3.5, 88), (0.04, 1), (0.0401, 2)])
 def test_feature_count_is_ceil_of_40ms_blocks(tiny_model, seconds, frames):
     # 3.5 s = 87.5 frames: a partial 40 ms block counts as a frame (ceil).
+    # The stage returns HuBERT's 50 Hz rows, two per 25 Hz frame.
     stage = HubertFeatures(tiny_model)
-    features = stage(speechlike(seconds))
-    assert features.shape == (frames, 32) and features.dtype == np.float32
-    assert stage.hidden_size == 32
-    assert np.isfinite(features).all()
+    rows = stage(speechlike(seconds))
+    assert rows.shape == (2 * frames, 32) and rows.dtype == np.float32
+    assert stage.hidden_size == 32 and stage.feature_rate == HUBERT_RATE == 50
+    assert np.isfinite(rows).all()
+    assert hubert_features_25hz(tiny_model, speechlike(seconds)).shape == (frames, 32)
 
 
 def test_empty_and_bad_waveforms(tiny_model):
-    assert hubert_features_25hz(tiny_model, np.zeros(0, np.float32), 20.0, 2.0).shape == (0, 32)
-    with pytest.raises(ValueError, match="1-D"):
-        hubert_features_25hz(tiny_model, np.zeros((2, 16000), np.float32), 20.0, 2.0)
+    for features in (hubert_features_25hz, hubert_features_50hz):
+        assert features(tiny_model, np.zeros(0, np.float32), 20.0, 2.0).shape == (0, 32)
+        with pytest.raises(ValueError, match="1-D"):
+            features(tiny_model, np.zeros((2, 16000), np.float32), 20.0, 2.0)
 
 
 def test_normalisation_matches_wav2vec2_feature_extractor():
@@ -253,6 +263,8 @@ def test_save_pretrained_round_trip_and_model_id(tiny_model, tmp_path):
     from_folder = HubertFeatures(str(folder))
     np.testing.assert_array_equal(from_folder(x), from_memory(x))
     assert from_folder.model_id.startswith("hubert-tiny-")
+    # The id names the 50 Hz output, so entries of the former 25 Hz cache never match.
+    assert from_folder.model_id.endswith("-50hz") and from_memory.model_id.endswith("-50hz")
     assert HubertFeatures(folder).model_id == from_folder.model_id  # stable across loads
 
     with torch.no_grad():
@@ -283,7 +295,7 @@ def test_allow_download_asks_the_hub(monkeypatch):
     monkeypatch.setattr(transformers.HubertModel, "from_pretrained", fake_hub)
     stage = HubertFeatures(DEFAULT_HUBERT, allow_download=True)
     assert calls == [(DEFAULT_HUBERT, {"local_files_only": False})]
-    assert stage.model_id.startswith("facebook--hubert-large-ls960-ft-cfg")
+    assert stage.model_id.startswith("facebook--hubert-large-ls960-ft-cfg") and stage.model_id.endswith("-50hz")
 
 
 def test_folder_without_weights_raises_naming_folder(tmp_path):
@@ -321,5 +333,150 @@ def test_paper_size_hubert_large_forward():
     # HuBERT Large has ~316 M parameters (ours lacks only the CTC head).
     assert 310e6 < sum(p.numel() for p in model.parameters()) < 320e6
     features = HubertFeatures(model)(speechlike(1.0))
-    assert features.shape == (FEATURE_RATE, 1024)
+    assert features.shape == (2 * FEATURE_RATE, 1024)
     assert np.isfinite(features).all() and features.std() > 0.1
+
+
+# ---------------------------------------------------------------- HuBERT at 50 Hz
+
+
+def _padded(x):
+    """The normalised waveform padded as in stages/audio/hubert.py: ceil(N / 640) blocks, 40 each side."""
+    n = -(-len(x) // 640)
+    padded = np.zeros(n * 640 + 80, np.float32)
+    padded[40 : 40 + len(x)] = normalize_waveform(x)
+    return torch.from_numpy(padded)
+
+
+def _old_features_25hz(model, waveform, chunk_seconds, context_seconds):
+    """The 25 Hz implementation before the 50 Hz split, verbatim: results must not change."""
+    n = -(-len(waveform) // 640)
+    padded = _padded(waveform)
+    chunk = n if math.isinf(chunk_seconds) else max(1, round(chunk_seconds * 25))
+    context = max(0, round(context_seconds * 25))
+    out = np.empty((n, model.config.hidden_size), np.float32)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        first, last = max(0, start - context), min(n, stop + context)
+        with torch.inference_mode():
+            hidden = model(padded[first * 640 : last * 640 + 80][None]).last_hidden_state[0]
+            feats = hidden.float().reshape(last - first, 2, -1).mean(dim=1)
+        out[start:stop] = feats[start - first : stop - first].numpy()
+    return out
+
+
+@pytest.mark.parametrize("chunk,context", [(math.inf, 0.0), (0.8, 0.4), (1.0, 0.0)])
+def test_50hz_pair_means_are_the_25hz_features_exactly(tiny_model, chunk, context):
+    x = speechlike(2.33, seed=6)  # 58.25 blocks -> 59 frames, 118 rows
+    rows = hubert_features_50hz(tiny_model, x, chunk, context)
+    assert rows.shape == (118, 32) and rows.dtype == np.float32
+    features = hubert_features_25hz(tiny_model, x, chunk, context)
+    np.testing.assert_array_equal(pair_mean(rows), features)
+    np.testing.assert_array_equal(features, _old_features_25hz(tiny_model, x, chunk, context))
+    # The two rows of a pair really differ: 50 Hz carries detail that 25 Hz averages away.
+    assert np.abs(rows[0::2] - rows[1::2]).mean() > 1e-3
+
+
+def test_50hz_rows_are_hubert_frames_and_chunks_keep_pairs_whole(tiny_model):
+    x = speechlike(8.3, seed=1)  # 208 frames; 2 s chunks (50 frames), 1.5 s context (38 frames)
+    padded = _padded(x)
+    with torch.inference_mode():
+        direct = tiny_model(padded[None]).last_hidden_state[0].numpy()
+    whole = hubert_features_50hz(tiny_model, x, math.inf, 0.0)
+    assert whole.shape == (416, 32)
+    np.testing.assert_array_equal(whole, direct)
+
+    chunked = hubert_features_50hz(tiny_model, x, 2.0, 1.5)
+    np.testing.assert_array_equal(pair_mean(chunked), hubert_features_25hz(tiny_model, x, 2.0, 1.5))
+    # Chunk 2 keeps frames [100, 150) = rows [200, 300) of a run over frames [62, 188):
+    # the window starts on the 640-sample grid, so its rows pair up as in the whole file.
+    with torch.inference_mode():
+        window = tiny_model(padded[62 * 640 : 188 * 640 + 80][None]).last_hidden_state[0].numpy()
+    np.testing.assert_array_equal(chunked[200:300], window[2 * 38 : 2 * 88])
+    assert not np.array_equal(chunked[200:300], whole[200:300])  # context really is cut
+    # Context that covers the whole file makes every window the whole file.
+    np.testing.assert_array_equal(hubert_features_50hz(tiny_model, x, 2.0, 10.0), whole)
+
+
+def test_steps_per_frame_maps_50hz_rows_to_k():
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2)  # 3 frames
+    np.testing.assert_array_equal(steps_per_frame(rows, 2), rows)
+    np.testing.assert_array_equal(steps_per_frame(rows, 1), [[1, 2], [5, 6], [9, 10]])
+    assert steps_per_frame(rows, 1).dtype == np.float32
+    for k in (3, 0, 4):
+        with pytest.raises(ValueError, match=f"k={k}"):
+            steps_per_frame(rows, k)
+    with pytest.raises(ValueError, match="even"):
+        steps_per_frame(rows[:5], 2)
+    assert steps_per_frame(np.zeros((0, 2), np.float32), 1).shape == (0, 2)
+
+
+# ---------------------------------------------------------------- feature cache at 50 Hz
+
+
+@pytest.fixture
+def cache(tmp_path):
+    import fsspec
+
+    return FeatureCache(fsspec.filesystem("file"), str(tmp_path / "cache"))
+
+
+def test_cache_round_trip_of_50hz_rows(cache, tiny_model):
+    import pyarrow.parquet as pq
+
+    stage = HubertFeatures(tiny_model)
+    x = speechlike(1.3, seed=8)
+    rows = stage(x)  # 33 frames, 66 rows
+    sha = content_hash(x.tobytes())
+    assert cache.lookup(stage.model_id, sha) is None
+    stored = cache.store(stage.model_id, sha, rows, duration_s=1.3)
+    hit = cache.lookup(stage.model_id, sha)
+    assert hit == stored and hit.n_frames == 33 and hit.n_rows == 66 and hit.dim == 32
+    np.testing.assert_array_equal(cache.read_window(hit, 0, hit.n_frames), rows)
+    np.testing.assert_array_equal(pair_mean(cache.read_window(hit, 5, 9)), hubert_features_25hz(tiny_model, x)[5:9])
+    info = json.loads(pq.ParquetFile(hit.path).schema_arrow.metadata[b"imgtalk"])
+    assert info["feature_rate"] == 50 and info["n_frames"] == 33 and info["n_rows"] == 66
+    assert cache.lookup(stage.model_id.removesuffix("-50hz"), sha) is None  # the old 25 Hz key
+
+    with pytest.raises(ValueError, match="odd"):
+        cache.store("m", sha, rows[:-1], duration_s=1.3)
+    with pytest.raises(ValueError, match="shape"):
+        cache.store("m", sha, rows[0], duration_s=1.3)
+
+
+def test_cache_read_window_at_any_window_across_row_groups(cache):
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((1234, 8)).astype(np.float32)  # 617 frames, 24.68 s
+    cached = cache.store("m1", "a" * 64, rows, duration_s=24.68)
+    assert cached.n_frames == 617
+    groups = [pq.ParquetFile(cached.path).metadata.row_group(i).num_rows for i in range(3)]
+    assert groups == [ROWS_PER_GROUP, ROWS_PER_GROUP, 234] and ROWS_PER_GROUP % 2 == 0
+    # Frames 250 and 500 start row groups 1 and 2; windows across and on those edges.
+    windows = [(240, 260), (249, 251), (250, 251), (0, 1), (499, 501), (250, 500), (100, 617), (616, 617)]
+    windows += [tuple(sorted(rng.integers(0, 617, 2))) for _ in range(20)]
+    for start, stop in windows:
+        got = cache.read_window(cached, int(start), int(stop))
+        assert got.shape == (2 * (stop - start), 8), (start, stop)
+        np.testing.assert_array_equal(got, rows[2 * start : 2 * stop])
+    # Clamped to the file.
+    np.testing.assert_array_equal(cache.read_window(cached, -5, 3), rows[:6])
+    np.testing.assert_array_equal(cache.read_window(cached, 600, 700), rows[1200:])
+    assert cache.read_window(cached, 700, 800).shape == (0, 8)
+    assert cache.read_window(cached, 10, 10).shape == (0, 8)
+    # A CachedFeatures rebuilt from row fields (as the pipeline does) reads the same.
+    rebuilt = CachedFeatures(cached.path, 617, 24.68, 8)
+    np.testing.assert_array_equal(cache.read_window(rebuilt, 249, 251), rows[498:502])
+
+
+def test_cache_file_of_another_rate_is_a_miss(cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = cache.path("m1", "b" * 64)
+    cache.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    info = {"n_frames": 4, "dim": 2, "duration_s": 0.16, "feature_rate": 25}
+    table = pa.table({"frame": pa.array(np.arange(4, dtype=np.int32))})
+    pq.write_table(table.replace_schema_metadata({b"imgtalk": json.dumps(info).encode()}), path)
+    assert cache.lookup("m1", "b" * 64) is None

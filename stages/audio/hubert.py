@@ -1,4 +1,5 @@
-"""HuBERT features at 25 Hz, one row per 40 ms of audio, for any length of audio.
+"""HuBERT features at their native 50 Hz (two rows per 40 ms video frame at 25 fps), and
+the 25 Hz pair means, for any length of audio.
 
 The checkpoint is `facebook/hubert-large-ls960-ft` (as in GeneFace, ER-NeRF, SyncTalk,
 Real3DPortrait): transformers' `HubertModel`, feature = `last_hidden_state`, 1024-d.
@@ -10,8 +11,11 @@ Waveform -> features:
    samples each side. HuBERT's conv stack (receptive field 400, hop 320) gives
    floor((640n + 80 - 400) / 320) + 1 = 2n frames at 50 Hz; HuBERT frame k covers samples
    [320k - 40, 320k + 360), centred at 20 ms * k + 10 ms.
-3. Average the pairs (2j, 2j+1): 25 Hz frame j is centred at (j + 0.5) / 25 s and stands
-   for [j/25, (j+1)/25). N seconds of audio give exactly 25 N frames.
+3. `hubert_features_50hz` keeps the 2n HuBERT frames: 25 Hz frame j owns exactly rows
+   2j and 2j+1. `hubert_features_25hz` averages those pairs: 25 Hz frame j is centred at
+   (j + 0.5) / 25 s and stands for [j/25, (j+1)/25). N seconds of audio give exactly
+   25 N frames (50 N rows). The cache stores the 50 Hz rows; `steps_per_frame` maps them
+   to a Stage 1 config's k audio steps per frame (k=2: the rows, k=1: the pair means).
 
 Long audio is cut into windows of `chunk_seconds`, each run with `context_seconds` of
 audio on either side (window edges on the 640-sample grid) and only the centre frames
@@ -57,12 +61,17 @@ import transformers
 
 from .load import SAMPLE_RATE, AudioError
 
-FEATURE_RATE = 25  # Hz: one feature row per video frame at 25 fps
+FEATURE_RATE = 25  # Hz: one feature frame per video frame at 25 fps
+HUBERT_RATE = 50  # Hz: HuBERT's native frame rate, two rows per 25 Hz frame
+ROWS_PER_FRAME = HUBERT_RATE // FEATURE_RATE  # 2
 SAMPLES_PER_FEATURE = SAMPLE_RATE // FEATURE_RATE  # 640
 _EDGE_PAD = 40  # samples each side, so 640 n samples give exactly 2 n HuBERT frames
 NORM_EPS = 1e-7  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
 
 DEFAULT_HUBERT = "facebook/hubert-large-ls960-ft"
+# Ends every HubertFeatures.model_id: the stage returns 50 Hz rows. Entries cached before
+# (25 Hz features, ids without the suffix) are never looked up under the new ids.
+MODEL_ID_SUFFIX = "-50hz"
 DEFAULT_CHUNK_SECONDS = 20.0
 DEFAULT_CONTEXT_SECONDS = 2.0
 
@@ -130,23 +139,58 @@ def num_feature_frames(num_samples: int) -> int:
 
 @torch.inference_mode()
 def _features_of_window(model: transformers.HubertModel, padded: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-    """25 Hz frames [first, stop) computed from the padded signal alone, no outside context."""
+    """50 Hz rows of 25 Hz frames [first, stop), (2 (stop - first), H) float32, computed
+    from the padded signal alone, no outside context."""
     # 25 Hz frame j needs original samples [640 j - 40, 640 j + 680), i.e. padded
     # samples [640 j, 640 j + 720): the window is exactly the conv receptive field.
     window = padded[first * SAMPLES_PER_FEATURE : stop * SAMPLES_PER_FEATURE + 2 * _EDGE_PAD]
     hidden = model(window[None]).last_hidden_state[0]  # (2 (stop - first), H) at 50 Hz
-    return hidden.float().reshape(stop - first, 2, -1).mean(dim=1)  # (stop - first, H)
+    if hidden.shape[0] != ROWS_PER_FRAME * (stop - first):
+        raise AudioError(
+            f"HuBERT gave {hidden.shape[0]} frames for {stop - first} 40 ms blocks, expected "
+            f"{ROWS_PER_FRAME * (stop - first)}: the model's conv stack is not the 320-sample-hop HuBERT one"
+        )
+    return hidden.float()
 
 
-def hubert_features_25hz(
+def pair_mean(features_50hz: np.ndarray) -> np.ndarray:
+    """(2 F, D) 50 Hz rows -> (F, D) means of the pairs (2j, 2j+1), float32."""
+    rows = np.asarray(features_50hz)
+    if rows.ndim != 2 or len(rows) % ROWS_PER_FRAME:
+        raise ValueError(f"expected (2 F, D) 50 Hz rows, an even number of rows, got shape {rows.shape}")
+    pairs = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).reshape(-1, ROWS_PER_FRAME, rows.shape[1])
+    return pairs.mean(dim=1).numpy()
+
+
+def steps_per_frame(features_50hz: np.ndarray, k: int) -> np.ndarray:
+    """Cached 50 Hz rows (2 F, D) -> k audio steps per 25 fps frame (k F, D) for Stage 1.
+
+    The single place that maps the cache's 50 Hz rows to a Stage 1 config's
+    `audio_steps_per_frame`: k=2 returns the rows unchanged (HuBERT's native rate), k=1 the
+    pair means (the 25 Hz features). Any other k raises ValueError.
+    """
+    rows = np.asarray(features_50hz)
+    if rows.ndim != 2 or len(rows) % ROWS_PER_FRAME:
+        raise ValueError(f"expected (2 F, D) 50 Hz rows, an even number of rows, got shape {rows.shape}")
+    if k == 2:
+        return rows
+    if k == 1:
+        return pair_mean(rows)
+    raise ValueError(f"audio steps per frame k={k} is not supported: HuBERT's 50 Hz rows give k=1 or k=2 at 25 fps")
+
+
+def hubert_features_50hz(
     model: transformers.HubertModel,
     waveform: np.ndarray,
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
     context_seconds: float = DEFAULT_CONTEXT_SECONDS,
 ) -> np.ndarray:
-    """(ceil(N / 640), hidden) float32 features of a 16 kHz mono waveform of N samples.
+    """(2 ceil(N / 640), hidden) float32 HuBERT rows at 50 Hz of a 16 kHz mono waveform of
+    N samples; 25 Hz frame j owns rows 2j and 2j+1.
 
-    `chunk_seconds=math.inf` runs the whole utterance in one pass.
+    Chunks and their context are whole 40 ms blocks, so chunk edges stay on the 640-sample
+    grid and a pair is never split. `chunk_seconds=math.inf` runs the whole utterance in
+    one pass.
     """
     x = np.asarray(waveform)
     if x.ndim != 1:
@@ -165,13 +209,28 @@ def hubert_features_25hz(
 
     chunk = n if math.isinf(chunk_seconds) else max(1, round(chunk_seconds * FEATURE_RATE))
     context = max(0, round(context_seconds * FEATURE_RATE))
-    out = np.empty((n, hidden_size), np.float32)
+    r = ROWS_PER_FRAME
+    out = np.empty((r * n, hidden_size), np.float32)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         first, last = max(0, start - context), min(n, stop + context)
-        feats = _features_of_window(model, padded_t, first, last)  # (last - first, H)
-        out[start:stop] = feats[start - first : stop - first].cpu().numpy()
+        rows = _features_of_window(model, padded_t, first, last)  # (2 (last - first), H)
+        out[r * start : r * stop] = rows[r * (start - first) : r * (stop - first)].cpu().numpy()
     return out
+
+
+def hubert_features_25hz(
+    model: transformers.HubertModel,
+    waveform: np.ndarray,
+    chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+    context_seconds: float = DEFAULT_CONTEXT_SECONDS,
+) -> np.ndarray:
+    """(ceil(N / 640), hidden) float32 features of a 16 kHz mono waveform of N samples: the
+    pair means of `hubert_features_50hz` (same chunking).
+
+    `chunk_seconds=math.inf` runs the whole utterance in one pass.
+    """
+    return pair_mean(hubert_features_50hz(model, waveform, chunk_seconds, context_seconds))
 
 
 def sample_features(features_25hz: np.ndarray, times_s: np.ndarray) -> np.ndarray:
@@ -218,7 +277,11 @@ def _weight_files(folder: str) -> list[str]:
 
 
 class HubertFeatures:
-    """Stage: loads HuBERT once; `features = stage(waveform_16k)` -> (T25, hidden) float32.
+    """Stage: loads HuBERT once; `rows = stage(waveform_16k)` -> (2 T25, hidden) float32 rows
+    at 50 Hz (`steps_per_frame(rows, k)` gives Stage 1's input, `pair_mean` the 25 Hz features).
+
+    `model_id` ends in "-50hz": it names what the stage returns, so cache entries written
+    when the stage returned 25 Hz features are never read as 50 Hz rows.
 
     `model` is a local folder in transformers format (save_pretrained output, or the
     downloaded checkpoint), an already built HubertModel, or a hub id, which is fetched
@@ -274,13 +337,15 @@ class HubertFeatures:
             raise AudioError(f"HuBERT weights {folder}: needs config.json and model weights (*.safetensors or *.bin)")
         model = cls._load(folder, local_files_only=not allow_download)
         name = os.path.basename(os.path.normpath(os.path.abspath(folder)))
-        model_id = f"{name}-cfg{_sha256_files([config_path])[:8]}-w{_sha256_files(weights)[:12]}"
+        model_id = f"{name}-cfg{_sha256_files([config_path])[:8]}-w{_sha256_files(weights)[:12]}{MODEL_ID_SUFFIX}"
         return model, model_id
 
     @staticmethod
     def _memory_id(name: str, model: transformers.HubertModel) -> str:
         config_hash = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
-        return f"{name}-cfg{config_hash[:8]}-w{_sha256_state_dict(model)[:12]}"
+        return f"{name}-cfg{config_hash[:8]}-w{_sha256_state_dict(model)[:12]}{MODEL_ID_SUFFIX}"
+
+    feature_rate = HUBERT_RATE  # rows per second that __call__ returns
 
     def __call__(self, waveform: np.ndarray) -> np.ndarray:
-        return hubert_features_25hz(self.model, waveform, self.chunk_seconds, self.context_seconds)
+        return hubert_features_50hz(self.model, waveform, self.chunk_seconds, self.context_seconds)
