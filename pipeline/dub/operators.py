@@ -5,21 +5,18 @@ stops the job.
 
 What every operator does around its stage (skip rows that failed upstream or whose
 segment an earlier run committed, time the call, turn an exception into a failed row
-whose message names the file, count it) is written once, in `row_step`. The classes hold
+whose message names the file, count it) is written once, in `pipeline.steps`. The classes hold
 no Ray imports; `pipeline.dub.job` decides where and how many of each run. Constructors
 load models once per actor.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
 import os
 import tempfile
 import time
 from fractions import Fraction
-from typing import Callable
 
 import numpy as np
 
@@ -30,7 +27,8 @@ from pipeline import metrics
 from pipeline.config import JobConfig
 from pipeline.features import cached_features
 from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
-from pipeline.storage import Storage, is_remote, join_uri
+from pipeline.steps import RowError, make_row_step, open_source
+from pipeline.storage import Storage, join_uri
 from pipeline.weights import (
     load_hubert,
     load_motion_extractor,
@@ -65,24 +63,9 @@ class _Op:
             self.bundle = read_bundle_info(localize_bundle(weights_uri, self.storage))
 
 
-@contextlib.contextmanager
-def open_source(storage: Storage, uri: str):
-    """A path or seekable file object PyAV can read: local paths as they are, remote
-    objects as fsspec files (ranged reads, no full download)."""
-    if not is_remote(uri):
-        yield uri[len("file://") :] if uri.startswith("file://") else uri
-        return
-    with storage.open(uri, "rb", block_size=4 << 20) as f:
-        yield f
-
-
 def _skip(row: dict) -> bool:
     # A segment committed by an earlier run of the same work is done: nothing to recompute.
     return bool(row["error"]) or bool(row["segment_reused"])
-
-
-class RowError(Exception):
-    """A row's failure whose message already names the file and the problem."""
 
 
 def _video(row: dict) -> str:
@@ -97,46 +80,7 @@ def _segment(row: dict) -> str:
     return f"video {row['video_uri']} segment {row['seg_idx']}"
 
 
-def row_step(stage: str, subject: Callable[[dict], str]):
-    """Decorate an operator's `body(self, row) -> dict of updates` into its `__call__`.
-
-    Rows that failed upstream (or whose segment is already committed) pass through. An
-    exception fails the row at `stage`: a RowError or MediaError as written (they name the
-    file), an AudioError prefixed with the subject unless it names the URI already, a
-    missing file as "<subject>: no such file", anything else as "<subject>: Type: message".
-    The call's seconds add to the row's `time_<stage>_s`; a body that returns
-    `segment_reused=True` found the work done and is not timed."""
-    from stages.audio import AudioError
-    from stages.media import MediaError
-
-    def wrap(body):
-        @metrics.instrumented(stage)
-        @functools.wraps(body)
-        def call(self, row: dict) -> dict:
-            row = normalise(row)
-            if _skip(row):
-                return row
-            start = time.perf_counter()
-            try:
-                updates = body(self, row)
-            except (RowError, MediaError) as e:
-                return fail(row, stage, str(e))
-            except AudioError as e:
-                message = str(e)
-                return fail(row, stage, message if row["audio_uri"] in message else f"{subject(row)}: {message}")
-            except FileNotFoundError:
-                return fail(row, stage, f"{subject(row)}: no such file")
-            except Exception as e:  # noqa: BLE001 - any failure is this row's, not the job's
-                return fail(row, stage, f"{subject(row)}: {type(e).__name__}: {e}")
-            row.update(updates)
-            if not updates.get("segment_reused"):
-                key = f"time_{stage}_s"
-                row[key] = float(row.get(key, 0.0)) + (time.perf_counter() - start)
-            return row
-
-        return call
-
-    return wrap
+row_step = make_row_step(normalise, _skip, fail, metrics.instrumented)
 
 
 # --------------------------------------------------------------------------- plan
