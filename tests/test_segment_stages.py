@@ -19,15 +19,17 @@ from stages.completion.vae import LatentVAE, tiny_vae_config
 from stages.compose import ComposeStage
 from stages.face import FaceTracker, MouthMask, crop_faces
 from stages.media import MediaError, decode_frames, frame_to_rgb, probe_video
-from stages.motion.audio2motion import Audio2Motion, Audio2MotionConfig
-from stages.motion.extractor import LIP_KEYPOINTS, MotionExtractor, MotionExtractorConfig, extract_motion
+from stages.motion.audio2motion import DRIVEN_KEYPOINTS, Audio2Motion, Audio2MotionConfig
+from stages.motion.extractor import MotionExtractor, MotionExtractorConfig, extract_motion
 from stages.motion.stage import MotionStage
 
 FPS = Fraction(25)
 N_FRAMES = 30
 NO_FACE = list(range(10, 15))  # frames of the cutaway (0.4 s to 0.6 s)
 AUDIO_DIM = 16
-NON_LIP = [k for k in range(21) if k not in LIP_KEYPOINTS]
+K_STEPS = 2  # Stage 1 audio steps per 25 Hz frame (HuBERT 50 Hz)
+DRIVEN = list(DRIVEN_KEYPOINTS)
+NON_DRIVEN = [k for k in range(21) if k not in DRIVEN_KEYPOINTS]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,8 @@ def motion_models():
     extractor = MotionExtractor(MotionExtractorConfig.tiny()).eval()
     stage1 = Audio2Motion(Audio2MotionConfig.tiny(audio_dim=AUDIO_DIM)).eval()
     # Stage 1's head is zero-initialised (Δδ = 0); randomise it so offsets are non-zero and
-    # "lip = neutral + offset" and "lip = neutral" can be told apart.
+    # "driven = neutral + offset" and "driven = neutral" can be told apart. k = 2 rows per frame.
+    assert stage1.cfg.audio_steps_per_frame == K_STEPS
     torch.nn.init.normal_(stage1.head.weight, std=0.05)
     torch.nn.init.normal_(stage1.head.bias, std=0.05)
     return extractor, stage1
@@ -75,7 +78,7 @@ class CountingExtractor(MotionExtractor):
 
 def motion_segment(clip, extractor, first=10, end=30, warmup_rows=4, seed=0):
     """Inputs for the segment [first, end) as MotionOp builds them: frame times i/fps, 25 Hz
-    features starting `warmup_rows` rows before the segment, neutral state and reference
+    features (K_STEPS rows per frame) starting `warmup_rows` frames before the segment, neutral state and reference
     bank from face frames of the clip."""
     rng = np.random.default_rng(seed)
     frame_indices = np.arange(first, end)
@@ -89,7 +92,7 @@ def motion_segment(clip, extractor, first=10, end=30, warmup_rows=4, seed=0):
         has_face=clip["has_face"][first:end],
         frame_indices=frame_indices,
         frame_times=frame_indices / 25.0,
-        features=rng.normal(size=(num_rows, AUDIO_DIM)).astype(np.float32),
+        features=rng.normal(size=(num_rows * K_STEPS, AUDIO_DIM)).astype(np.float32),
         first_feature=first_feature,
         audio_duration_s=0.95,  # frames 24..29 (t >= 0.96 s) lie past the dubbed track
         neutral_x_c=neutral["x_c"][0],
@@ -100,7 +103,7 @@ def motion_segment(clip, extractor, first=10, end=30, warmup_rows=4, seed=0):
 
 
 def stage1_rows(stage1, features, neutral_x_c, neutral_exp):
-    """Stage 1 run directly over the window: Δδ per 25 Hz row, (F, 21, 3)."""
+    """Stage 1 run directly over the window: Δδ per 25 Hz frame, (F, |D|, 3)."""
     with torch.no_grad():
         out = stage1.generate(
             torch.from_numpy(features)[None], torch.from_numpy(neutral_x_c)[None], torch.from_numpy(neutral_exp)[None]
@@ -108,7 +111,7 @@ def stage1_rows(stage1, features, neutral_x_c, neutral_exp):
     return out[0].numpy()
 
 
-def test_motion_driving_is_source_expression_with_stage1_lips(clip, motion_models):
+def test_motion_driving_is_neutral_with_stage1_offsets(clip, motion_models):
     extractor, stage1 = motion_models
     counting = CountingExtractor(extractor)
     stage = MotionStage(counting, stage1, batch_frames=4, min_reference_gap_frames=12)
@@ -131,23 +134,49 @@ def test_motion_driving_is_source_expression_with_stage1_lips(clip, motion_model
 
     source = extract_motion(extractor, seg["crops"][face], batch_size=4)
     np.testing.assert_allclose(out["pose"][face], np.stack([source["pitch"], source["yaw"], source["roll"]], -1), atol=1e-5)
-    # Eyes, brows, the rest of the face: the source frame's own expression.
-    np.testing.assert_allclose(out["driving"][face][:, NON_LIP], source["exp"][:, NON_LIP], rtol=0, atol=1e-6)
+    # Eyes, brows, the rest of the face: the neutral frame's expression, exactly (not the source's).
+    np.testing.assert_array_equal(
+        out["driving"][face][:, NON_DRIVEN], np.broadcast_to(seg["neutral_exp"][NON_DRIVEN], (len(face), len(NON_DRIVEN), 3))
+    )
+    assert np.abs(source["exp"][:, NON_DRIVEN] - seg["neutral_exp"][NON_DRIVEN]).max() > 1e-4  # they would differ
 
-    # Lips: neutral + Stage 1's offset for the frame. At 25 fps the mapping is one to one
-    # (paper: features "synchronised to 25 Hz ... one-to-one with the video frames"):
-    # frame i takes row i of the audio, i.e. row i - first_feature of the window.
+    # Driven keypoints: neutral + Stage 1's offset for the frame. At 25 fps the mapping is one
+    # to one: frame i takes 25 Hz frame i of the audio, i.e. rows k*(i - first_feature) ... of the window.
     rows = stage1_rows(stage1, seg["features"], seg["neutral_x_c"], seg["neutral_exp"])
+    assert rows.shape == (len(seg["features"]) // K_STEPS, len(DRIVEN), 3)
     frames = seg["frame_indices"][face]
     expected_offsets = rows[frames - seg["first_feature"]]
-    lips = out["driving"][face][:, list(LIP_KEYPOINTS)]
+    lips = out["driving"][face][:, DRIVEN]
     in_audio = seg["frame_times"][face] < seg["audio_duration_s"]
     assert in_audio.sum() == 9 and (~in_audio).sum() == 6
-    expected_lips = seg["neutral_exp"][list(LIP_KEYPOINTS)] + expected_offsets[:, list(LIP_KEYPOINTS)]
+    expected_lips = seg["neutral_exp"][DRIVEN] + expected_offsets
     np.testing.assert_allclose(lips[in_audio], expected_lips[in_audio], rtol=0, atol=1e-5)
-    assert np.abs(expected_offsets[:, list(LIP_KEYPOINTS)]).max() > 1e-2  # the offsets are really there
+    assert np.abs(expected_offsets).max() > 1e-2  # the offsets are really there
     # Past the end of the dubbed track: the neutral (closed) mouth, exactly.
-    np.testing.assert_array_equal(lips[~in_audio], np.broadcast_to(seg["neutral_exp"][list(LIP_KEYPOINTS)], lips[~in_audio].shape))
+    np.testing.assert_array_equal(lips[~in_audio], np.broadcast_to(seg["neutral_exp"][DRIVEN], lips[~in_audio].shape))
+
+
+def test_motion_driving_never_sees_the_source_expression(clip, motion_models):
+    """Two different source crops at the same face positions: the same driving expression.
+    The source frames only give the pose; their mouth cannot leak into the dub."""
+    extractor, stage1 = motion_models
+    stage = MotionStage(extractor, stage1, batch_frames=8)
+    seg = motion_segment(clip, extractor)
+    base = stage(**seg)
+    other_crops = seg["crops"].copy()
+    face = seg["has_face"]
+    other_crops[face] = clip["crops"][[0, 2, 4, 6, 8] * 3][: face.sum()]  # other frames, other expressions
+    assert not np.array_equal(other_crops, seg["crops"])
+    other = stage(**dict(seg, crops=other_crops))
+    assert not np.allclose(other["pose"][face], base["pose"][face])  # the extractor saw other crops
+    np.testing.assert_array_equal(other["driving"], base["driving"])
+
+
+def test_motion_features_must_come_k_rows_per_frame(clip, motion_models):
+    extractor, stage1 = motion_models
+    seg = motion_segment(clip, extractor)
+    with pytest.raises(ValueError, match=r"not a multiple of 2"):
+        MotionStage(extractor, stage1)(**dict(seg, features=seg["features"][:-1]))
 
 
 def test_motion_offsets_at_2997_fps_interpolate_between_rows(clip, motion_models):
@@ -161,29 +190,28 @@ def test_motion_offsets_at_2997_fps_interpolate_between_rows(clip, motion_models
     seg["first_feature"] = 9  # the window starts at 0.36 s
     seg["audio_duration_s"] = 10.0
     out = stage(**seg)
-    rows = stage1_rows(stage1, seg["features"], seg["neutral_x_c"], seg["neutral_exp"])  # (F, 21, 3)
+    rows = stage1_rows(stage1, seg["features"], seg["neutral_x_c"], seg["neutral_exp"])  # (F, |D|, 3)
     row_centres = (seg["first_feature"] + np.arange(len(rows)) + 0.5) / 25.0
     frame_centres = (seg["frame_indices"] + 0.5) / fps
-    lip = list(LIP_KEYPOINTS)
     expected = np.stack(
-        [np.interp(frame_centres, row_centres, rows[:, k, c]) for k in lip for c in range(3)], axis=-1
-    ).reshape(-1, len(lip), 3)
-    np.testing.assert_allclose(out["driving"][:, lip], seg["neutral_exp"][lip] + expected, rtol=0, atol=1e-5)
+        [np.interp(frame_centres, row_centres, rows[:, slot, c]) for slot in range(len(DRIVEN)) for c in range(3)], axis=-1
+    ).reshape(-1, len(DRIVEN), 3)
+    np.testing.assert_allclose(out["driving"][:, DRIVEN], seg["neutral_exp"][DRIVEN] + expected, rtol=0, atol=1e-5)
 
 
-def test_motion_audio_changes_lips_only_and_never_earlier_frames(clip, motion_models):
+def test_motion_audio_changes_driven_keypoints_only_and_never_earlier_frames(clip, motion_models):
     extractor, stage1 = motion_models
     stage = MotionStage(extractor, stage1, batch_frames=8)
     seg = motion_segment(clip, extractor)
     base = stage(**seg)
     changed = dict(seg, features=seg["features"].copy())
-    # Replace the audio from row 10 on (absolute feature frame 16 = 0.64 s onwards).
-    changed["features"][10:] = np.random.default_rng(5).normal(size=changed["features"][10:].shape)
+    # Replace the audio from 25 Hz frame 10 of the window on (absolute feature frame 16 = 0.64 s onwards).
+    changed["features"][10 * K_STEPS:] = np.random.default_rng(5).normal(size=changed["features"][10 * K_STEPS:].shape)
     out = stage(**changed)
 
-    lip = list(LIP_KEYPOINTS)
+    lip = DRIVEN
     face = seg["has_face"]
-    np.testing.assert_array_equal(out["driving"][:, NON_LIP], base["driving"][:, NON_LIP])
+    np.testing.assert_array_equal(out["driving"][:, NON_DRIVEN], base["driving"][:, NON_DRIVEN])
     np.testing.assert_array_equal(out["ref_index"], base["ref_index"])
     # Frame i reads row i-6: frame 15 reads row 9, and Stage 1 is causal, so it is
     # unchanged; frames 16..23 (inside the dubbed track) change.

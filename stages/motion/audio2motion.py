@@ -1,39 +1,65 @@
 """IMGTalk Stage 1: audio -> implicit motion (the paper's "Audio to Implicit Motion Encoding").
 
-A Transformer decoder maps HuBERT features (25 Hz, 1024-d) to per-frame LivePortrait
-expression offsets Δδ_t (K=21 keypoints x 3), relative to the subject's own neutral silent
-state (x_c, δ_neutral) taken from a closed-mouth frame. The driving expression for a frame
-is δ_neutral + Δδ_t on the lip keypoints (Eq. 1 turns it into keypoints).
+A Transformer decoder maps HuBERT features (k steps per 25 Hz video frame; k=2 is HuBERT's
+native 50 Hz) to per-frame LivePortrait expression offsets Δδ_t on the DRIVEN keypoints D
+only (|D| x 3 values per frame), relative to the subject's own neutral silent state
+(x_c, δ_neutral) taken from a closed-mouth frame. The driving expression for a frame is
+δ_neutral + Δδ_t on D and δ_neutral everywhere else (`driving_expression`; Eq. 1 turns it
+into keypoints). Only what the loss trains is predicted and fed back: keypoints outside D
+get no supervision, so a model that also predicted them would emit untrained values there.
+
+Normalisation. LivePortrait's x_c, δ and Δδ live on very different scales (Δδ has a std of
+about 1e-2), so raw values would barely move a freshly initialised embedding. The config
+stores corpus statistics (`with_statistics`); x_c and δ_neutral are standardised before
+`neutral_embed`, previous offsets before `offset_embed`, and the head predicts standardised
+offsets that forward/generate turn back into RAW Δδ. The statistics live in the config (so in
+config.json) and become non-persistent buffers: the safetensors layout never depends on them.
+Without statistics (None) every normalisation is the identity.
 
 Motion tokens. The motion embedding starts from the neutral state,
-e0 = Linear([x_c, δ_neutral]); the query token of frame t is
-Linear(Δδ_{t-1}) + e0 + sinusoid(t). Frame 0 sees Δδ_{-1} = 0: the mouth at rest.
+e0 = Linear([norm(x_c), norm(δ_neutral)]); the query token of frame t is
+Linear(norm(Δδ_{t-1})) + e0 + sinusoid(t). Frame 0 sees Δδ_{-1} = 0: the mouth at rest.
 Training is teacher-forced (ground-truth Δδ shifted right by one frame); inference
 decodes autoregressively with a self-attention KV cache, chunk by chunk if wanted.
 
 Each decoder layer (pre-LN): causal self-attention over motion tokens, cross-modal
-attention (Eq. 2) with motion queries and audio keys/values, then an MLP.
+attention (Eq. 2) with motion queries and audio keys/values, then an MLP. Dropout sits on
+the residual branches; the cross-attention has no attention-probability dropout, since
+with few keys per frame dropping attention weights would drop the frame's audio outright.
 
-Alignment bias B^A (Eq. 3). With k audio steps per video frame, frame i may attend only
-audio steps j with k*i <= j < k*(i+1); all other logits get -inf. So each frame's
-cross-attention sees only its own audio window: no neighbouring audio leaks in through
-attention. Through the autoregressive chain (causal self-attention over earlier motion
-tokens, and Δδ_{t-1} fed back as input) a frame's output can still depend on EARLIER
-audio, by way of the previous frames; it can never depend on LATER audio. The model is
-therefore strictly causal in time, which is what lets `generate` stream chunk by chunk.
+Alignment bias B^A (Eq. 3), generalised to a window. With k audio steps per video frame,
+`before` and `after` frames of context, frame i may attend audio steps j with
+k*(i-before) <= j < k*(i+1+after) (clipped to the available steps); all other logits get
+-inf. With before=after=0 (the paper's B^A) each frame sees only its own k steps. Through
+the autoregressive chain (causal self-attention, Δδ_{t-1} fed back) a frame's output may
+depend on any EARLIER audio; on LATER audio it depends only through the `after` look-ahead:
+frame i never sees audio past frame i+after. With after=0 the model is strictly causal and
+`generate` streams chunk by chunk exactly; with after>0 the look-ahead is clipped at the end
+of each call's audio, so chunked decoding equals one call only if the whole audio is given
+at once (latency = after x 40 ms for a streaming caller that delays its decoding).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from stages.common.checkpoint import load_pretrained, save_pretrained
-from stages.motion.extractor import LIP_KEYPOINTS, NUM_KEYPOINTS, driven_keypoints
+from stages.motion.extractor import NUM_KEYPOINTS, driven_keypoints
+
+# The keypoints Stage 1 drives. LivePortrait's "lip" set (6, 12, 14, 17, 19, 20) -- the
+# paper's S -- plus 3 and 7: LivePortrait's own lip-variation and smile retargeting sliders
+# also move keypoints 3 and 7 (mouth corners / cheeks), so a talking mouth that keeps them
+# at neutral looks pasted on. Everything outside this set stays at δ_neutral.
+DRIVEN_KEYPOINTS: tuple[int, ...] = (3, 6, 7, 12, 14, 17, 19, 20)
+
+Stats = tuple[tuple[float, ...], ...]
 
 
 @dataclass
@@ -45,14 +71,43 @@ class Audio2MotionConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     num_kp: int = NUM_KEYPOINTS
-    # k in Eq. 3. HuBERT features are resampled to 25 Hz = the video rate, so one per frame.
-    # With k=1 each window is a single step: the cross-attention softmax is always 1, so it
-    # reduces to a projection of that step's values (its Q/K weights get no gradient).
-    audio_steps_per_frame: int = 1
+    driven_keypoints: tuple[int, ...] = DRIVEN_KEYPOINTS
+    # k in Eq. 3: audio steps per 25 Hz video frame. 2 = HuBERT's native 50 Hz, so each
+    # frame attends over two steps and the cross-attention's Q/K weights are trained (with
+    # a one-step window the softmax is always 1 and Q/K get no gradient).
+    audio_steps_per_frame: int = 2
+    audio_window_before: int = 0  # frames of earlier audio each frame may attend
+    audio_window_after: int = 0  # frames of look-ahead (latency after x 40 ms)
+    # Corpus statistics (see with_statistics); None = identity. Offsets: (|D|, 3); the
+    # neutral expression and canonical keypoints: (num_kp, 3). Nested tuples for JSON.
+    offset_mean: Stats | None = None
+    offset_std: Stats | None = None
+    exp_mean: Stats | None = None
+    exp_std: Stats | None = None
+    x_c_mean: Stats | None = None
+    x_c_std: Stats | None = None
 
     @classmethod
     def tiny(cls, audio_dim: int = 32) -> "Audio2MotionConfig":
         return cls(audio_dim=audio_dim, d_model=32, n_heads=2, n_layers=2)
+
+    def with_statistics(self, offset_mean, offset_std, exp_mean, exp_std, x_c_mean, x_c_std) -> "Audio2MotionConfig":
+        """A copy holding corpus statistics (numpy arrays): offsets (|D|, 3), exp and x_c
+        (num_kp, 3). Standard deviations are floored at 1e-6."""
+        driven, kp = (len(self.driven_keypoints), 3), (self.num_kp, 3)
+        values = {}
+        for name, value, shape in (("offset_mean", offset_mean, driven), ("offset_std", offset_std, driven),
+                                   ("exp_mean", exp_mean, kp), ("exp_std", exp_std, kp),
+                                   ("x_c_mean", x_c_mean, kp), ("x_c_std", x_c_std, kp)):
+            array = np.asarray(value, dtype=np.float64)
+            if array.shape != shape:
+                raise ValueError(f"audio2motion.py with_statistics: {name} has shape {array.shape}, expected {shape}")
+            if not np.isfinite(array).all():
+                raise ValueError(f"audio2motion.py with_statistics: {name} holds NaN or Inf")
+            if name.endswith("std"):
+                array = np.maximum(array, 1e-6)
+            values[name] = tuple(tuple(float(v) for v in row) for row in array)
+        return dataclasses.replace(self, **values)
 
 
 @dataclass
@@ -60,8 +115,9 @@ class GenerationState:
     """Where `generate` stopped, so the next call continues the same sequence."""
 
     num_frames: int  # frames decoded so far (= position of the next frame)
-    last_offsets: Tensor  # (B, K, 3) Δδ of the last decoded frame, the next frame's input
+    last_offsets: Tensor  # (B, |D|, 3) raw Δδ of the last decoded frame, the next frame's input
     kv_cache: list[tuple[Tensor, Tensor] | None]  # per layer: self-attention K, V (B, heads, num_frames, head_dim)
+    audio_tail: Tensor | None = None  # (B, <= k*before, d) encoded audio the next frames' windows reach back to
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -75,11 +131,15 @@ def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (len, dim)
 
 
-def alignment_bias(num_frames: int, steps_per_frame: int, device=None, dtype=torch.float32) -> Tensor:
-    """Eq. 3: additive bias (T, T*k), 0 where k*i <= j < k*(i+1), -inf elsewhere."""
+def alignment_bias(num_frames: int, steps_per_frame: int, before: int = 0, after: int = 0,
+                   num_steps: int | None = None, device=None, dtype=torch.float32) -> Tensor:
+    """Eq. 3 with a window: additive bias (T, S), S = num_steps (default T*k); 0 where
+    k*(i-before) <= j < k*(i+1+after), -inf elsewhere."""
+    k = steps_per_frame
+    num_steps = num_frames * k if num_steps is None else num_steps
     frame = torch.arange(num_frames, device=device)[:, None]
-    step = torch.arange(num_frames * steps_per_frame, device=device)[None, :]
-    allowed = (step >= steps_per_frame * frame) & (step < steps_per_frame * (frame + 1))
+    step = torch.arange(num_steps, device=device)[None, :]
+    allowed = (step >= k * (frame - before)) & (step < k * (frame + 1 + after))
     bias = torch.zeros(allowed.shape, device=device, dtype=dtype)
     return bias.masked_fill(~allowed, float("-inf"))
 
@@ -89,22 +149,31 @@ def causal_mask(num_frames: int, device=None) -> Tensor:
     return torch.ones(num_frames, num_frames, dtype=torch.bool, device=device).tril()
 
 
+def _stat_buffer(values: Stats | None, shape: tuple[int, int], fill: float) -> Tensor:
+    if values is None:
+        return torch.full(shape, fill)
+    tensor = torch.tensor(values, dtype=torch.float32)
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"audio2motion.py: statistics of shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor
+
+
 # ----------------------------------------------------------------------------- blocks
 
 
 class Attention(nn.Module):
-    """Multi-head attention: queries from `x`, keys/values from `context`, optional cached K/V in front."""
+    """Multi-head attention: queries from `x`, keys/values from `context`, optional cached K/V in front.
+    `attn_dropout` drops attention probabilities; residual dropout is the caller's."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"audio2motion.py: d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
-        self.dropout = dropout
+        self.attn_dropout = attn_dropout
         self.to_q = nn.Linear(d_model, d_model)
         self.to_kv = nn.Linear(d_model, 2 * d_model)
         self.to_out = nn.Linear(d_model, d_model)
-        self.resid_drop = nn.Dropout(dropout)
 
     def split_heads(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
@@ -116,9 +185,10 @@ class Attention(nn.Module):
         k, v = (self.split_heads(z) for z in self.to_kv(context).chunk(2, dim=-1))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(batch, length, width)  # (B, L, d)
-        return self.resid_drop(self.to_out(y)), (k, v)
+        return self.to_out(y), (k, v)
 
 
 class DecoderLayer(nn.Module):
@@ -128,19 +198,18 @@ class DecoderLayer(nn.Module):
         self.norm_self = nn.LayerNorm(d)
         self.self_attn = Attention(d, cfg.n_heads, cfg.dropout)
         self.norm_cross = nn.LayerNorm(d)
-        self.cross_attn = Attention(d, cfg.n_heads, cfg.dropout)
+        self.cross_attn = Attention(d, cfg.n_heads, 0.0)  # no attention dropout: see the module docstring
         self.norm_mlp = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(
-            nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Linear(cfg.ffn_mult * d, d), nn.Dropout(cfg.dropout)
-        )
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Linear(cfg.ffn_mult * d, d))
+        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, audio, self_mask=None, cross_bias=None, past=None):
         """x (B, L, d) motion tokens; audio (B, S, d). Returns x and this layer's self-attention K/V."""
         h = self.norm_self(x)
         attended, kv = self.self_attn(h, h, mask=self_mask, past=past)
-        x = x + attended
-        x = x + self.cross_attn(self.norm_cross(x), audio, mask=cross_bias)[0]
-        x = x + self.mlp(self.norm_mlp(x))
+        x = x + self.resid_drop(attended)
+        x = x + self.resid_drop(self.cross_attn(self.norm_cross(x), audio, mask=cross_bias)[0])
+        x = x + self.resid_drop(self.mlp(self.norm_mlp(x)))
         return x, kv
 
 
@@ -152,23 +221,44 @@ class Audio2Motion(nn.Module):
         super().__init__()
         if cfg.d_model % 2:
             raise ValueError(f"audio2motion.py: d_model must be even for sinusoidal positions, got {cfg.d_model}")
+        driven = tuple(cfg.driven_keypoints)
+        if not driven or len(set(driven)) != len(driven) or not all(0 <= i < cfg.num_kp for i in driven):
+            raise ValueError(f"audio2motion.py: driven_keypoints {driven} must be distinct indices in [0, {cfg.num_kp})")
+        if cfg.audio_steps_per_frame < 1 or cfg.audio_window_before < 0 or cfg.audio_window_after < 0:
+            raise ValueError("audio2motion.py: audio_steps_per_frame must be >= 1 and the audio window >= 0")
         self.cfg = cfg
-        d, motion_dim = cfg.d_model, cfg.num_kp * 3
+        d, neutral_dim, offset_dim = cfg.d_model, cfg.num_kp * 3, len(driven) * 3
+        self.reset_buffers()
         self.audio_proj = nn.Linear(cfg.audio_dim, d)
         self.audio_norm = nn.LayerNorm(d)
-        self.neutral_embed = nn.Linear(2 * motion_dim, d)  # [x_c, δ_neutral] -> e0
-        self.offset_embed = nn.Linear(motion_dim, d)  # Δδ_{t-1} -> token
+        self.neutral_embed = nn.Linear(2 * neutral_dim, d)  # [x_c, δ_neutral] -> e0
+        self.offset_embed = nn.Linear(offset_dim, d)  # Δδ_{t-1} on D -> token
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm_out = nn.LayerNorm(d)
-        self.head = nn.Linear(d, motion_dim)
-        # Zero-init so an untrained model predicts Δδ = 0, i.e. the subject's neutral closed
-        # mouth: training starts from the identity baseline, and early outputs (or a model
-        # loaded for a smoke test) never drive the face with random jitter.
+        self.head = nn.Linear(d, offset_dim)
+        # Zero-init so an untrained model predicts the mean offset (Δδ = 0 without statistics),
+        # i.e. the subject's neutral closed mouth: training starts from the identity baseline,
+        # and early outputs (or a model loaded for a smoke test) never drive the face with jitter.
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def reset_buffers(self) -> None:
+        """(Re)create the corpus statistics from the config: buffers so they follow .to(device),
+        non-persistent so the safetensors layout is the same with or without them (they live in
+        config.json). The meta-device loader calls this after assigning the file's tensors."""
+        cfg = self.cfg
+        kp, dr = (cfg.num_kp, 3), (len(cfg.driven_keypoints), 3)
+        for name, values, shape, fill in (("offset_mean", cfg.offset_mean, dr, 0.0), ("offset_std", cfg.offset_std, dr, 1.0),
+                                          ("exp_mean", cfg.exp_mean, kp, 0.0), ("exp_std", cfg.exp_std, kp, 1.0),
+                                          ("x_c_mean", cfg.x_c_mean, kp, 0.0), ("x_c_std", cfg.x_c_std, kp, 1.0)):
+            self.register_buffer(name, _stat_buffer(values, shape, fill), persistent=False)
+
     # --- shared pieces
+
+    @property
+    def num_driven(self) -> int:
+        return len(self.cfg.driven_keypoints)
 
     def encode_audio(self, audio: Tensor, first_step: int = 0) -> Tensor:
         """(B, S, audio_dim) -> (B, S, d); positions count from `first_step` so chunks line up."""
@@ -177,7 +267,18 @@ class Audio2Motion(nn.Module):
         return self.audio_norm(x)
 
     def neutral_embedding(self, x_c: Tensor, delta_neutral: Tensor) -> Tensor:
+        x_c = (x_c - self.x_c_mean) / self.x_c_std
+        delta_neutral = (delta_neutral - self.exp_mean) / self.exp_std
         return self.neutral_embed(torch.cat([x_c.flatten(1), delta_neutral.flatten(1)], dim=-1))  # (B, d)
+
+    def embed_offsets(self, offsets: Tensor) -> Tensor:
+        """Raw Δδ (..., |D|, 3) -> tokens (..., d), standardised first."""
+        return self.offset_embed(((offsets - self.offset_mean) / self.offset_std).flatten(-2))
+
+    def predict_offsets(self, x: Tensor) -> Tensor:
+        """Decoder states (..., d) -> raw Δδ (..., |D|, 3): the head predicts standardised offsets."""
+        normalised = self.head(self.norm_out(x)).unflatten(-1, (self.num_driven, 3))
+        return normalised * self.offset_std + self.offset_mean
 
     def num_frames(self, audio: Tensor) -> int:
         k = self.cfg.audio_steps_per_frame
@@ -192,52 +293,69 @@ class Audio2Motion(nn.Module):
     # --- training
 
     def forward(self, audio: Tensor, x_c: Tensor, delta_neutral: Tensor, prev_offsets: Tensor) -> Tensor:
-        """Teacher-forced. audio (B, T*k, A); x_c, delta_neutral (B, K, 3); prev_offsets (B, T, K, 3)
-        = ground-truth Δδ of frames 0..T-1 (shifted right here). Returns Δδ (B, T, K, 3)."""
-        batch, num_frames, num_kp, _ = prev_offsets.shape
+        """Teacher-forced. audio (B, T*k, A); x_c, delta_neutral (B, K, 3); prev_offsets (B, T, |D|, 3)
+        = raw ground-truth Δδ of frames 0..T-1 on D (shifted right here). Returns raw Δδ (B, T, |D|, 3)."""
+        cfg = self.cfg
+        batch, num_frames = prev_offsets.shape[:2]
+        if tuple(prev_offsets.shape[2:]) != (self.num_driven, 3):
+            raise ValueError(f"audio2motion.py: prev_offsets must be (B, T, {self.num_driven}, 3), got {tuple(prev_offsets.shape)}")
         if self.num_frames(audio) != num_frames:
             raise ValueError(
                 f"audio2motion.py: {audio.shape[1]} audio steps do not cover {num_frames} frames "
-                f"at k={self.cfg.audio_steps_per_frame}"
+                f"at k={cfg.audio_steps_per_frame}"
             )
-        shifted = F.pad(prev_offsets[:, :-1], (0, 0, 0, 0, 1, 0))  # (B, T, K, 3): frame t sees Δδ_{t-1}, frame 0 zeros
-        positions = sinusoidal_positions(torch.arange(num_frames, device=audio.device), self.cfg.d_model)
-        x = self.offset_embed(shifted.flatten(2)) + self.neutral_embedding(x_c, delta_neutral)[:, None] + positions
-        x = self.drop(x)  # (B, T, d)
+        tokens = self.embed_offsets(prev_offsets)  # (B, T, d)
+        rest = self.embed_offsets(prev_offsets.new_zeros(batch, 1, self.num_driven, 3))  # Δδ_{-1} = 0
+        shifted = torch.cat([rest, tokens[:, :-1]], dim=1)  # frame t sees Δδ_{t-1}
+        positions = sinusoidal_positions(torch.arange(num_frames, device=audio.device), cfg.d_model)
+        x = self.drop(shifted + self.neutral_embedding(x_c, delta_neutral)[:, None] + positions)  # (B, T, d)
         memory = self.encode_audio(audio)  # (B, T*k, d)
         self_mask = causal_mask(num_frames, audio.device)
-        cross_bias = alignment_bias(num_frames, self.cfg.audio_steps_per_frame, audio.device, x.dtype)
+        cross_bias = alignment_bias(num_frames, cfg.audio_steps_per_frame, cfg.audio_window_before,
+                                    cfg.audio_window_after, device=audio.device, dtype=x.dtype)
         for layer in self.layers:
             x, _ = layer(x, memory, self_mask, cross_bias)
-        return self.head(self.norm_out(x)).view(batch, num_frames, num_kp, 3)
+        return self.predict_offsets(x)
 
     # --- inference
 
     @torch.no_grad()
     def generate(self, audio: Tensor, x_c: Tensor, delta_neutral: Tensor, state: GenerationState | None = None,
                  return_state: bool = False):
-        """Autoregressive decoding, one frame at a time with a self-attention KV cache. Call in eval mode.
-        Passing the returned `state` back continues the sequence: chunked calls equal one call."""
-        batch, num_kp, k = x_c.shape[0], self.cfg.num_kp, self.cfg.audio_steps_per_frame
+        """Autoregressive decoding of T = steps // k frames, one at a time with a self-attention KV
+        cache. Call in eval mode. Returns raw Δδ (B, T, |D|, 3). Passing the returned `state` back
+        continues the sequence; chunked calls equal one call when audio_window_after = 0."""
+        cfg = self.cfg
+        batch, k = x_c.shape[0], cfg.audio_steps_per_frame
+        before, after = cfg.audio_window_before, cfg.audio_window_after
         num_frames = self.num_frames(audio)
         if state is None:
-            state = GenerationState(0, x_c.new_zeros(batch, num_kp, 3), [None] * len(self.layers))
+            state = GenerationState(0, x_c.new_zeros(batch, self.num_driven, 3), [None] * len(self.layers))
         e0 = self.neutral_embedding(x_c, delta_neutral)  # (B, d)
         memory = self.encode_audio(audio, first_step=state.num_frames * k)  # (B, T*k, d)
+        tail = 0
+        if state.audio_tail is not None:  # earlier audio the first frames' windows still reach
+            tail = state.audio_tail.shape[1]
+            memory = torch.cat([state.audio_tail, memory], dim=1)
+        steps = memory.shape[1]
+        positions = sinusoidal_positions(
+            torch.arange(state.num_frames, state.num_frames + num_frames, device=audio.device), cfg.d_model
+        ).to(e0.dtype)  # (T, d), once
         prev, cache = state.last_offsets, list(state.kv_cache)
         outputs = []
         for i in range(num_frames):
-            position = sinusoidal_positions(torch.tensor([state.num_frames + i], device=audio.device), self.cfg.d_model)
-            x = (self.offset_embed(prev.flatten(1)) + e0 + position)[:, None]  # (B, 1, d)
-            # B^A leaves frame i exactly its own window, so attend that slice with no bias.
-            window = memory[:, k * i: k * (i + 1)]
+            x = (self.embed_offsets(prev) + e0 + positions[i])[:, None]  # (B, 1, d)
+            # B^A leaves frame i exactly this slice, so attend it with no bias.
+            window = memory[:, max(0, tail + k * (i - before)): min(steps, tail + k * (i + 1 + after))]
             for index, layer in enumerate(self.layers):
                 x, cache[index] = layer(x, window, past=cache[index])
-            prev = self.head(self.norm_out(x)).view(batch, num_kp, 3)
+            prev = self.predict_offsets(x[:, 0])  # (B, |D|, 3)
             outputs.append(prev)
-        offsets = torch.stack(outputs, dim=1) if outputs else x_c.new_zeros(batch, 0, num_kp, 3)
+        offsets = torch.stack(outputs, dim=1) if outputs else x_c.new_zeros(batch, 0, self.num_driven, 3)
         if return_state:
-            return offsets, GenerationState(state.num_frames + num_frames, prev, cache)
+            keep = min(steps, k * before)
+            audio_tail = memory[:, steps - keep:] if keep else None
+            return offsets, GenerationState(state.num_frames + num_frames, prev, cache, audio_tail)
         return offsets
 
     # --- weights
@@ -254,28 +372,33 @@ class Audio2Motion(nn.Module):
 
 
 def stage1_loss(pred_offsets: Tensor, x_c: Tensor, delta_neutral: Tensor, R: Tensor, scale: Tensor, t: Tensor,
-                x_gt: Tensor, lip: tuple = LIP_KEYPOINTS, lam: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. 4-6 on the lip set S. pred_offsets, x_gt (B, T, K, 3); x_c, delta_neutral (B, K, 3);
-    per-frame pose R (B, T, 3, 3), scale (B, T, 1), t (B, T, 3). Returns (loss, {"rec", "temp"} detached)."""
-    batch, num_frames, num_kp, _ = pred_offsets.shape
-    for name, value, shape in (("x_gt", x_gt, (batch, num_frames, num_kp, 3)), ("R", R, (batch, num_frames, 3, 3)),
+                x_gt: Tensor, lip: tuple = DRIVEN_KEYPOINTS, lam: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. 4-6 on the driven set S = `lip` (pass the model's cfg.driven_keypoints).
+    pred_offsets (B, T, |S|, 3) raw Δδ on S; x_gt (B, T, |S|, 3) the frames' own driven keypoints
+    on S; x_c, delta_neutral (B, K, 3) the neutral state; per-frame pose R (B, T, 3, 3),
+    scale (B, T, 1), t (B, T, 3). x_k = s * (x_c[k] @ R + δ_neutral[k] + Δδ[k]) + (t_x, t_y, 0).
+    Returns (loss, {"rec", "temp"} detached)."""
+    lip = list(lip)
+    batch, num_frames = pred_offsets.shape[:2]
+    num_kp = x_c.shape[1] if x_c.dim() == 3 else -1
+    for name, value, shape in (("pred_offsets", pred_offsets, (batch, num_frames, len(lip), 3)),
+                               ("x_gt", x_gt, (batch, num_frames, len(lip), 3)), ("R", R, (batch, num_frames, 3, 3)),
                                ("scale", scale, (batch, num_frames, 1)), ("t", t, (batch, num_frames, 3)),
                                ("x_c", x_c, (batch, num_kp, 3)), ("delta_neutral", delta_neutral, (batch, num_kp, 3))):
         if tuple(value.shape) != shape:
             raise ValueError(f"audio2motion.py stage1_loss: {name} has shape {tuple(value.shape)}, expected {shape}")
-    lip = list(lip)
-    frames = batch * num_frames
-    expression = delta_neutral[:, None] + pred_offsets  # (B, T, K, 3)
+    frames, size = batch * num_frames, len(lip)
+    expression = delta_neutral[:, None, lip] + pred_offsets  # (B, T, |S|, 3)
     driven = driven_keypoints(
-        x_c[:, None].expand(-1, num_frames, -1, -1).reshape(frames, num_kp, 3),
-        R.reshape(frames, 3, 3), expression.reshape(frames, num_kp, 3),
+        x_c[:, None, lip].expand(-1, num_frames, -1, -1).reshape(frames, size, 3),
+        R.reshape(frames, 3, 3), expression.reshape(frames, size, 3),
         scale.reshape(frames, 1), t.reshape(frames, 3),
-    ).view(batch, num_frames, num_kp, 3)
+    ).view(batch, num_frames, size, 3)
     # Eq. 4: per-keypoint L1 norm, summed over S, averaged over frames; then over the batch.
-    rec = (driven[:, :, lip] - x_gt[:, :, lip]).abs().sum(dim=(-1, -2)).mean()
+    rec = (driven - x_gt).abs().sum(dim=(-1, -2)).mean()
     if num_frames > 1:
         # Eq. 5: squared L2 of the frame-to-frame change of Δδ, summed over S, averaged over T-1 pairs.
-        velocity = pred_offsets[:, 1:, lip] - pred_offsets[:, :-1, lip]
+        velocity = pred_offsets[:, 1:] - pred_offsets[:, :-1]
         temp = velocity.pow(2).sum(dim=(-1, -2)).mean()
     else:
         temp = pred_offsets.new_zeros(())
@@ -283,12 +406,16 @@ def stage1_loss(pred_offsets: Tensor, x_c: Tensor, delta_neutral: Tensor, R: Ten
     return loss, {"rec": rec.detach(), "temp": temp.detach()}
 
 
-def driving_expression(source_exp: Tensor, delta_neutral: Tensor, offsets: Tensor, lip: tuple = LIP_KEYPOINTS) -> Tensor:
-    """The driving δ for Stage 2 (..., K, 3): lip keypoints = δ_neutral + Δδ, all others from the source frame
-    (so eyes, brows and the rest of the face keep the source's own expression). A per-clip
-    delta_neutral (B, K, 3) is broadcast over the frames of (B, T, K, 3) offsets."""
+def driving_expression(delta_neutral: Tensor, offsets: Tensor, driven: tuple = DRIVEN_KEYPOINTS) -> Tensor:
+    """The driving δ for Stage 2 (..., K, 3), built from the neutral frame only: driven keypoints
+    = δ_neutral + Δδ, every other keypoint = δ_neutral. The source frame's own expression never
+    enters, so its mouth cannot steer the dub. offsets (..., |D|, 3); a per-clip delta_neutral
+    (B, K, 3) is broadcast over the frames of (B, T, |D|, 3) offsets."""
     if delta_neutral.dim() == offsets.dim() - 1:
         delta_neutral = delta_neutral.unsqueeze(-3)
-    is_lip = torch.zeros(source_exp.shape[-2], dtype=torch.bool, device=source_exp.device)
-    is_lip[list(lip)] = True
-    return torch.where(is_lip[:, None], delta_neutral + offsets, source_exp)
+    if offsets.shape[-2:] != (len(driven), 3):
+        raise ValueError(f"audio2motion.py driving_expression: offsets {tuple(offsets.shape)} do not match "
+                         f"{len(driven)} driven keypoints")
+    full = offsets.new_zeros(*offsets.shape[:-2], delta_neutral.shape[-2], 3)
+    full[..., list(driven), :] = offsets
+    return delta_neutral + full

@@ -1,5 +1,11 @@
 """The motion stage of a segment: source motion from the crops, Stage 1 from the audio,
-and the driving expression Stage 2 is conditioned on, at the source frame timestamps."""
+and the driving expression Stage 2 is conditioned on, at the source frame timestamps.
+
+The driving expression comes from the neutral frame only: δ_neutral + Δδ (Stage 1) on the
+driven keypoints, δ_neutral everywhere else. The source frames' own expression is never
+used, so the original mouth cannot steer the dub; the source crops only give the head pose
+(for reference selection). Audio features arrive at k = stage1.cfg.audio_steps_per_frame
+rows per 25 Hz frame (k=2: HuBERT's native 50 Hz)."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,12 +64,21 @@ class MotionStage:
         self.min_gap = min_reference_gap_frames
         self.device = device
 
-    def offsets_25hz(self, features: np.ndarray, neutral_x_c: np.ndarray, neutral_exp: np.ndarray) -> np.ndarray:
-        """Stage 1 over a window of 25 Hz features (F, D) -> Δδ (F, 21, 3)."""
-        if len(features) == 0:
-            return np.zeros((0, *neutral_exp.shape), np.float32)
+    def check_features(self, features: np.ndarray) -> None:
+        """Features must be (F*k, D): k rows per 25 Hz frame, never repeated to fake k."""
         k = self.stage1.cfg.audio_steps_per_frame
-        audio = torch.from_numpy(np.repeat(features, k, axis=0)[None]).float().to(self.device)
+        if features.ndim != 2 or len(features) % k:
+            raise ValueError(
+                f"stage.py: features of shape {features.shape} are not (F*k, D) rows at k={k} audio steps "
+                f"per 25 Hz frame ({len(features)} rows is not a multiple of {k})"
+            )
+
+    def offsets_25hz(self, features: np.ndarray, neutral_x_c: np.ndarray, neutral_exp: np.ndarray) -> np.ndarray:
+        """Stage 1 over a window of features (F*k, D), k rows per 25 Hz frame -> raw Δδ (F, |D|, 3)."""
+        self.check_features(features)
+        if len(features) == 0:
+            return np.zeros((0, len(self.stage1.cfg.driven_keypoints), 3), np.float32)
+        audio = torch.from_numpy(np.ascontiguousarray(features)[None]).float().to(self.device)
         x_c = torch.from_numpy(neutral_x_c[None]).float().to(self.device)
         exp = torch.from_numpy(neutral_exp[None]).float().to(self.device)
         with torch.no_grad():
@@ -76,14 +91,15 @@ class MotionStage:
         has_face: np.ndarray,  # (N,) bool
         frame_indices: np.ndarray,  # (N,) source frame indices
         frame_times: np.ndarray,  # (N,) presentation times in seconds (frame starts, index / fps)
-        features: np.ndarray,  # (F, D) 25 Hz features, row 0 = feature frame `first_feature`
-        first_feature: int,
+        features: np.ndarray,  # (F*k, D) features, k rows per 25 Hz frame; rows 0..k-1 = 25 Hz frame `first_feature`
+        first_feature: int,  # in 25 Hz frame units
         audio_duration_s: float,
         neutral_x_c: np.ndarray,
         neutral_exp: np.ndarray,
         ref_frames: np.ndarray,
         ref_pose: np.ndarray,
     ) -> dict[str, np.ndarray]:
+        self.check_features(features)
         n = len(crops)
         driving = np.zeros((n, *neutral_exp.shape), np.float32)
         ref_index = np.zeros(n, np.int64)
@@ -99,7 +115,7 @@ class MotionStage:
         # (closed) mouth rather than trusting Stage 1 on padding.
         offsets[frame_times[face] >= audio_duration_s] = 0.0
         driving[face] = driving_expression(
-            torch.from_numpy(source["exp"]), torch.from_numpy(neutral_exp)[None], torch.from_numpy(offsets)
+            torch.from_numpy(neutral_exp).float(), torch.from_numpy(offsets), self.stage1.cfg.driven_keypoints
         ).numpy()
         ref_index[face] = choose_references(frame_indices[face], pose[face], ref_frames, ref_pose, self.min_gap)
         return {"driving": driving, "ref_index": ref_index, "pose": pose}
