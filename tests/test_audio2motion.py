@@ -102,10 +102,9 @@ def test_outputs_depend_on_later_audio_only_through_the_look_ahead(k, after):
 
         own = audio.clone()
         own[:, k * i: k * (i + 1)] += 2.0 * torch.randn_like(own[:, k * i: k * (i + 1)])
-        moved = model(own, x_c, neutral, own_prev := prev)
+        moved = model(own, x_c, neutral, prev)
         assert torch.equal(moved[:, : max(0, i - after)], reference[:, : max(0, i - after)])
         assert not torch.allclose(moved[:, i], reference[:, i])
-        del own_prev
 
 
 @pytest.mark.parametrize("after", [0, 1])
