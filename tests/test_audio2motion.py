@@ -229,9 +229,11 @@ def test_statistics_make_offsets_move_the_offset_embedding():
 
     # Same for the neutral embedding: subjects differ in the normalised model's e0.
     x_c, exp = torch.from_numpy(x_cs[:64]), torch.from_numpy(exps[:64])
+
     def spread(model):
         e0 = model.neutral_embedding(x_c, exp)
         return ((e0 - e0.mean(0)).pow(2).mean().sqrt() / model.neutral_embed.bias.pow(2).mean().sqrt()).item()
+
     assert spread(normalised) > 5 * spread(plain)
 
 
