@@ -1,0 +1,326 @@
+"""Stage 2 training: pair sampling, the G/D step, overfitting, the GAN switch, optimiser groups, resume."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from stages.completion.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
+from stages.completion.imc_unet import IMCUNet, IMCUNetConfig
+from stages.completion.losses import Stage2Loss, Stage2LossWeights, masked_l1
+from stages.completion.training import (
+    DRIVEN_KEYPOINTS,
+    Stage2TrainConfig,
+    Stage2Trainer,
+    motion_statistics,
+    pairs_to_batch,
+    sample_pairs,
+)
+from stages.completion.vae import LatentVAE, tiny_vae_config
+from stages.face.mouth_mask import MouthMask
+
+S = 64
+torch.set_num_threads(1)  # shared CI box; the tiny networks gain nothing from more
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def face_images(n: int, rng: np.random.Generator, mouth_open: np.ndarray) -> np.ndarray:
+    """(n,S,S,3) uint8 smooth synthetic faces: a per-frame colour with a vertical shade and a
+    soft dark mouth inside the mouth mask whose height follows mouth_open."""
+    y, x = np.mgrid[0:S, 0:S] / S
+    images = []
+    for i in range(n):
+        colour = rng.uniform(0.35, 0.8, 3)
+        shade = rng.uniform(-0.2, 0.2, 3)
+        image = colour + shade * y[..., None]
+        r = ((x - 0.5) / 0.14) ** 2 + ((y - 0.8) / mouth_open[i]) ** 2
+        mouth = 1.0 / (1.0 + np.exp(np.minimum(4.0 * (r - 1.0), 50.0)))  # soft edge: the tiny VAE can reproduce it
+        image = image * (1 - mouth[..., None]) + np.array([0.45, 0.1, 0.1]) * mouth[..., None]
+        images.append((np.clip(image, 0, 1) * 255).astype(np.uint8))
+    return np.stack(images)
+
+
+def make_chunk(n: int = 60, seed: int = 0) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    has_face = np.ones(n, dtype=bool)
+    has_face[[5, 6, 30]] = False
+    shot = np.zeros(n, dtype=np.int32)
+    shot[40:] = 1
+    pose = np.cumsum(rng.normal(0, 1.5, (n, 3)), axis=0).astype(np.float32)
+    pose[20] += 60.0  # a frame whose pose nothing else comes near
+    exp = rng.normal(0, 0.01, (n, 21, 3)).astype(np.float32)
+    crops = face_images(n, rng, rng.uniform(0.03, 0.1, n))
+    crops[~has_face] = 0
+    chunk = {
+        "crops": crops,
+        "has_face": has_face,
+        "shot": shot,
+        "x_c": rng.normal(0, 0.2, (n, 21, 3)).astype(np.float32),
+        "exp": exp,
+        "pose": pose,
+    }
+    video = {"neutral_exp": rng.normal(0, 0.01, (21, 3)).astype(np.float32)}
+    return chunk, video
+
+
+# ----------------------------------------------------------------------------- sample_pairs
+
+
+def test_sample_pairs_rules():
+    chunk, video = make_chunk()
+    pairs = sample_pairs(chunk, video, np.random.default_rng(1), pairs=100, min_gap_frames=12, max_pose_deg=10.0)
+    assert 10 < len(pairs) < 60
+    n = len(chunk["has_face"])
+    for p in pairs:
+        t, r = p["target_index"], p["reference_index"]
+        assert t != r and p["gap"] == abs(t - r) >= 12
+        assert chunk["has_face"][t] and chunk["has_face"][r] and chunk["shot"][t] == chunk["shot"][r]
+        # the reference is the pose-nearest allowed frame, within the limit
+        allowed = [
+            j for j in range(n)
+            if chunk["has_face"][j] and chunk["shot"][j] == chunk["shot"][t] and abs(j - t) >= 12
+        ]
+        distances = np.linalg.norm(chunk["pose"][allowed] - chunk["pose"][t], axis=1)
+        assert np.linalg.norm(chunk["pose"][r] - chunk["pose"][t]) == pytest.approx(distances.min())
+        assert distances.min() <= 10.0
+        assert np.array_equal(p["target"], chunk["crops"][t]) and np.array_equal(p["reference"], chunk["crops"][r])
+        # condition: driven keypoints from the target's δ, neutral δ everywhere else
+        driven = list(DRIVEN_KEYPOINTS)
+        others = [k for k in range(21) if k not in DRIVEN_KEYPOINTS]
+        assert p["motion"].dtype == np.float32 and p["motion"].shape == (21, 3)
+        assert np.array_equal(p["motion"][driven], chunk["exp"][t][driven])
+        assert np.array_equal(p["motion"][others], video["neutral_exp"][others])
+        assert not np.array_equal(p["motion"][others], chunk["exp"][t][others])
+        assert np.array_equal(p["target_exp"], chunk["exp"][t]) and np.array_equal(p["target_x_c"], chunk["x_c"][t])
+    targets = [p["target_index"] for p in pairs]
+    assert len(set(targets)) == len(targets)
+    assert 20 not in targets  # its best pose distance is far over 10 degrees
+    assert not {5, 6, 30} & set(targets)
+
+
+def test_sample_pairs_drops_what_cannot_be_paired():
+    chunk, video = make_chunk()
+    rng = np.random.default_rng(2)
+    assert sample_pairs(chunk, video, rng, pairs=10, min_gap_frames=61) == []
+    # a huge pose tolerance keeps every face frame except those without any allowed partner
+    loose = sample_pairs(chunk, video, rng, pairs=1000, min_gap_frames=12, max_pose_deg=1e9)
+    face, shot, n = chunk["has_face"], chunk["shot"], len(chunk["has_face"])
+    pairable = [
+        t for t in range(n)
+        if face[t] and any(face[j] and shot[j] == shot[t] and abs(j - t) >= 12 for j in range(n))
+    ]
+    assert len(pairable) == 53  # frames 48-51 of the 20-frame second shot have no partner 12 frames away
+    assert sorted(p["target_index"] for p in loose) == pairable
+    assert len(sample_pairs(chunk, video, rng, pairs=3)) == 3
+    with pytest.raises(ValueError, match="min_gap_frames"):
+        sample_pairs(chunk, video, rng, pairs=3, min_gap_frames=0)
+
+
+def test_motion_statistics_feed_the_unet_config():
+    chunk, video = make_chunk()
+    pairs = sample_pairs(chunk, video, np.random.default_rng(0), pairs=40, max_pose_deg=1e9)
+    mean, std = motion_statistics(np.stack([p["motion"] for p in pairs]))
+    config = IMCUNetConfig.tiny().with_motion_statistics(mean, std)
+    others = [k for k in range(21) if k not in DRIVEN_KEYPOINTS]
+    # non-driven keypoints never move in the condition: their std hits the floor
+    assert all(config.motion_std[k][0] == 1e-6 for k in others)
+    assert all(config.motion_std[k][0] > 1e-3 for k in DRIVEN_KEYPOINTS)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def overfit_batch(n: int = 8, seed: int = 3) -> dict:
+    rng = np.random.default_rng(seed)
+    mouth_open = rng.uniform(0.03, 0.1, n)
+    images = face_images(n, rng, mouth_open)
+    motion = np.zeros((n, 21, 3), np.float32)
+    motion[:, list(DRIVEN_KEYPOINTS), 1] = mouth_open[:, None] * 0.3
+    pairs = [
+        {
+            "target": images[i],
+            "reference": images[(i + 3) % n],
+            "motion": motion[i],
+            "target_exp": motion[i],
+            "target_x_c": np.zeros((21, 3), np.float32),
+        }
+        for i in range(n)
+    ]
+    return pairs_to_batch(pairs)
+
+
+def make_trainer(weights: Stage2LossWeights, seed: int = 0, vae=None, discriminator=False, **cfg) -> Stage2Trainer:
+    torch.manual_seed(seed)
+    unet = IMCUNet(IMCUNetConfig.tiny())
+    vae = vae if vae is not None else LatentVAE.from_config(tiny_vae_config())
+    disc = PatchDiscriminator(PatchDiscriminatorConfig.tiny()) if discriminator else None
+    fields = dict(lr=1e-3, alpha_lr=1e-2, warmup_steps=2, total_steps=1000, gan_start_step=10**9, loss=weights)
+    fields.update(cfg)
+    return Stage2Trainer(unet, vae, MouthMask(dsize=S).array(), Stage2TrainConfig(**fields), discriminator=disc)
+
+
+LATENT_ONLY = Stage2LossWeights(rec=0.0, perc=0.0, motion=0.0, adv=0.0, latent=1.0)
+
+
+def train_tiny_autoencoder(batch: dict, steps: int) -> LatentVAE:
+    """The tiny VAE trained briefly as a deterministic autoencoder on the batch's frames, so that
+    its latents carry the frames' content and its decoder can (roughly) reproduce them."""
+    torch.manual_seed(0)
+    raw = LatentVAE.from_config(tiny_vae_config()).vae.requires_grad_(True).train()
+    optimizer = torch.optim.Adam(raw.parameters(), lr=3e-3)
+    x = batch["target"] * 2 - 1
+    for _ in range(steps):
+        loss = (raw.decode(raw.encode(x).latent_dist.mode()).sample - x).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return LatentVAE(raw)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return overfit_batch()
+
+
+@pytest.fixture(scope="module")
+def trained_vae(batch):
+    return train_tiny_autoencoder(batch, steps=40)
+
+
+def test_overfit_latent_term_alone(batch, trained_vae):
+    trainer = make_trainer(LATENT_ONLY, vae=trained_vae, lr=2e-3, warmup_steps=5, total_steps=80)
+    before = trainer.evaluate(batch)["latent_l1_mask"]
+    for step in range(80):
+        out = trainer.step(batch, step)
+    assert set(out) == {"loss", "latent", "lr"}
+    after = trainer.evaluate(batch)["latent_l1_mask"]
+    # What one latent for all frames would score (the per-cell median, the best L1 constant):
+    # beating it shows per-frame completion, not just the untrained output noise shrinking.
+    target = trainer.encode_inputs(batch)["target"]
+    constant = float(masked_l1(target.median(dim=0, keepdim=True).values.expand_as(target), target, trainer.latent_mask))
+    print(f"\nlatent L1 inside the mask: {before:.4f} -> {after:.4f} ({before / after:.1f}x); "
+          f"one latent for all frames: {constant:.4f}")
+    assert after <= before / 10
+    assert after <= 0.6 * constant
+
+
+def test_overfit_pixels_through_the_decoder(batch, trained_vae):
+    trainer = make_trainer(
+        Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.0, latent=1.0),
+        vae=trained_vae, lr=2e-3, warmup_steps=5, total_steps=50,
+    )
+    with torch.no_grad():  # what the decoder itself can reproduce: E then D of the true frames
+        floor = float(masked_l1(trained_vae.decode(trained_vae.encode(batch["target"])), batch["target"], trainer.mask))
+    before = trainer.evaluate(batch)["pixel_l1_mask"]
+    for step in range(50):
+        out = trainer.step(batch, step)
+    assert set(out) == {"loss", "rec", "latent", "lr"}
+    after = trainer.evaluate(batch)["pixel_l1_mask"]
+    print(f"\npixel L1 inside the mask: {before:.4f} -> {after:.4f} ({before / after:.1f}x); "
+          f"VAE reconstruction floor {floor:.4f}")
+    # Not tenfold: the pixel error cannot fall below the decoder's own reconstruction error, and
+    # a tiny VAE trained for seconds (40 steps) reproduces the mouth region only to ~0.12 L1
+    # (250 steps, ~100 s on this CPU, still leave ~0.12 inside the mask), against ~0.18 at
+    # init. Measured: 0.180 -> 0.121 (1.5x) with floor 0.120. So the test asserts what is
+    # reachable: a clear fall, and the UNet reaching the decoder's floor.
+    assert after <= before / 1.4
+    assert after <= 1.15 * floor
+
+
+def test_output_follows_motion_and_reference_only_once_alphas_open(batch):
+    trainer = make_trainer(LATENT_ONLY)
+    trainer.unet.eval()
+    other_motion = dict(batch, motion=batch["motion"] + 0.05)
+    other_reference = dict(batch, reference=batch["reference"].flip(0))
+    with torch.no_grad():
+        base = trainer.complete(batch)
+        assert (trainer.complete(other_motion) - base).abs().max() > 1e-3
+        assert torch.equal(trainer.complete(other_reference), base)  # every alpha is 0
+        for alpha in trainer.unet.rsca_alphas():
+            alpha.fill_(0.5)
+        opened = trainer.complete(batch)
+        assert (trainer.complete(other_reference) - opened).abs().max() > 1e-3
+
+
+def parameters_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_gan_switches_on_at_gan_start_step(batch):
+    weights = Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.01)
+    trainer = make_trainer(weights, discriminator=True, gan_start_step=2)
+    small = {k: v[:2] for k, v in batch.items()}
+    d_before = parameters_of(trainer.discriminator)
+    for step in range(2):
+        out = trainer.step(small, step)
+        assert "d_loss" not in out and "adv" not in out
+    assert all(torch.equal(a, b) for a, b in zip(d_before, parameters_of(trainer.discriminator)))
+    assert all(p.grad is None for p in trainer.discriminator.parameters())
+    out = trainer.step(small, 2)
+    assert {"d_loss", "adv", "rec"} <= set(out) and out["d_loss"] > 0
+    assert out["loss"] == pytest.approx(out["rec"] + 0.01 * out["adv"], rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, parameters_of(trainer.discriminator)))
+    assert all(p.requires_grad for p in trainer.discriminator.parameters())  # unfrozen for its own step
+
+
+def test_alpha_parameter_group_and_frozen_critics():
+    trainer = make_trainer(LATENT_ONLY, lr=1e-4, alpha_lr=1e-3, weight_decay=0.01)
+    groups = trainer.optimizer.param_groups
+    alpha_ids = {id(a) for a in trainer.unet.rsca_alphas()}
+    alpha_groups = [g for g in groups if {id(p) for p in g["params"]} & alpha_ids]
+    assert len(alpha_groups) == 1 and {id(p) for p in alpha_groups[0]["params"]} == alpha_ids
+    assert alpha_groups[0]["weight_decay"] == 0.0 and alpha_groups[0]["initial_lr"] == 1e-3
+    (other,) = [g for g in groups if g is not alpha_groups[0]]
+    assert other["weight_decay"] == 0.01 and other["initial_lr"] == 1e-4
+    assert sum(len(g["params"]) for g in groups) == len(list(trainer.unet.parameters()))
+    assert not any(p.requires_grad for p in trainer.vae.parameters())
+    # a weight whose module is missing is switched off, not an error
+    default = make_trainer(Stage2LossWeights())  # perc, motion, adv > 0 but no VGG, extractor or D
+    assert (default.weights.perc, default.weights.motion, default.weights.adv) == (0.0, 0.0, 0.0)
+    assert default.weights.rec == 1.0
+
+
+def test_resume_gives_the_same_next_step(batch):
+    weights = Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.01, latent=0.5)
+    small = {k: v[:2] for k, v in batch.items()}
+    vae = LatentVAE.from_config(tiny_vae_config())  # frozen, not part of the trainer's state: shared
+    first = make_trainer(weights, seed=0, vae=vae, discriminator=True, gan_start_step=1)
+    for step in range(2):
+        first.step(small, step)
+    snapshot = copy.deepcopy(first.state_dict())
+    expected = first.step(small, 2)
+
+    resumed = make_trainer(weights, seed=7, vae=vae, discriminator=True, gan_start_step=1)
+    assert resumed.step(small, 0)["loss"] != expected["loss"]  # another history: the load must matter
+    resumed.load_state_dict(snapshot)
+    got = resumed.step(small, 2)
+    assert got == expected  # exactly: loss, every part, lr and d_loss
+    for a, b in zip(first.unet.parameters(), resumed.unet.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_latent_term_in_stage2_loss():
+    loss = Stage2Loss(LATENT_ONLY, None, None, None)
+    completed = torch.zeros(2, 4, 8, 8, requires_grad=True)
+    target = torch.ones(2, 4, 8, 8)
+    target[:, :, :4] = 3.0  # off by 3 in the top half, by 1 in the bottom half
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:, :] = 1.0  # only the bottom half counts
+    total, parts = loss(None, None, None, None, completed_latent=completed, target_latent=target, latent_mask=mask)
+    assert set(parts) == {"latent"} and total.item() == pytest.approx(1.0)
+    total.backward()
+    assert completed.grad[..., :4, :].abs().sum() == 0 and completed.grad[..., 4:, :].abs().sum() > 0
+    with pytest.raises(ValueError, match="completed_latent"):
+        loss(None, None, None, None)
+    with pytest.raises(ValueError, match="latent"):
+        Stage2Loss(Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.0, latent=-1.0), None, None, None)
+
+
+def test_train_config_json_round_trip():
+    config = Stage2TrainConfig(lr=3e-4, betas=[0.9, 0.99], loss=Stage2LossWeights(latent=0.5))
+    again = Stage2TrainConfig.from_json(config.to_json())
+    assert again == config and again.betas == (0.9, 0.99) and again.loss.latent == 0.5
