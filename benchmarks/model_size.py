@@ -78,9 +78,11 @@ def main() -> None:
         rows.append(("IMC-UNet (per frame)", params(unet), count_flops(lambda: unet(z, motion, z)), lambda: unet(z, motion, z)))
         del unet
 
-        a2m = Audio2Motion(Audio2MotionConfig()).to(device).eval()
-        audio = torch.randn(1, 25, 1024, device=device)
-        xc, d0, prev = torch.randn(1, 21, 3, device=device), torch.randn(1, 21, 3, device=device), torch.zeros(1, 25, 21, 3, device=device)
+        cfg1 = Audio2MotionConfig()
+        a2m = Audio2Motion(cfg1).to(device).eval()
+        audio = torch.randn(1, 25 * cfg1.audio_steps_per_frame, 1024, device=device)
+        xc, d0 = torch.randn(1, 21, 3, device=device), torch.randn(1, 21, 3, device=device)
+        prev = torch.zeros(1, 25, len(cfg1.driven_keypoints), 3, device=device)
         rows.append(("Stage 1 (per 25 frames)", params(a2m), count_flops(lambda: a2m(audio, xc, d0, prev)), lambda: a2m(audio, xc, d0, prev)))
         del a2m
 

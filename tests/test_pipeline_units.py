@@ -164,15 +164,15 @@ def test_feature_cache_hit_and_window(tmp_path):
     import fsspec
 
     cache = FeatureCache(fsspec.filesystem("file"), str(tmp_path / "cache"))
-    feats = np.random.rand(620, 8).astype(np.float32)
+    feats = np.random.rand(620, 8).astype(np.float32)  # 50 Hz rows: 310 frames at 25 fps
     sha = content_hash(b"some audio")
     assert cache.lookup("m1", sha) is None
-    stored = cache.store("m1", sha, feats, duration_s=24.8)
+    stored = cache.store("m1", sha, feats, duration_s=12.4)
     hit = cache.lookup("m1", sha)
-    assert hit == stored and hit.n_frames == 620 and hit.dim == 8
+    assert hit == stored and hit.n_frames == 310 and hit.dim == 8
     assert cache.lookup("m2", sha) is None  # a different model never hits
-    np.testing.assert_array_equal(cache.read_window(hit, 240, 510), feats[240:510])  # spans row groups
-    np.testing.assert_array_equal(cache.read_window(hit, -5, 3), feats[:3])
+    np.testing.assert_array_equal(cache.read_window(hit, 240, 510), feats[480:620])  # spans row groups, clamped
+    np.testing.assert_array_equal(cache.read_window(hit, -5, 3), feats[:6])
     assert cache.read_window(hit, 700, 800).shape == (0, 8)
     leftovers = [p for p in os.listdir(os.path.dirname(hit.path)) if "tmp" in p]
     assert leftovers == []

@@ -5,9 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from safetensors.torch import load_file, save_file
 
 from pipeline.weights import BundleError, init_bundle, load_bundle, read_bundle_info
+from stages.audio.hubert import steps_per_frame
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +44,11 @@ def test_bundle_loads_full_model_set_that_runs_and_round_trips(tiny_bundle, tmp_
         ra, rb = a.motion_extractor(x), b.motion_extractor(x)
         assert all(torch.equal(ra[k], rb[k]) for k in ra)
     wave = np.random.randn(16000).astype(np.float32)
-    fa = a.hubert(wave)
-    assert fa.shape[0] == 25 and np.array_equal(fa, b.hubert(wave))
-    audio = torch.from_numpy(fa)[None]
+    fa = a.hubert(wave)  # 50 Hz rows: two per 25 fps frame
+    assert fa.shape[0] == 50 and np.array_equal(fa, b.hubert(wave))
+    audio = torch.from_numpy(steps_per_frame(fa, a.stage1.cfg.audio_steps_per_frame))[None]
     off = a.stage1.generate(audio, torch.zeros(1, 21, 3), torch.zeros(1, 21, 3))
-    assert off.shape == (1, 25, 21, 3)
+    assert off.shape == (1, 25, len(a.stage1.cfg.driven_keypoints), 3)
 
 
 def test_two_seeds_give_different_weights(tmp_path):

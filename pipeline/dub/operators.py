@@ -291,6 +291,7 @@ class MotionOp(_Op):
     @row_step("motion", _segment)
     def __call__(self, row: dict) -> dict:
         from stages.audio.cache import CachedFeatures
+        from stages.audio.hubert import steps_per_frame
 
         fps = fps_of(row)
         frame_indices = np.arange(int(row["frame_start"]), int(row["frame_end"]))
@@ -298,13 +299,17 @@ class MotionOp(_Op):
         t0 = frame_times[0] if len(frame_times) else 0.0
         t1 = float(Fraction(int(row["frame_end"])) / fps)
         first = max(0, int(math.floor((t0 - self.config.motion.warmup_seconds) * 25)))
-        last = int(math.ceil(t1 * 25)) + 1
+        stage1 = self.stage.stage1.cfg
+        # Stage 1 may look ahead: read its window's worth of audio past the segment too.
+        last = int(math.ceil(t1 * 25)) + 1 + int(getattr(stage1, "audio_window_after", 0))
         cached = CachedFeatures(row["features_path"], int(row["feature_frames"]), float(row["audio_duration_s"]), int(row["feature_dim"]))
-        features = self.cache.read_window(cached, first, last)
-        if len(features) < last - first:
+        rows_50hz = self.cache.read_window(cached, first, last)  # two rows per 25 Hz frame
+        if len(rows_50hz) < 2 * (last - first):
             # The dubbed track ends before the video: silence drives a closed mouth.
-            pad = np.zeros((last - first - len(features), cached.dim), np.float32)
-            features = np.concatenate([features, pad]) if len(features) else pad
+            pad = np.zeros((2 * (last - first) - len(rows_50hz), cached.dim), np.float32)
+            rows_50hz = np.concatenate([rows_50hz, pad]) if len(rows_50hz) else pad
+        # Exactly the audio steps per frame Stage 1 was trained with (k=2: the 50 Hz rows; k=1: their pair means).
+        features = steps_per_frame(rows_50hz, stage1.audio_steps_per_frame)
         out = self.stage(
             crops=unpack(row["crops"]),
             has_face=unpack(row["has_face"]),

@@ -98,3 +98,23 @@ def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float 
         raise MediaError(
             f"video {media_name(path)!r}: stream ended at frame {expected}, frames up to {frame_end} were asked for"
         )
+
+
+def source_frames_at_rate(first: int, stop: int, source_fps: Fraction, n_source: int, rate: int = 25) -> np.ndarray:
+    """Source frame index shown at the centre of each frame [first, stop) of a `rate` fps
+    timeline: frame i covers [i/rate, (i+1)/rate), its centre falls in source frame
+    floor((i + 1/2) * source_fps / rate). At equal rates frame i is source frame i; faster
+    sources drop frames and slower ones repeat them, as a constant-rate conversion does."""
+    index = (np.arange(first, stop) * 2 + 1) * Fraction(source_fps) / (2 * rate)
+    return np.minimum(np.floor(index.astype(np.float64) + 1e-9).astype(np.int64), n_source - 1)
+
+
+def decode_at_rate(path, first: int, stop: int, source_fps: Fraction, n_source: int, rate: int = 25) -> list[np.ndarray]:
+    """Frames [first, stop) of the video resampled to `rate` fps (see source_frames_at_rate),
+    decoded in one pass over the source frames they need."""
+    wanted = source_frames_at_rate(first, stop, source_fps, n_source, rate)
+    if len(wanted) == 0:
+        return []
+    needed = set(wanted.tolist())
+    decoded = {i: f for i, f in decode_frames(path, int(wanted[0]), int(wanted[-1]) + 1) if i in needed}
+    return [decoded[int(i)] for i in wanted]

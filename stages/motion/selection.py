@@ -32,6 +32,15 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
     return gap / np.maximum(width, 1e-6)
 
 
+def neutral_score(pose: np.ndarray, opening: np.ndarray) -> np.ndarray:
+    """(N,) lower = better neutral frame: distance from a frontal pose plus mouth opening.
+    15 degrees off-frontal costs as much as a mouth open by 10% of its width; an unknown
+    opening (NaN) counts as wide open."""
+    frontal = np.linalg.norm(pose, axis=-1) / 15.0
+    closed = np.nan_to_num(opening, nan=1.0) / 0.10
+    return frontal + closed
+
+
 @dataclass
 class VideoAnalysis:
     neutral_frame: int
@@ -56,10 +65,7 @@ def select_neutral_and_references(
     if len(idx) == 0:
         raise NoFaceError("no face found in any sampled frame")
     pose = np.stack([motion["pitch"], motion["yaw"], motion["roll"]], axis=-1)  # (S, 3)
-    # 15 degrees off-frontal costs as much as a mouth open by 10% of its width.
-    frontal = np.linalg.norm(pose[idx], axis=-1) / 15.0
-    closed = np.nan_to_num(opening[idx], nan=1.0) / 0.10
-    neutral = idx[int(np.argmin(frontal + closed))]
+    neutral = idx[int(np.argmin(neutral_score(pose[idx], opening[idx])))]
 
     # Bank: greedy farthest-point sampling in pose space, starting at the neutral frame,
     # so the bank covers the poses the video visits.
