@@ -324,3 +324,59 @@ def test_train_config_json_round_trip():
     config = Stage2TrainConfig(lr=3e-4, betas=[0.9, 0.99], loss=Stage2LossWeights(latent=0.5))
     again = Stage2TrainConfig.from_json(config.to_json())
     assert again == config and again.betas == (0.9, 0.99) and again.loss.latent == 0.5
+
+
+class RecordingWrapper(torch.nn.Module):
+    """Stands in for DDP: holds the net in .module and counts the forwards that go through it."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.module(*args)
+
+
+def test_full_objective_step_with_frozen_critics_and_separate_wrappers(batch):
+    from stages.completion.vgg import VGG19
+    from stages.motion.extractor import MotionExtractor, MotionExtractorConfig
+
+    torch.manual_seed(0)
+    wrapped = []
+    extractor = MotionExtractor(MotionExtractorConfig.tiny())
+    vgg = VGG19(include_classifier=False, width_div=16)
+    weights = Stage2LossWeights(rec=1.0, perc=0.01, motion=1.0, adv=0.01, lambda_c=0.1)
+    trainer = Stage2Trainer(
+        IMCUNet(IMCUNetConfig.tiny()), LatentVAE.from_config(tiny_vae_config()), MouthMask(dsize=S).array(),
+        Stage2TrainConfig(warmup_steps=1, gan_start_step=0, loss=weights),
+        extractor=extractor, vgg=vgg, discriminator=PatchDiscriminator(PatchDiscriminatorConfig.tiny()),
+        wrap=lambda m: wrapped.append(RecordingWrapper(m)) or wrapped[-1],
+    )
+    # Only the UNet and the discriminator are wrapped, each on its own.
+    assert [type(w.module).__name__ for w in wrapped] == ["IMCUNet", "PatchDiscriminator"]
+    unet_wrapper, d_wrapper = wrapped
+    frozen = list(extractor.parameters()) + list(vgg.parameters()) + list(trainer.vae.parameters())
+    frozen_before = [p.detach().clone() for p in frozen]
+    unet_before = parameters_of(trainer.unet)
+
+    out = trainer.step({k: v[:2] for k, v in batch.items()}, 0)
+    assert {"rec", "perc", "motion", "adv", "d_loss", "loss", "lr"} == set(out)
+    assert all(np.isfinite(v) for v in out.values())
+    # G step through the UNet wrapper once; D wrapper only in the D step (target + fake), the
+    # frozen D of the G step runs unwrapped, so a DDP reducer never waits on it.
+    assert unet_wrapper.calls == 1 and d_wrapper.calls == 2
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, frozen_before))
+    assert not extractor.training and not vgg.training
+    changed = [not torch.equal(a, b) for a, b in zip(unet_before, parameters_of(trainer.unet))]
+    assert sum(changed) > 0.9 * len(changed)  # nearly every UNet tensor moved in one step
+    # and the motion term alone reaches the UNet through the decoder and the extractor
+    motion_only = Stage2Trainer(
+        IMCUNet(IMCUNetConfig.tiny()), LatentVAE.from_config(tiny_vae_config()), MouthMask(dsize=S).array(),
+        Stage2TrainConfig(warmup_steps=1, loss=Stage2LossWeights(rec=0.0, perc=0.0, motion=1.0, adv=0.0)),
+        extractor=extractor,
+    )
+    motion_only.step({k: v[:2] for k, v in batch.items()}, 0)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in motion_only.unet.motion_tokens.parameters())

@@ -162,7 +162,10 @@ class MotionTokens(nn.Module):
         self.register_buffer("motion_std", std, persistent=False)
 
     def normalise(self, motion: Tensor) -> Tensor:
-        return (motion - self.motion_mean) / self.motion_std  # (B,K,3)
+        # In float32 whatever the weights' dtype: δ ~ 1e-2 minus a mean of the same size would
+        # lose most of its digits in bfloat16.
+        normalised = (motion.float() - self.motion_mean.float()) / self.motion_std.float()  # (B,K,3)
+        return normalised.to(self.project.weight.dtype)
 
     def forward(self, motion: Tensor) -> Tensor:
         return self.project(self.normalise(motion)) + self.positional_encoding  # (B,K,3) -> (B,K,d_m)

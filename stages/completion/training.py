@@ -40,13 +40,7 @@ from stages.completion.losses import (
     discriminator_loss,
     masked_l1,
 )
-
-try:
-    from stages.motion.audio2motion import DRIVEN_KEYPOINTS
-except ImportError:  # pragma: no cover - until audio2motion.py defines it (another change in flight)
-    # The keypoints Stage 1 drives (LivePortrait's lip set plus jaw/chin keypoints 3 and 7):
-    # the only keypoints whose δ the Stage 2 condition takes from the target frame.
-    DRIVEN_KEYPOINTS: tuple[int, ...] = (3, 6, 7, 12, 14, 17, 19, 20)
+from stages.motion.audio2motion import DRIVEN_KEYPOINTS  # lip set + 3, 7: what Stage 1 drives
 
 
 # ----------------------------------------------------------------------------- pairs
