@@ -380,3 +380,39 @@ def test_full_objective_step_with_frozen_critics_and_separate_wrappers(batch):
     )
     motion_only.step({k: v[:2] for k, v in batch.items()}, 0)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in motion_only.unet.motion_tokens.parameters())
+
+
+def test_evaluate_metrics_by_hand_and_bfloat16_autocast(batch):
+    trainer = make_trainer(Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.0, latent=1.0))
+    small = {k: v[:2] for k, v in batch.items()}
+    metrics = trainer.evaluate(small)
+    assert trainer.unet.training  # evaluate restores the training mode
+    with torch.no_grad():
+        trainer.unet.eval()
+        latents = trainer.encode_inputs(small)
+        completed = trainer.complete(small, latents)
+        generated = trainer.vae.decode(completed)
+        trainer.unet.train()
+    inside = trainer.mask.expand_as(generated).bool()
+    error = (generated - small["target"])[inside]
+    assert metrics["pixel_l1_mask"] == pytest.approx(error.abs().mean().item(), rel=1e-5)
+    assert metrics["psnr_mask"] == pytest.approx(10 * np.log10(1 / error.square().mean().item()), rel=1e-5)
+    assert metrics["rec"] == pytest.approx((generated - small["target"]).abs().mean().item(), rel=1e-5)
+    latent_inside = trainer.latent_mask.expand_as(completed).bool()
+    latent_error = (completed - latents["target"])[latent_inside].abs().mean().item()
+    assert metrics["latent_l1_mask"] == pytest.approx(latent_error, rel=1e-5)
+    assert 0 < trainer.latent_mask.sum() < trainer.latent_mask.numel()
+
+    torch.manual_seed(0)
+    bf16 = Stage2Trainer(
+        IMCUNet(IMCUNetConfig.tiny()), LatentVAE.from_config(tiny_vae_config()), MouthMask(dsize=S).array(),
+        Stage2TrainConfig(warmup_steps=1, loss=Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.0, latent=1.0)),
+        autocast_dtype=torch.bfloat16,
+    )
+    out = bf16.step(small, 0)
+    assert np.isfinite(out["loss"]) and all(p.dtype == torch.float32 for p in bf16.unet.parameters())
+    with pytest.raises(ValueError, match="bfloat16"):
+        Stage2Trainer(
+            IMCUNet(IMCUNetConfig.tiny()), LatentVAE.from_config(tiny_vae_config()), MouthMask(dsize=S).array(),
+            Stage2TrainConfig(loss=LATENT_ONLY), autocast_dtype=torch.float16,
+        )
