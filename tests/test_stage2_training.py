@@ -282,6 +282,8 @@ def test_alpha_parameter_group_and_frozen_critics():
     default = make_trainer(Stage2LossWeights())  # perc, motion, adv > 0 but no VGG, extractor or D
     assert (default.weights.perc, default.weights.motion, default.weights.adv) == (0.0, 0.0, 0.0)
     assert default.weights.rec == 1.0
+    assert not trainer.unet.gradient_checkpointing
+    assert make_trainer(LATENT_ONLY, gradient_checkpointing=True).unet.gradient_checkpointing
 
 
 def test_resume_gives_the_same_next_step(batch):
