@@ -18,6 +18,8 @@ class UserError(Exception):
 def _print_summary(result) -> None:
     from pipeline.progress import format_summary
 
+    for warning in getattr(result, "warnings", []):
+        print(f"WARNING: {warning}")
     print()
     print(f"job {result.job_id}: {len(result.rows)} videos")
     print(format_summary(result.counts, result.seconds, result.frames))

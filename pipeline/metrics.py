@@ -59,6 +59,9 @@ SPECS: dict[str, tuple] = {
     "imgtalk_videos_finished_total": ("counter", "Videos finished, by status (ok, failed, skipped)", ("status", "job")),
     "imgtalk_output_frames_total": ("counter", "Frames in committed output videos", ("job",)),
     "imgtalk_job_videos": ("gauge", "Videos in the job's manifest", ("job",)),
+    "imgtalk_train_steps_total": ("counter", "Optimisation steps taken by a training run", ("stage",)),
+    "imgtalk_train_samples_total": ("counter", "Training samples consumed, all ranks", ("stage",)),
+    "imgtalk_train_loss": ("gauge", "Latest training loss terms (rank 0)", ("stage", "part")),
 }
 
 _metrics: dict[str, object] = {}
@@ -222,3 +225,16 @@ class JobMetrics:
         _inc("imgtalk_output_frames_total", output_frames, job=self.job)
         if status == "failed" and (error_stage or "") not in OPERATOR_STAGES:
             _inc("imgtalk_errors_total", 1, stage=error_stage or "unknown", kind=error_kind(error), job=self.job)
+
+
+# ------------------------------------------------------------------ training
+
+
+def training_step(stage: str, values: dict[str, float], samples: int) -> None:
+    """One optimisation step of `imgtalk train` (rank 0): steps, samples, and the loss terms."""
+    if not enabled():
+        return
+    _inc("imgtalk_train_steps_total", 1, stage=stage)
+    _inc("imgtalk_train_samples_total", samples, stage=stage)
+    for part, value in values.items():
+        _metric("imgtalk_train_loss").set(float(value), tags={"stage": stage, "part": part})

@@ -39,6 +39,7 @@ class JobResult:
     counts: dict[str, int] = field(default_factory=dict)
     stopped: str | None = None  # why the job ended early (error budget, pipeline failure), if it did
     segments_reused: int = 0  # encoded segments an earlier run committed, not recomputed
+    warnings: list[str] = field(default_factory=list)  # job-level: also in every ok row's `warnings`
 
     @property
     def frames_per_second(self) -> float:
@@ -150,7 +151,12 @@ def run_dub(
     policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes)
 
     # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
-    read_bundle_info(localize_bundle(weights_uri, storage))
+    bundle = read_bundle_info(localize_bundle(weights_uri, storage))
+    warnings = [] if bundle.trained else [
+        f"untrained weights bundle {redact(weights_uri)}: the mouth is re-rendered but not lip-synced "
+        "(train one with imgtalk prepare / imgtalk train)"]
+    for warning in warnings:
+        log.warning(warning)
     manifest = read_manifest(manifest_uri, storage)
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -224,10 +230,12 @@ def run_dub(
         if by_index.get(i) is not None else report[i]
         for i in sorted(report)
     ]
+    if warnings:
+        rows = [r.model_copy(update={"warnings": "; ".join(warnings)}) if r.status == "ok" else r for r in rows]
     write_report(rows, report_uri, storage)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "skipped")}
     frames = sum(r.output_frames or 0 for r in rows if r.status == "ok")
-    return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts, stopped, reused)
+    return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts, stopped, reused, warnings)
 
 
 def _run_graph(

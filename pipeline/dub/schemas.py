@@ -96,6 +96,7 @@ class ReportRow(BaseModel):
     time_finalize_s: float | None = None
     output_bytes: int | None = None
     output_sha256: str | None = None
+    warnings: str | None = None  # what an operator should look at ("; "-separated), e.g. an untrained bundle
 
 
 def _arrow_type(annotation) -> pa.DataType:

@@ -1,0 +1,88 @@
+"""`imgtalk train`: the training job's configuration (pydantic at the edge, YAML on disk)."""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.config import ConfigError, StorageConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stage1Options(_Strict):
+    clip_frames: int = Field(50, ge=2, description="frames per training clip (2 s at 25 fps)")
+    audio_steps_per_frame: Literal[1, 2] = Field(2, description="k of B^A: 2 = HuBERT's native 50 Hz rows")
+    audio_window_before: int = Field(0, ge=0, description="frames of audio before each frame its attention sees")
+    audio_window_after: int = Field(0, ge=0, description="frames of look-ahead")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    lam_temp: float = Field(0.1, ge=0, description="λ of Eq. 6")
+    prev_noise_std: float = Field(0.1, ge=0)
+    scheduled_sampling: float = Field(0.25, ge=0, le=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class Stage2Options(_Strict):
+    pairs_per_chunk: int = Field(8, ge=1)
+    min_gap_frames: int = Field(12, ge=1, description="a reference is at least this far from its target")
+    max_pose_deg: float = Field(10.0, gt=0, description="reference head pose within this of the target's")
+    lr: float = Field(1e-4, gt=0)
+    alpha_lr: float = Field(1e-3, gt=0, description="RSCA's per-layer alphas: own group, no weight decay")
+    weight_decay: float = Field(0.01, ge=0)
+    d_lr: float = Field(5e-5, gt=0)
+    gan_start_step: int = Field(1000, ge=0, description="the adversarial term and D's updates start here")
+    rec: float = Field(1.0, ge=0)
+    perc: float = Field(0.01, ge=0)
+    motion: float = Field(1.0, ge=0)
+    adv: float = Field(0.01, ge=0)
+    lambda_c: float = Field(0.1, ge=0)
+    latent: float = Field(0.0, ge=0, description="optional L1 on the completed latent inside the mask")
+    vgg_weights: str | None = Field(None, description="torchvision vgg19-dcbb9e9d.pth for L_perc; without it perc is 0")
+    gradient_checkpointing: bool = False
+    use_rsca: bool = Field(True, description="False: the paper's concatenation ablation")
+
+
+class TrainConfig(_Strict):
+    name: str = Field("imgtalk", description="run name: rerunning with the same name and storage_path resumes")
+    storage_path: str = Field("runs", description="checkpoints and curves (local, NFS or s3://); shared by all nodes")
+    num_workers: int = Field(1, ge=1, description="DDP ranks")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp shards parameters (CUDA only)")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast on GPU; always fp32 on CPU")
+    batch_size: int = Field(8, ge=1, description="per rank")
+    steps: int = Field(1000, ge=1)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    val_every: int = Field(200, ge=1)
+    val_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    num_to_keep: int = Field(3, ge=1)
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    shuffle_buffer: int = Field(64, ge=1, description="rows in each rank's local shuffle buffer")
+    seed: int = 0
+    torch_threads: int = Field(1, ge=1)
+    stage1: Stage1Options = Stage1Options()
+    stage2: Stage2Options = Stage2Options()
+    storage: StorageConfig = StorageConfig()
+
+
+def load_train_config(path: str | None) -> TrainConfig:
+    if path is None:
+        return TrainConfig()
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: training config not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        return TrainConfig.model_validate(data)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: invalid training config:\n  " + "\n  ".join(lines)) from e

@@ -1,0 +1,168 @@
+"""What differs between training Stage 1 and Stage 2, for the one Ray Train harness:
+the network and its config (with the corpus statistics), how a prepared chunk becomes
+training samples, how a batch reaches the Ray-free trainer, and what goes into the bundle.
+
+The training steps themselves live beside their networks (stages/motion/training.py,
+stages/completion/training.py) and never import Ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from pipeline.arrays import unpack
+from pipeline.train.config import TrainConfig
+
+CHUNK_ARRAYS = ("has_face", "shot", "x_c", "exp", "R", "t", "scale", "pose", "audio")
+
+
+def decode_chunk(row: dict, crops: bool = False) -> dict:
+    """A shard row (pipeline/prepare/operators.py) as numpy arrays; crops decoded on request."""
+    chunk = {"n": int(row["n"]), **{k: unpack(row[k]) for k in CHUNK_ARRAYS}}
+    if crops:
+        from stages.corpus.chunk import decode_crop
+
+        chunk["crops"] = np.stack([decode_crop(b) for b in row["crops"]])
+    return chunk
+
+
+def chunk_rng(seed: int, row: dict) -> np.random.Generator:
+    """The same samples from the same chunk on every run: a resumed run sees the data an
+    uninterrupted one would."""
+    key = hashlib.sha256(f"{seed}:{row['video_id']}:{int(row['chunk_idx'])}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(key[:8], "little"))
+
+
+def _stats(card: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+    s = card["statistics"][name]
+    return np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32)
+
+
+class Stage1Task:
+    name = "stage1"
+    val_metric = "rec"
+
+    def __init__(self, cfg: TrainConfig, card: dict):
+        self.cfg, self.card = cfg, card
+
+    def model_config(self, bundle_info):
+        from stages.common.checkpoint import load_config
+        from stages.motion.audio2motion import Audio2MotionConfig
+
+        o = self.cfg.stage1
+        base = load_config(Audio2MotionConfig, bundle_info.path("stage1"))
+        config = dataclasses.replace(base, audio_steps_per_frame=o.audio_steps_per_frame, audio_window_before=o.audio_window_before,
+                                     audio_window_after=o.audio_window_after, dropout=o.dropout)
+        driven = list(config.driven_keypoints)
+        off_mean, off_std = _stats(self.card, "offset")
+        exp_mean, exp_std = _stats(self.card, "exp")
+        xc_mean, xc_std = _stats(self.card, "x_c")
+        return config.with_statistics(off_mean[driven], off_std[driven], exp_mean, exp_std, xc_mean, xc_std)
+
+    def sampler(self, videos: dict, seed: int, model_config):
+        from stages.motion.training import sample_clips
+
+        clip, k, driven = self.cfg.stage1.clip_frames, model_config.audio_steps_per_frame, tuple(model_config.driven_keypoints)
+
+        def samples(row: dict) -> list[dict]:
+            return sample_clips(decode_chunk(row), videos[row["video_id"]], clip, k, driven, chunk_rng(seed, row))
+
+        return samples
+
+    def build_trainer(self, bundle_info, model_config, wrap, device, autocast_dtype, seed: int):
+        from stages.motion.audio2motion import Audio2Motion
+        from stages.motion.training import Stage1Trainer, Stage1TrainConfig
+
+        c, o = self.cfg, self.cfg.stage1
+        train_cfg = Stage1TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=c.warmup_steps, total_steps=c.steps,
+                                      lam_temp=o.lam_temp, grad_clip=c.grad_clip, prev_noise_std=o.prev_noise_std,
+                                      scheduled_sampling=o.scheduled_sampling)
+        return Stage1Trainer(Audio2Motion(model_config), train_cfg, wrap=wrap, device=device,
+                             autocast_dtype=autocast_dtype, seed=seed)
+
+    def to_batch(self, batch: dict) -> dict:
+        return batch
+
+    def network(self, trainer):
+        return trainer.model
+
+    def load_network(self, model_config, state: dict):
+        from stages.motion.audio2motion import Audio2Motion
+
+        model = Audio2Motion(model_config)
+        model.load_state_dict(state["model"])
+        return model.eval()
+
+
+class Stage2Task:
+    name = "stage2"
+    val_metric = "rec"
+
+    def __init__(self, cfg: TrainConfig, card: dict):
+        self.cfg, self.card = cfg, card
+
+    def model_config(self, bundle_info):
+        from stages.common.checkpoint import load_config
+        from stages.completion.imc_unet import IMCUNetConfig
+
+        base = load_config(IMCUNetConfig, bundle_info.path("stage2"))
+        config = dataclasses.replace(base, use_rsca=self.cfg.stage2.use_rsca)
+        return config.with_motion_statistics(*_stats(self.card, "exp"))
+
+    def sampler(self, videos: dict, seed: int, model_config):
+        from stages.completion.training import sample_pairs
+
+        o = self.cfg.stage2
+
+        def samples(row: dict) -> list[dict]:
+            pairs = sample_pairs(decode_chunk(row, crops=True), videos[row["video_id"]], chunk_rng(seed, row),
+                                 o.pairs_per_chunk, o.min_gap_frames, o.max_pose_deg)
+            keys = ("target", "reference", "motion", "target_exp", "target_x_c")
+            return [{k: p[k] for k in keys} for p in pairs]
+
+        return samples
+
+    def build_trainer(self, bundle_info, model_config, wrap, device, autocast_dtype, seed: int):
+        import torch
+
+        from pipeline.weights import load_motion_extractor, load_vae
+        from stages.completion.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
+        from stages.completion.imc_unet import IMCUNet
+        from stages.completion.losses import Stage2LossWeights
+        from stages.completion.training import Stage2Trainer, Stage2TrainConfig
+        from stages.completion.vgg import VGG19
+        from stages.face import MouthMask
+
+        c, o = self.cfg, self.cfg.stage2
+        weights = Stage2LossWeights(rec=o.rec, perc=o.perc, motion=o.motion, adv=o.adv, lambda_c=o.lambda_c, latent=o.latent)
+        train_cfg = Stage2TrainConfig(lr=o.lr, alpha_lr=o.alpha_lr, weight_decay=o.weight_decay, warmup_steps=c.warmup_steps,
+                                      total_steps=c.steps, grad_clip=c.grad_clip, d_lr=o.d_lr, gan_start_step=o.gan_start_step,
+                                      loss=weights, gradient_checkpointing=o.gradient_checkpointing)
+        torch.manual_seed(seed)
+        d_config = PatchDiscriminatorConfig.tiny() if bundle_info.size == "tiny" else PatchDiscriminatorConfig()
+        vgg = VGG19.from_pretrained(o.vgg_weights) if o.vgg_weights and o.perc > 0 else None
+        return Stage2Trainer(IMCUNet(model_config), load_vae(bundle_info), MouthMask().array(), train_cfg,
+                             extractor=load_motion_extractor(bundle_info), vgg=vgg,
+                             discriminator=PatchDiscriminator(d_config) if o.adv > 0 else None,
+                             wrap=wrap, device=device, autocast_dtype=autocast_dtype)
+
+    def to_batch(self, batch: dict) -> dict:
+        out = {k: batch[k] for k in ("motion", "target_exp", "target_x_c")}
+        for k in ("target", "reference"):  # (B,S,S,3) uint8 -> (B,3,S,S) in [0,1]
+            out[k] = batch[k].permute(0, 3, 1, 2).float() / 255.0
+        return out
+
+    def network(self, trainer):
+        return trainer.unet
+
+    def load_network(self, model_config, state: dict):
+        from stages.completion.imc_unet import IMCUNet
+
+        model = IMCUNet(model_config)
+        model.load_state_dict(state["unet"])
+        return model.eval()
+
+
+TASKS = {"stage1": Stage1Task, "stage2": Stage2Task}
