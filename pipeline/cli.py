@@ -3,6 +3,8 @@
     imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--metrics-port N]
     imgtalk demo [--folder DIR] [--weights URI] [--config job.yaml]
     imgtalk weights init --size tiny|paper OUT
+    imgtalk prepare --corpus URI --weights URI --output URI [--config prepare.yaml] [--address auto]
+    imgtalk train stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
 """
 from __future__ import annotations
 
@@ -77,6 +79,36 @@ def cmd_demo(args) -> int:
     return 0 if result.counts.get("failed", 0) == 0 else 3
 
 
+def cmd_prepare(args) -> int:
+    from pipeline.prepare.config import load_prepare_config
+    from pipeline.prepare.job import run_prepare
+
+    result = run_prepare(args.corpus, args.weights, args.output, load_prepare_config(args.config), address=args.address)
+    card = result.card
+    print(f"prepared {result.counts.get('ok', 0)} videos ({result.frames} frames at 25 fps, {result.frames_per_second:.1f} frames/s), "
+          f"skipped {result.counts.get('skipped', 0)} already prepared, {result.counts.get('failed', 0)} failed")
+    for r in result.rows:
+        if r.status == "failed":
+            print(f"  FAILED row {r.row_index} [{r.error_stage}] {r.error}")
+    if card.get("videos"):
+        splits = ", ".join(f"{k} {v['videos']} videos / {len(v['speakers'])} speakers" for k, v in card["splits"].items())
+        print(f"corpus {card['id']}: {card['videos']} videos, {card['speakers']} speakers, {card['hours']:.3f} h; {splits}")
+    print(f"shards: {result.output_uri}")
+    return 0 if result.counts.get("failed", 0) == 0 else 3
+
+
+def cmd_train(args) -> int:
+    from pipeline.train.config import load_train_config
+    from pipeline.train.job import run_train
+
+    result = run_train(args.stage, args.shards, args.weights, args.output_bundle, load_train_config(args.config), address=args.address)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()) if isinstance(v, float))
+    print(f"{args.stage}: {result.steps} steps in {result.seconds:.1f} s; last report: {shown}")
+    print(f"curves: {result.run_dir}")
+    print(f"bundle: {result.bundle_uri}")
+    return 0
+
+
 def cmd_weights_init(args) -> int:
     from pipeline.weights import init_bundle
 
@@ -116,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--address", help="Ray address; default: a local Ray")
     m.set_defaults(func=cmd_demo)
 
+    pr = sub.add_parser("prepare", help="turn a talking-head corpus into training shards")
+    pr.add_argument("--corpus", required=True, help="Parquet manifest (video_uri[, audio_uri, speaker_id, split]) or a folder/prefix of videos")
+    pr.add_argument("--weights", required=True, help="weights bundle (HuBERT and the motion extractor are used)")
+    pr.add_argument("--output", required=True, help="where the shards, videos.parquet, card.json and report.parquet go")
+    pr.add_argument("--config", help="prepare config YAML (pipeline/prepare/config.py)")
+    pr.add_argument("--address", help="Ray address; default: a local Ray")
+    pr.set_defaults(func=cmd_prepare)
+
+    tr = sub.add_parser("train", help="train Stage 1 or Stage 2 on Ray Train from prepared shards")
+    tr.add_argument("stage", choices=["stage1", "stage2"])
+    tr.add_argument("--shards", required=True, help="the output of imgtalk prepare")
+    tr.add_argument("--weights", required=True, help="base bundle: HuBERT, VAE, motion extractor, the other stage")
+    tr.add_argument("--output-bundle", required=True, help="where the bundle with the trained stage goes")
+    tr.add_argument("--config", help="training config YAML (pipeline/train/config.py); same name + storage_path resumes")
+    tr.add_argument("--address", help="Ray address; default: a local Ray")
+    tr.set_defaults(func=cmd_train)
+
     w = sub.add_parser("weights", help="weights bundle tools")
     wsub = w.add_subparsers(dest="weights_command", required=True)
     wi = wsub.add_parser("init", help="write a randomly initialised bundle (no download)")
@@ -130,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.dub.schemas import ManifestError
     from pipeline.security import PolicyError
+    from pipeline.train.job import TrainError
     from pipeline.weights import BundleError
 
     args = build_parser().parse_args(argv)
@@ -138,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, BundleError, PolicyError, UserError) as e:
+    except (ConfigError, ManifestError, BundleError, PolicyError, UserError, TrainError) as e:
         print(f"imgtalk: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

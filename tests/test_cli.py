@@ -134,3 +134,20 @@ def test_usage_errors_exit_2(argv, needle, capsys):
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
 
+
+
+def test_prepare_and_train_name_what_is_wrong_before_any_work(bundle, tmp_path, capsys):
+    empty = tmp_path / "no-videos"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a video")
+    assert main(["prepare", "--corpus", str(empty), "--weights", bundle, "--output", str(tmp_path / "shards")]) == 2
+    assert f"{empty}: no video files" in capsys.readouterr().err
+    shards = tmp_path / "not-prepared"
+    shards.mkdir()
+    code = main(["train", "stage1", "--shards", str(shards), "--weights", bundle, "--output-bundle", str(tmp_path / "b")])
+    assert code == 2
+    assert f"{shards}: not a prepared corpus" in capsys.readouterr().err
+    (tmp_path / "train.yaml").write_text("steps: 0\n")
+    code = main(["train", "stage2", "--shards", str(shards), "--weights", bundle, "--output-bundle", str(tmp_path / "b"),
+                 "--config", str(tmp_path / "train.yaml")])
+    assert code == 2 and "steps" in capsys.readouterr().err
