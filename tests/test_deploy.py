@@ -456,3 +456,24 @@ def test_readme_operator_guide_submit_command_parses():
     assert args.address == "auto" and args.config == "deploy/job.cluster.yaml"
     for words in ("ray job logs", "ray job status", "ray job stop", "RAY_AUTH_TOKEN", "num_gpus"):
         assert words in guide, f"README Operator guide: nothing about {words!r}"
+
+
+def test_prepare_and_train_configs_fit_the_launcher_cluster(cluster):
+    from pipeline.prepare.config import load_prepare_config
+    from pipeline.train.config import load_train_config
+
+    workers = _worker_types(cluster).values()
+    cpus = sum(t["max_workers"] * t["resources"].get("CPU", 0) for t in workers)
+    gpus = sum(t["max_workers"] * t["resources"].get("GPU", 0) for t in workers)
+    prepare = load_prepare_config(_path("deploy", "prepare.cluster.yaml"))
+    need_cpu = sum(p.size * p.num_cpus for p in prepare.pools.values())
+    need_gpu = sum(p.size * p.num_gpus for p in prepare.pools.values())
+    assert need_cpu <= cpus and need_gpu <= gpus, (need_cpu, cpus, need_gpu, gpus)
+    assert prepare.cache_uri.startswith("s3://") and prepare.security.allowed_input_prefixes
+    for name in ("train.cluster.yaml", "train.stage2.cluster.yaml"):
+        train = load_train_config(_path("deploy", name))
+        assert train.use_gpu and train.num_workers == gpus, f"{name}: one DDP rank per GPU"
+        assert train.num_workers * train.cpus_per_worker <= cpus, name
+        # Multi-node training needs storage every node reaches: never a node-local path.
+        assert train.storage_path.startswith("s3://"), name
+    assert load_train_config(_path("deploy", "train.stage2.cluster.yaml")).stage2.gradient_checkpointing
