@@ -146,6 +146,10 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
     _check_outputs(report, media, fetch=lambda uri: uri)
     assert result.counts == {"ok": 2, "failed": 5, "skipped": 0}
     assert by_stage(report) == {"plan": 3, "analyse": 1, "audio": 1}
+    # A random bundle dubs, and says so: in the result and on every ok row of the report.
+    assert len(result.warnings) == 1 and "untrained weights bundle" in result.warnings[0]
+    assert all(r.warnings == result.warnings[0] for r in report if r.status == "ok")
+    assert all(r.warnings is None for r in report if r.status != "ok")
     # a25 spans 3 segments of 1 s (2.4 s, the 0.4 s tail merged)
     assert report[0].segments == 2 and report[1].segments == 2
     # nothing half-written at the output location
