@@ -163,20 +163,25 @@ class ConfigError(ValueError):
     pass
 
 
-def load_job_config(path: str | None) -> JobConfig:
+def load_yaml_config(model: type[BaseModel], path: str | None, what: str):
+    """A pydantic config from a YAML file (every key optional), errors naming file and key."""
     if path is None:
-        return JobConfig()
+        return model()
     if not os.path.exists(path):
-        raise ConfigError(f"{path}: job config not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a job config is a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} is a YAML mapping, got {type(data).__name__}")
     try:
-        return JobConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid job config:\n  " + "\n  ".join(lines)) from e
+        raise ConfigError(f"{path}: invalid {what}:\n  " + "\n  ".join(lines)) from e
+
+
+def load_job_config(path: str | None) -> JobConfig:
+    return load_yaml_config(JobConfig, path, "job config")

@@ -11,6 +11,26 @@ from typing import Callable
 from pipeline.storage import Storage, is_remote
 
 
+class ConfiguredOp:
+    """What every operator sets up: its job's config (`config_model`, validated from the
+    plain dict Ray hands over), storage, and for operators that run models torch's thread
+    count and the weights bundle."""
+
+    config_model: type  # the job's pydantic config
+
+    def __init__(self, config: dict, weights_uri: str | None = None):
+        from pipeline.weights import localize_bundle, read_bundle_info
+
+        self.config = self.config_model.model_validate(config)
+        self.storage = Storage(self.config.storage.options())
+        self.bundle = None
+        if weights_uri is not None:
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)
+            self.bundle = read_bundle_info(localize_bundle(weights_uri, self.storage))
+
+
 class RowError(Exception):
     """A row's failure whose message already names the file and the problem."""
 

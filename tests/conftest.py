@@ -39,3 +39,26 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A tiny randomly initialised weights bundle, written once per test session."""
+    from pipeline.weights import init_bundle
+
+    path = str(tmp_path_factory.mktemp("weights") / "tiny")
+    init_bundle(path, size="tiny")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray for one test module (3 logical CPUs: two training ranks plus data),
+    with fake AWS credentials for the loopback S3 endpoint."""
+    import ray
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                       "AWS_DEFAULT_REGION": "us-east-1", "RAY_USAGE_STATS_ENABLED": "0"})
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

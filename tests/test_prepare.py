@@ -15,28 +15,9 @@ from pipeline.arrays import unpack
 from pipeline.prepare.config import PrepareConfig
 from pipeline.sample_catalogue import SampleVideo, speak, write_video
 from pipeline.storage import Storage
-from pipeline.weights import init_bundle, load_hubert, load_motion_extractor, read_bundle_info
+from pipeline.weights import load_hubert, load_motion_extractor, read_bundle_info
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 SMALL = (320, 240)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.update(S3_ENV)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("weights") / "tiny")
-    init_bundle(path, size="tiny")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +58,7 @@ def _read_parquet(storage, uri):
     return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
 
 
-def test_prepare_local_shards_round_trip_and_rerun_skips(ray_local, bundle, corpus, tmp_path):
+def test_prepare_local_shards_round_trip_and_rerun_skips(local_ray, tiny_bundle, corpus, tmp_path):
     from pipeline.prepare.job import run_prepare
     from stages.audio import load_audio
     from stages.corpus.chunk import decode_crop
@@ -91,7 +72,7 @@ def test_prepare_local_shards_round_trip_and_rerun_skips(ray_local, bundle, corp
     _manifest(rows, manifest, storage)
     out = str(tmp_path / "shards")
     config = _config(tmp_path)
-    result = run_prepare(manifest, bundle, out, config)
+    result = run_prepare(manifest, tiny_bundle, out, config)
 
     by_name = {os.path.basename(r.video_uri): r for r in result.rows}
     bad = by_name["corrupt.mp4"]
@@ -108,7 +89,7 @@ def test_prepare_local_shards_round_trip_and_rerun_skips(ray_local, bundle, corp
     assert len(videos) == 5
 
     # One shard, every column against the stage that made it.
-    info = read_bundle_info(bundle)
+    info = read_bundle_info(tiny_bundle)
     extractor = load_motion_extractor(info)
     hubert = load_hubert(info)
     video = next(v for v in videos if v["video_uri"].endswith("anna_2.mp4"))
@@ -160,7 +141,7 @@ def test_prepare_local_shards_round_trip_and_rerun_skips(ray_local, bundle, corp
 
     # A rerun skips every prepared video and touches none of its shards.
     mtimes = {u: os.stat(u).st_mtime_ns for v in videos for u in v["chunk_uris"]}
-    again = run_prepare(manifest, bundle, out, config)
+    again = run_prepare(manifest, tiny_bundle, out, config)
     statuses = {os.path.basename(r.video_uri): r.status for r in again.rows}
     assert statuses.pop("corrupt.mp4") == "failed"
     assert set(statuses.values()) == {"skipped"}
@@ -170,7 +151,7 @@ def test_prepare_local_shards_round_trip_and_rerun_skips(ray_local, bundle, corp
     assert sorted(os.listdir(os.path.join(out, "chunks"))) == sorted(v["video_id"] for v in videos)
 
 
-def test_prepare_against_s3(ray_local, bundle, corpus, s3_endpoint, tmp_path, monkeypatch):
+def test_prepare_against_s3(local_ray, tiny_bundle, corpus, s3_endpoint, tmp_path, monkeypatch):
     import s3fs
 
     from pipeline.prepare.job import run_prepare
@@ -190,7 +171,7 @@ def test_prepare_against_s3(ray_local, bundle, corpus, s3_endpoint, tmp_path, mo
 
     # Workers started before this test: they learn the endpoint from the job config.
     config = _config(tmp_path).model_copy(update={"cache_uri": "s3://corpus/cache", "storage": StorageConfig(endpoint_url=s3_endpoint)})
-    result = run_prepare("s3://corpus/manifest.parquet", bundle, "s3://corpus/shards", config)
+    result = run_prepare("s3://corpus/manifest.parquet", tiny_bundle, "s3://corpus/shards", config)
     statuses = {r.video_uri.rsplit("/", 1)[1]: r.status for r in result.rows}
     assert statuses == {"ben.mp4": "ok", "dora.mp4": "ok", "corrupt.mp4": "failed"}, [(r.error_stage, r.error) for r in result.rows]
     videos = _read_parquet(storage, "s3://corpus/shards/videos.parquet")
@@ -201,7 +182,7 @@ def test_prepare_against_s3(ray_local, bundle, corpus, s3_endpoint, tmp_path, mo
 
     # A folder (prefix) of videos: their speech comes from the files' own audio streams,
     # which these generated videos lack, so each fails at the audio stage naming its file.
-    folder = run_prepare("s3://corpus/videos", bundle, "s3://corpus/shards-2", config)
+    folder = run_prepare("s3://corpus/videos", tiny_bundle, "s3://corpus/shards-2", config)
     failed = {r.video_uri.rsplit("/", 1)[1]: r for r in folder.rows}
     assert failed["ben.mp4"].status == "failed" and failed["ben.mp4"].error_stage == "audio"
     assert "s3://corpus/videos/ben.mp4" in failed["ben.mp4"].error

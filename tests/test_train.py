@@ -10,6 +10,7 @@ import os
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -17,28 +18,10 @@ from pipeline.prepare.job import _videos_table
 from pipeline.prepare.operators import shard_bytes
 from pipeline.storage import Storage
 from pipeline.train.config import Stage1Options, Stage2Options, TrainConfig
-from pipeline.weights import init_bundle
 from stages.corpus.card import corpus_card
 from stages.corpus.chunk import ChunkSettings, encode_crop
 
 AUDIO_DIM = 32  # the tiny bundle's HuBERT width
-
-
-@pytest.fixture(scope="module")
-def ray_cpus():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("weights") / "tiny")
-    init_bundle(path, size="tiny")
-    return path
 
 
 def _face_crops(n: int, rng) -> list[bytes]:
@@ -109,15 +92,18 @@ def _steps(curve):
     return {r["step"]: r for r in curve if "loss" in r}
 
 
-def test_stage1_trains_resumes_exactly_and_exports_a_bundle(ray_cpus, bundle, tmp_path):
-    from pipeline.train.job import TrainError, read_curve, run_dir_of, run_train
+def test_stage1_trains_resumes_exactly_and_exports_a_bundle(local_ray, tiny_bundle, tmp_path):
+    from pipeline.train.job import TrainError, load_corpus, read_curve, run_dir_of, run_train
+    from pipeline.train.tasks import decode_chunk
     from pipeline.weights import load_stage1, read_bundle_info
+    from stages.motion.audio2motion import Audio2Motion, stage1_loss
+    from stages.motion.training import sample_clips
 
     corpus = write_corpus(str(tmp_path / "corpus"), {"a": [40, 40], "b": [40, 40], "c": [40]})
     storage = Storage()
 
     whole = _config(tmp_path, "whole")
-    result = run_train("stage1", corpus, bundle, str(tmp_path / "bundle-whole"), whole, progress=False)
+    result = run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle-whole"), whole, progress=False)
     assert result.steps == 6
     curve = _steps(read_curve(storage, run_dir_of(whole), "stage1"))
     assert sorted(curve) == [1, 2, 3, 4, 5, 6]
@@ -129,9 +115,9 @@ def test_stage1_trains_resumes_exactly_and_exports_a_bundle(ray_cpus, bundle, tm
     # Killed before step 5 (checkpoints at 2 and 4), then the same command again.
     cut = _config(tmp_path, "cut")
     with pytest.raises(TrainError):
-        run_train("stage1", corpus, bundle, str(tmp_path / "bundle-cut"), cut, progress=False,
+        run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle-cut"), cut, progress=False,
                   fault={"step": 5, "marker": str(tmp_path / "fault-cut")})
-    run_train("stage1", corpus, bundle, str(tmp_path / "bundle-cut"), cut, progress=False)
+    run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle-cut"), cut, progress=False)
     rows = read_curve(storage, run_dir_of(cut), "stage1")
     assert {"event": "resumed", "step": 4} == {k: v for k, v in rows[[r.get("event") for r in rows].index("resumed")].items() if k != "time"}
     resumed = _steps(rows)
@@ -147,15 +133,8 @@ def test_stage1_trains_resumes_exactly_and_exports_a_bundle(ray_cpus, bundle, tm
     model = load_stage1(info)
     assert model.cfg.offset_std is not None and model.cfg.audio_steps_per_frame == 2
     # The exported weights are the trained ones: lower loss on a fixed clip than at init.
-    from stages.motion.audio2motion import Audio2Motion, stage1_loss
-    from stages.motion.training import sample_clips
-    from pipeline.train.tasks import decode_chunk
-
-    import pyarrow.parquet as pq
-    row = pq.read_table(os.path.join(corpus, "chunks", "a", "00000.parquet")).to_pylist()[0]
-    video = {"neutral_x_c": np.zeros((21, 3), np.float32), "neutral_exp": np.zeros((21, 3), np.float32)}
-    from pipeline.train.job import load_corpus
     _, videos, _ = load_corpus(storage, corpus)
+    row = pq.read_table(os.path.join(corpus, "chunks", "a", "00000.parquet")).to_pylist()[0]
     clips = sample_clips(decode_chunk(row), videos["a"], 8, 2, model.cfg.driven_keypoints, np.random.default_rng(0))
     batch = {k: torch.from_numpy(np.stack([c[k] for c in clips])) for k in clips[0]}
     torch.manual_seed(whole.seed)
@@ -168,10 +147,9 @@ def test_stage1_trains_resumes_exactly_and_exports_a_bundle(ray_cpus, bundle, tm
                                batch["x_gt"], lip=model.cfg.driven_keypoints)[0].item()
 
     assert loss(model) < loss(fresh)
-    del video
 
 
-def test_worker_failure_restarts_from_the_checkpoint_and_uneven_inputs_keep_steps_equal(ray_cpus, bundle, tmp_path):
+def test_worker_failure_restarts_from_the_checkpoint_and_uneven_inputs_keep_steps_equal(local_ray, tiny_bundle, tmp_path):
     from pipeline.train.job import read_curve, run_dir_of, run_train
 
     # Rank 0 reads a 120-frame shard and a 24-frame one, rank 1 two 24-frame shards: unequal
@@ -179,7 +157,7 @@ def test_worker_failure_restarts_from_the_checkpoint_and_uneven_inputs_keep_step
     corpus = write_corpus(str(tmp_path / "corpus"), {"a": [120, 24], "b": [24, 24], "c": [24]})
     storage = Storage()
     config = _config(tmp_path, "restart", steps=7, max_failures=1)
-    result = run_train("stage1", corpus, bundle, str(tmp_path / "bundle"), config, progress=False,
+    result = run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle"), config, progress=False,
                        fault={"step": 4, "marker": str(tmp_path / "fault")})
     assert result.steps == 7
     rows = read_curve(storage, run_dir_of(config), "stage1")
@@ -190,7 +168,7 @@ def test_worker_failure_restarts_from_the_checkpoint_and_uneven_inputs_keep_step
     assert max(r["epoch"] for r in _steps(rows).values()) >= 1  # the short rank ended epochs early for both
 
 
-def test_stage2_trains_with_the_gan_and_the_trained_bundle_dubs(ray_cpus, bundle, tmp_path):
+def test_stage2_trains_with_the_gan_and_the_trained_bundle_dubs(local_ray, tiny_bundle, tmp_path):
     from pipeline.dub.job import run_dub
     from pipeline.train.job import read_curve, run_dir_of, run_train
     from pipeline.weights import load_stage2, read_bundle_info
@@ -198,7 +176,7 @@ def test_stage2_trains_with_the_gan_and_the_trained_bundle_dubs(ray_cpus, bundle
     corpus = write_corpus(str(tmp_path / "corpus"), {"a": [16], "b": [16], "c": [16]})
     storage = Storage()
     s1 = _config(tmp_path, "s1", steps=2, checkpoint_every=2, val_every=2)
-    run_train("stage1", corpus, bundle, str(tmp_path / "trained"), s1, progress=False)
+    run_train("stage1", corpus, tiny_bundle, str(tmp_path / "trained"), s1, progress=False)
     s2 = _config(tmp_path, "s2", steps=4, checkpoint_every=2, val_every=2)
     result = run_train("stage2", corpus, str(tmp_path / "trained"), str(tmp_path / "trained"), s2, progress=False)
     assert result.steps == 4

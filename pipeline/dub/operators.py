@@ -27,40 +27,17 @@ from pipeline import metrics
 from pipeline.config import JobConfig
 from pipeline.features import cached_features
 from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
-from pipeline.steps import RowError, make_row_step, open_source
+from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source
 from pipeline.storage import Storage, join_uri
-from pipeline.weights import (
-    load_hubert,
-    load_motion_extractor,
-    load_stage1,
-    load_stage2,
-    load_vae,
-    localize_bundle,
-    read_bundle_info,
-)
+from pipeline.weights import load_hubert, load_motion_extractor, load_stage1, load_stage2, load_vae
 from pipeline.workarea import committed_segment, digest, segment_marker_uri, segment_uri
 
 # Every row an operator fails is counted (imgtalk_errors_total{stage, kind}) where it fails.
 fail = metrics.counting_failures(fail)
 
 
-def _setup_torch(config: JobConfig) -> None:
-    import torch
-
-    torch.set_num_threads(config.torch_threads)
-
-
-class _Op:
-    """What every operator sets up from the job config: plain config values and storage,
-    and for the operators that run models, torch's thread count and the weights bundle."""
-
-    def __init__(self, config: dict, weights_uri: str | None = None):
-        self.config = JobConfig.model_validate(config)
-        self.storage = Storage(self.config.storage.options())
-        self.bundle = None
-        if weights_uri is not None:
-            _setup_torch(self.config)
-            self.bundle = read_bundle_info(localize_bundle(weights_uri, self.storage))
+class _Op(ConfiguredOp):
+    config_model = JobConfig
 
 
 def _skip(row: dict) -> bool:

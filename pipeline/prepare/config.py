@@ -8,10 +8,9 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import AudioConfig, ConfigError, FaceConfig, PoolConfig, SecurityConfig, StorageConfig
+from pipeline.config import AudioConfig, FaceConfig, PoolConfig, SecurityConfig, StorageConfig, load_yaml_config
 from pipeline.storage import Storage, is_remote, strip_file_scheme
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -57,19 +56,7 @@ class PrepareConfig(_Strict):
 
 
 def load_prepare_config(path: str | None) -> PrepareConfig:
-    if path is None:
-        return PrepareConfig()
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: prepare config not found")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        return PrepareConfig.model_validate(data)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid prepare config:\n  " + "\n  ".join(lines)) from e
+    return load_yaml_config(PrepareConfig, path, "prepare config")
 
 
 class CorpusRow(_Strict):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 

@@ -25,9 +25,9 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 from pipeline.arrays import pack
 from pipeline.features import cached_features
 from pipeline.prepare.config import PrepareConfig
-from pipeline.steps import RowError, make_row_step, open_source
-from pipeline.storage import Storage, join_uri
-from pipeline.weights import load_hubert, load_motion_extractor, localize_bundle, read_bundle_info
+from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source
+from pipeline.storage import join_uri
+from pipeline.weights import load_hubert, load_motion_extractor
 
 ROW_DEFAULTS: dict = {
     "row_index": -1,
@@ -86,16 +86,8 @@ def _chunk(row: dict) -> str:
     return f"video {row['video_uri']} chunk {row['chunk_idx']}"
 
 
-class _Op:
-    def __init__(self, config: dict, weights_uri: str | None = None):
-        self.config = PrepareConfig.model_validate(config)
-        self.storage = Storage(self.config.storage.options())
-        self.bundle = None
-        if weights_uri is not None:
-            import torch
-
-            torch.set_num_threads(self.config.torch_threads)
-            self.bundle = read_bundle_info(localize_bundle(weights_uri, self.storage))
+class _Op(ConfiguredOp):
+    config_model = PrepareConfig
 
 
 class PrepPlanOp(_Op):

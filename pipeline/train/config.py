@@ -1,13 +1,11 @@
 """`imgtalk train`: the training job's configuration (pydantic at the edge, YAML on disk)."""
 from __future__ import annotations
 
-import os
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import ConfigError, StorageConfig
+from pipeline.config import StorageConfig, load_yaml_config
 
 
 class _Strict(BaseModel):
@@ -73,16 +71,4 @@ class TrainConfig(_Strict):
 
 
 def load_train_config(path: str | None) -> TrainConfig:
-    if path is None:
-        return TrainConfig()
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: training config not found")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        return TrainConfig.model_validate(data)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid training config:\n  " + "\n  ".join(lines)) from e
+    return load_yaml_config(TrainConfig, path, "training config")
