@@ -16,7 +16,8 @@ class Stage1Options(_Strict):
     clip_frames: int = Field(50, ge=2, description="frames per training clip (2 s at 25 fps)")
     audio_steps_per_frame: Literal[1, 2] = Field(2, description="k of B^A: 2 = HuBERT's native 50 Hz rows")
     audio_window_before: int = Field(0, ge=0, description="frames of audio before each frame its attention sees")
-    audio_window_after: int = Field(0, ge=0, description="frames of look-ahead")
+    # Lips move before the sound they make; benchmarks/stage1_audio_window.py (README) picks 2 frames.
+    audio_window_after: int = Field(2, ge=0, description="frames of look-ahead (80 ms at 25 fps)")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     lam_temp: float = Field(0.1, ge=0, description="λ of Eq. 6")
