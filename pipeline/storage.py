@@ -115,11 +115,20 @@ def strip_file_scheme(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
-class Storage:
-    """A thin, picklable handle over fsspec filesystems with retries and atomic commits."""
+def _jitter() -> float:
+    # Many workers hitting one throttled bucket spread out.
+    return random.uniform(0.5, 1.0)
 
-    def __init__(self, options: StorageOptions | None = None):
+
+class Storage:
+    """A thin, picklable handle over fsspec filesystems with retries and atomic commits.
+    `sleep` and `jitter` (a factor in [0.5, 1)) are injectable so tests never wait on a clock."""
+
+    def __init__(self, options: StorageOptions | None = None, sleep: Callable[[float], None] = time.sleep,
+                 jitter: Callable[[], float] | None = None):
         self.options = options or StorageOptions()
+        self.sleep = sleep
+        self.jitter = jitter or _jitter
 
     # fsspec filesystems are cached per process by their arguments; building them lazily
     # keeps Storage cheap to pickle into Ray workers.
@@ -151,9 +160,9 @@ class Storage:
                 if attempt == self.options.retries:
                     raise OSError(f"{what}: storage error after {attempt + 1} attempts: {type(e).__name__}: {e}") from e
                 # Jitter so that many workers hitting one throttled bucket spread out.
-                pause = delay * random.uniform(0.5, 1.0)
+                pause = delay * self.jitter()
                 log.warning("%s: %s: %s (attempt %d, retrying in %.2f s)", what, type(e).__name__, e, attempt + 1, pause)
-                time.sleep(pause)
+                self.sleep(pause)
                 delay *= 2
         raise AssertionError("unreachable")
 

@@ -100,19 +100,21 @@ def test_transient_errors_are_told_from_permanent_ones():
 
 
 def test_retry_retries_transient_errors_with_backoff_and_raises_permanent_ones_at_once():
-    storage = Storage(StorageOptions(retries=3, backoff_s=0.01))
+    # The sleep and the jitter are injected: the pauses asked for are checked, no clock is read.
+    pauses, jitters = [], iter([1.0, 0.5, 0.75, 1.0, 0.5, 0.9])
+    storage = Storage(StorageOptions(retries=3, backoff_s=0.01), sleep=pauses.append, jitter=lambda: next(jitters))
     calls = []
 
     def flaky():
-        calls.append(time.perf_counter())
+        calls.append(1)
         if len(calls) < 3:
             raise _as_s3fs_raises(_client_error(503, "SlowDown"))
         return "body"
 
     assert storage.retry(flaky, "read s3://b/k") == "body"
     assert len(calls) == 3
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
-    assert gaps[1] > gaps[0] * 1.2  # backoff doubles (jitter stays within 0.5-1x)
+    assert pauses == pytest.approx([0.01 * 1.0, 0.02 * 0.5])  # backoff doubles, times the jitter
+    pauses.clear()
 
     calls.clear()
 
@@ -133,6 +135,7 @@ def test_retry_retries_transient_errors_with_backoff_and_raises_permanent_ones_a
     with pytest.raises(OSError, match=r"read s3://b/k: storage error after 4 attempts: OSError"):
         storage.retry(down, "read s3://b/k")
     assert len(calls) == 4
+    assert pauses == pytest.approx([0.01 * 0.75, 0.02 * 1.0, 0.04 * 0.5])  # three pauses between four attempts
 
 
 def test_ray_data_replaces_dead_actors_and_retries_their_work_by_default():
