@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import av
@@ -102,7 +103,7 @@ def make_synth_corpus(folder: str, speakers: int = 4, sentences_per_speaker: int
     face = _load_face(face_image)
     paths = _layout(folder)
     started = time.perf_counter()
-    rows, clips, speaker_meta = [], [], []
+    rows, clips, speaker_meta, plan = [], [], [], []
     for k in range(speakers):
         rng = np.random.default_rng([int(seed), k, 0xC0])
         identity = SpeakerIdentity.from_seed(seed, k)
@@ -113,38 +114,41 @@ def make_synth_corpus(folder: str, speakers: int = 4, sentences_per_speaker: int
         for j in range(sentences_per_speaker):
             text = SENTENCES[int(picks[j % len(SENTENCES)])]
             rate = int(rng.integers(RATES[0], RATES[1] + 1))
-            clip = f"{speaker_id}_s{j:02d}"
-            speech = speak(text, voice, rate)
-            wave = _pad_wave(speech.wave)
-            wave = quantize(wave).astype(np.float32) / 32768.0  # exactly what the wav file holds
-            phonemes = None
-            if speech.phonemes is not None:
-                phonemes = [(round(t + LEAD_S, 4), m) for t, m in speech.phonemes]
-            truth = mouth_track(wave, FPS, phonemes)
-            n = truth["frames"]
-            video = os.path.join(paths["videos"], f"{clip}.mp4")
-            audio = os.path.join(paths["audio"], f"{clip}.wav")
-            truth_path = os.path.join(paths["truth"], f"{clip}.truth.json")
-            write_wav(audio, wave)
-            frames = (render_frame(face, identity, float(truth["jaw"][i]), float(truth["width"][i]), i / FPS, size)
-                      for i in range(n))
-            written = write_video(video, frames, size)
-            assert written == n
-            doc = {
-                "clip": clip, "speaker_id": speaker_id, "text": text, "voice": voice, "rate_wpm": rate,
-                "fps": FPS, "sample_rate": SAMPLE_RATE, "frames": n, "audio_samples": int(len(wave)),
-                "size": [w, h], "formulas_version": FORMULAS_VERSION, "speech_source": speech.source,
-                "phonemes": None if phonemes is None else [[t, m] for t, m in phonemes],
-                "jaw": _round(truth["jaw"]), "width": _round(truth["width"]),
-                "is_silent": [bool(x) for x in truth["is_silent"]],
-                "bilabial": [bool(x) for x in truth["bilabial"]],
-                "identity": identity.as_dict(),
-            }
-            with open(truth_path, "w") as f:
-                json.dump(doc, f, indent=None, separators=(",", ":"))
-            rows.append({"video_uri": video, "audio_uri": audio, "speaker_id": speaker_id})
-            clips.append({"clip": clip, "speaker_id": speaker_id, "video": video, "audio": audio,
-                          "truth": truth_path, "frames": n, "speech_source": speech.source})
+            plan.append((speaker_id, identity, voice, f"{speaker_id}_s{j:02d}", text, rate))
+    # each utterance is spoken in its own process (see stages.synth.speaker.speak): run a few at once
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        speeches = list(pool.map(lambda p: speak(p[4], p[2], p[5]), plan))
+    for (speaker_id, identity, voice, clip, text, rate), speech in zip(plan, speeches):
+        wave = _pad_wave(speech.wave)
+        wave = quantize(wave).astype(np.float32) / 32768.0  # exactly what the wav file holds
+        phonemes = None
+        if speech.phonemes is not None:
+            phonemes = [(round(t + LEAD_S, 4), m) for t, m in speech.phonemes]
+        truth = mouth_track(wave, FPS, phonemes)
+        n = truth["frames"]
+        video = os.path.join(paths["videos"], f"{clip}.mp4")
+        audio = os.path.join(paths["audio"], f"{clip}.wav")
+        truth_path = os.path.join(paths["truth"], f"{clip}.truth.json")
+        write_wav(audio, wave)
+        frames = (render_frame(face, identity, float(truth["jaw"][i]), float(truth["width"][i]), i / FPS, size)
+                  for i in range(n))
+        written = write_video(video, frames, size)
+        assert written == n
+        doc = {
+            "clip": clip, "speaker_id": speaker_id, "text": text, "voice": voice, "rate_wpm": rate,
+            "fps": FPS, "sample_rate": SAMPLE_RATE, "frames": n, "audio_samples": int(len(wave)),
+            "size": [w, h], "formulas_version": FORMULAS_VERSION, "speech_source": speech.source,
+            "phonemes": None if phonemes is None else [[t, m] for t, m in phonemes],
+            "jaw": _round(truth["jaw"]), "width": _round(truth["width"]),
+            "is_silent": [bool(x) for x in truth["is_silent"]],
+            "bilabial": [bool(x) for x in truth["bilabial"]],
+            "identity": identity.as_dict(),
+        }
+        with open(truth_path, "w") as f:
+            json.dump(doc, f, indent=None, separators=(",", ":"))
+        rows.append({"video_uri": video, "audio_uri": audio, "speaker_id": speaker_id})
+        clips.append({"clip": clip, "speaker_id": speaker_id, "video": video, "audio": audio,
+                      "truth": truth_path, "frames": n, "speech_source": speech.source})
     corpus = os.path.join(paths["folder"], "corpus.parquet")
     table = pa.table({k: pa.array([r[k] for r in rows], pa.string()) for k in ("video_uri", "audio_uri", "speaker_id")})
     pq.write_table(table, corpus)

@@ -5,7 +5,6 @@ agree with each other and are deterministic."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import wave
 
@@ -14,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stages.synth.speaker import (FPS, SAMPLE_RATE, SpeakerIdentity, SynthError, is_bilabial, mouth_track,
-                                  render_frame, speak)
+from stages.synth.speaker import (FORMULAS_VERSION, FPS, SAMPLE_RATE, SpeakerIdentity, SynthError, is_bilabial,
+                                  mouth_track, render_frame, speak)
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -37,8 +36,9 @@ def test_mouth_track_silence_is_closed_and_width_follows_the_spectrum():
     for a, b in ((0, 9), (21, 29), (41, 50)):
         assert np.all(jaw[a:b] == 0.0) and np.all(tr["is_silent"][a:b])
         assert np.all(width[a:b] == 0.5)
-    assert jaw[11:19].min() > 0.5 and jaw[31:39].min() > 0.5
-    assert width[31:39].mean() > 0.8 > 0.3 > width[11:19].mean()  # /i/-like spread vs /u/-like
+    # 800 Hz sits in the open-vowel first-formant band, 2400 Hz in the spread-lips band
+    assert jaw[11:19].min() > 0.9 and 0.3 < jaw[31:39].max() < 0.6
+    assert width[31:39].min() > 0.9 and width[11:19].max() < 0.1
     assert mouth_track(np.zeros(8000, np.float32))["jaw"].max() == 0.0
 
 
@@ -94,7 +94,7 @@ def test_leading_and_trailing_silence_closed_speech_open(papa):
     assert len(lead) >= 4 and len(tail) >= 4
     assert np.all(jaw[lead] == 0.0) and np.all(jaw[tail] == 0.0)
     speech = [i for i in range(len(jaw)) if first <= i / FPS and (i + 1) / FPS <= last]
-    assert jaw.max() == 1.0
+    assert jaw.max() > 0.8
     open_frac = np.mean(jaw[speech] > 0)
     assert open_frac > 0.6, open_frac
 
@@ -170,19 +170,21 @@ def test_corpus_files_agree_and_are_deterministic(tmp_path):
             seconds = w.getnframes() / w.getframerate()
         assert codec == "h264" and fps == 25.0 and size == (160, 128)
         assert len(truth["jaw"]) == len(truth["width"]) == len(truth["is_silent"]) == n_video == round(seconds * 25)
-        assert truth["formulas_version"] == "synth-mouth-v1" and truth["speech_source"] == "libespeak-ng"
+        assert truth["formulas_version"] == FORMULAS_VERSION and truth["speech_source"] == "libespeak-ng"
         assert truth["phonemes"] and any(is_bilabial(m) for _, m in truth["phonemes"])
-        assert truth["jaw"][0] == 0.0 and truth["jaw"][-1] == 0.0 and max(truth["jaw"]) == 1.0
+        assert truth["jaw"][0] == 0.0 and truth["jaw"][-1] == 0.0 and max(truth["jaw"]) > 0.7
     texts = [json.load(open(c["truth"]))["voice"] for c in out["clips"]]
     assert texts[0] != texts[2]  # the speakers speak with different voices
     ids = [json.load(open(c["truth"]))["identity"] for c in out["clips"]]
     assert ids[0] == ids[1] != ids[2]
-    again = make_synth_corpus(str(tmp_path / "b"), speakers=2, sentences_per_speaker=2, seed=3, size=(160, 128))
-    for c1, c2 in zip(out["clips"], again["clips"]):
-        assert open(c1["truth"], "rb").read() == open(c2["truth"], "rb").read()
-        assert open(c1["audio"], "rb").read() == open(c2["audio"], "rb").read()
-    other = make_synth_corpus(str(tmp_path / "c"), speakers=1, sentences_per_speaker=1, seed=4, size=(160, 128))
-    assert json.load(open(other["clips"][0]["truth"]))["identity"] != ids[0]
+    # the same seed gives the same clips (a speaker's clips do not depend on how many speakers
+    # or sentences are asked for, so one clip again is enough)
+    again = make_synth_corpus(str(tmp_path / "b"), speakers=1, sentences_per_speaker=1, seed=3, size=(160, 128))
+    c1, c2 = out["clips"][0], again["clips"][0]
+    assert c1["clip"] == c2["clip"]
+    assert open(c1["truth"], "rb").read() == open(c2["truth"], "rb").read()
+    assert open(c1["audio"], "rb").read() == open(c2["audio"], "rb").read()
+    assert SpeakerIdentity.from_seed(4, 0).as_dict() != ids[0]
 
 
 @needs_espeak

@@ -7,29 +7,33 @@ photograph (skimage's astronaut by default) to that ground truth with a smooth g
 warp, so a model that learns lip-sync from these clips must learn these formulas.
 
 Ground truth, per 25 fps video frame i (samples [640 i, 640 (i+1)) of the 16 kHz wave),
-FORMULAS_VERSION "synth-mouth-v1":
+FORMULAS_VERSION "synth-mouth-v2"; S(.) below is the 3-tap smoothing over frames
+S(a)_i = 0.25 a_{i-1} + 0.5 a_i + 0.25 a_{i+1} (zero outside the clip):
 
   band      y = 4th-order Butterworth band-pass 300-3000 Hz of the wave, zero-phase (sosfiltfilt)
-  energy    e_i = mean(y[640 i : 640 (i+1)]^2)  (the last frame zero-padded)
-  smooth    s_i = 0.25 e_{i-1} + 0.5 e_i + 0.25 e_{i+1}  (zero outside the clip)
-  level     L_i = 10 log10(s_i + 1e-12)  [dB re full scale^2]
-  reference R = max_i L_i  (the clip's loudest frame)
-  floor     F = max(R - 30 dB, -70 dB)
-  jaw_raw   clip((L_i - F) / (R - 3 dB - F), 0, 1): 0 at or below the floor (so silence,
-            and espeak's digital silence in particular, is exactly 0 = closed), 1 within 3 dB
-            of the loudest frame (wide open), linear in dB between.
-  is_silent jaw_raw == 0
+  level     L_i = 10 log10(S(e)_i + 1e-12), e_i = mean(y[640 i : 640 (i+1)]^2)  (last frame
+            zero-padded) [dB re full scale^2]
+  reference R = max_i L_i (the clip's loudest frame); floor F = max(R - 30 dB, -70 dB)
+  loud      clip((L_i - F) / (R - 3 dB - F), 0, 1): 0 at or below the floor (so silence,
+            espeak's digital silence in particular, is exactly 0), 1 within 3 dB of the
+            loudest frame, linear in dB between.
+  spectrum  P_i(f) = |rfft(hann(640) * x[640 i : 640 (i+1)], 1024)|^2; band sums
+            B_i[a, b] = S(sum_{a <= f <= b} P(f))_i
+  openness  o_i = clip((log10(B_i[550, 1100] / B_i[200, 4000]) + 2.0) / 1.7, 0, 1): the share
+            of the first-formant region of open vowels; ~1 for /a/, /O/, /V/, ~0 for /i/, /u/
+            (0 where B_i[200, 4000] = 0)
+  jaw_raw   loud_i * (0.45 + 0.55 o_i)
+  is_silent loud_i == 0
   closure   when phoneme events are given: each p, b or m phoneme lasts from its start to
             the next phoneme's start (or +80 ms when last); every frame whose centre
             (i + 0.5)/25 s lies in that interval gets jaw 0 (lips pressed), and when no
             centre does, the frame containing the interval's midpoint does.
-  jaw       jaw_raw with the closures applied.
-  centroid  C_i = sum f P(f) / sum P(f) over 200-4000 Hz of the power spectrum P of the
-            Hann-windowed 640-sample frame (zero-padded to 1024 points).
-  spread    w_i = clip(log2(C_i / 700 Hz) / log2(2600 Hz / 700 Hz), 0, 1): high for /i/-like
-            spectra (high second formant), low for /u/-like ones.
-  width     0.5 + (w_i - 0.5) * clip(jaw_raw_i / 0.25, 0, 1): neutral 0.5 in silence,
-            spreading only as the sound becomes audible.
+  jaw       jaw_raw with the closures applied: 0 = closed, 1 = wide open.
+  spread    w_i = clip((log10(B_i[1500, 4000] / B_i[200, 4000]) + 1.5) / 1.1, 0, 1): the
+            high-frequency share, high for /i/, /e/ (high second formant), low for /u/, /o/
+            (measured on espeak's he/hay vs who/hoe/hood)
+  width     0.5 + (w_i - 0.5) * clip(loud_i / 0.25, 0, 1): lip spreading, neutral 0.5 in
+            silence, departing from it only as the sound becomes audible.
 
 Rendering (`render_frame`, geometry in source-image pixels, W = mouth-corner distance):
 the inner lips' upper and lower contours of the source are read from mediapipe's face mesh
@@ -62,7 +66,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FORMULAS_VERSION = "synth-mouth-v1"
+FORMULAS_VERSION = "synth-mouth-v2"
 SAMPLE_RATE = 16000
 FPS = 25
 BILABIALS = frozenset({"p", "b", "m"})
@@ -72,8 +76,10 @@ BAND_HZ = (300.0, 3000.0)
 RANGE_DB = 30.0
 HEADROOM_DB = 3.0
 ABS_FLOOR_DB = -70.0
-CENTROID_BAND_HZ = (200.0, 4000.0)
-CENTROID_LO_HZ, CENTROID_HI_HZ = 700.0, 2600.0
+SPECTRUM_HZ = (200.0, 4000.0)
+OPEN_HZ, OPEN_LOG_LO, OPEN_LOG_SPAN = (550.0, 1100.0), -2.0, 1.7
+SPREAD_HZ, SPREAD_LOG_LO, SPREAD_LOG_SPAN = (1500.0, 4000.0), -1.5, 1.1
+JAW_BASE = 0.45
 LAST_PHONEME_S = 0.08
 
 # render constants (fractions of the mouth-corner distance W)
@@ -103,6 +109,11 @@ def _smoothstep(x):
     return x * x * (3.0 - 2.0 * x)
 
 
+def _smooth3(a: np.ndarray) -> np.ndarray:
+    ext = np.concatenate([[0.0], a, [0.0]])
+    return 0.25 * ext[:-2] + 0.5 * ext[1:-1] + 0.25 * ext[2:]
+
+
 def is_bilabial(mnemonic: str) -> bool:
     return mnemonic.strip("#-:;'`,!_") in BILABIALS
 
@@ -111,8 +122,9 @@ def mouth_track(wave_16k: np.ndarray, fps: int = FPS, phonemes=None) -> dict:
     """Per-frame ground truth of the mouth for a 16 kHz mono wave (formulas in the module
     docstring). phonemes: [(start_s, mnemonic), ...] from `espeak_phonemes`, or None.
 
-    Returns {"fps", "frames", "jaw", "width", "jaw_raw", "is_silent", "bilabial", "level_db",
-    "formulas_version"}; arrays have one row per frame, round(duration * fps) rows."""
+    Returns {"fps", "frames", "jaw", "width", "jaw_raw", "loud", "openness", "spread",
+    "is_silent", "bilabial", "level_db", "formulas_version"}; arrays have one row per frame,
+    round(duration * fps) rows."""
     from scipy.signal import butter, sosfiltfilt
 
     x = np.asarray(wave_16k, dtype=np.float64).reshape(-1)
@@ -130,27 +142,31 @@ def mouth_track(wave_16k: np.ndarray, fps: int = FPS, phonemes=None) -> dict:
     else:
         y = padded
     frames_y = y[:n * hop].reshape(n, hop)
-    energy = (frames_y ** 2).mean(1)
-    ext = np.concatenate([[0.0], energy, [0.0]])
-    smooth = 0.25 * ext[:-2] + 0.5 * ext[1:-1] + 0.25 * ext[2:]
-    level = 10.0 * np.log10(smooth + 1e-12)
+    level = 10.0 * np.log10(_smooth3((frames_y ** 2).mean(1)) + 1e-12)
     ref = float(level.max()) if n else 0.0
     floor = max(ref - RANGE_DB, ABS_FLOOR_DB)
     span = max(ref - HEADROOM_DB - floor, 1e-6)
-    jaw_raw = np.clip((level - floor) / span, 0.0, 1.0) if ref > floor else np.zeros(n)
-    is_silent = jaw_raw <= 0.0
+    loud = np.clip((level - floor) / span, 0.0, 1.0) if ref > floor else np.zeros(n)
+    is_silent = loud <= 0.0
 
-    # width from the spectral centroid
     frames_x = padded[:n * hop].reshape(n, hop) * np.hanning(hop)[None, :]
     spec = np.abs(np.fft.rfft(frames_x, n=1024, axis=1)) ** 2
     freqs = np.fft.rfftfreq(1024, 1.0 / SAMPLE_RATE)
-    sel = (freqs >= CENTROID_BAND_HZ[0]) & (freqs <= CENTROID_BAND_HZ[1])
-    p = spec[:, sel]
-    total = p.sum(1)
-    centroid = np.where(total > 0, (p * freqs[sel]).sum(1) / np.maximum(total, 1e-30), CENTROID_LO_HZ)
-    spread = np.clip(np.log2(np.maximum(centroid, 1.0) / CENTROID_LO_HZ)
-                     / math.log2(CENTROID_HI_HZ / CENTROID_LO_HZ), 0.0, 1.0)
-    width = 0.5 + (spread - 0.5) * np.clip(jaw_raw / 0.25, 0.0, 1.0)
+
+    def band(lo, hi):
+        return _smooth3(spec[:, (freqs >= lo) & (freqs <= hi)].sum(1))
+
+    total = band(*SPECTRUM_HZ)
+    ok = total > 0
+
+    def log_share(lo, hi, log_lo, log_span):
+        share = np.where(ok, band(lo, hi) / np.where(ok, total, 1.0), 0.0)
+        return np.where(ok, np.clip((np.log10(np.maximum(share, 1e-12)) - log_lo) / log_span, 0.0, 1.0), 0.0)
+
+    openness = log_share(*OPEN_HZ, OPEN_LOG_LO, OPEN_LOG_SPAN)
+    spread = np.where(ok, log_share(*SPREAD_HZ, SPREAD_LOG_LO, SPREAD_LOG_SPAN), 0.5)
+    jaw_raw = loud * (JAW_BASE + (1.0 - JAW_BASE) * openness)
+    width = 0.5 + (spread - 0.5) * np.clip(loud / 0.25, 0.0, 1.0)
 
     jaw = jaw_raw.copy()
     bilabial = np.zeros(n, dtype=bool)
@@ -175,6 +191,9 @@ def mouth_track(wave_16k: np.ndarray, fps: int = FPS, phonemes=None) -> dict:
         "jaw": jaw.astype(np.float32),
         "width": width.astype(np.float32),
         "jaw_raw": jaw_raw.astype(np.float32),
+        "loud": loud.astype(np.float32),
+        "openness": openness.astype(np.float32),
+        "spread": spread.astype(np.float32),
         "is_silent": is_silent,
         "bilabial": bilabial,
         "level_db": level.astype(np.float32),
@@ -451,7 +470,19 @@ _LANDMARKS: dict[str, np.ndarray] = {}
 _LANDMARK_LOCK = threading.Lock()
 
 
+_LAST_KEY: list = [None, None]  # [the array last hashed (kept alive, so its id stays unique), its key]
+
+
 def _image_key(img: np.ndarray) -> str:
+    if _LAST_KEY[0] is img and not img.flags.writeable:
+        return _LAST_KEY[1]
+    key = _image_key_uncached(img)
+    if not img.flags.writeable:
+        _LAST_KEY[:] = [img, key]
+    return key
+
+
+def _image_key_uncached(img: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(img).tobytes() + str(img.shape).encode()).hexdigest()
 
 
@@ -607,30 +638,30 @@ def render_frame(face_rgb: np.ndarray | None, identity: SpeakerIdentity, jaw: fl
     jaw = float(np.clip(jaw, 0.0, 1.0))
     width = float(np.clip(width, 0.0, 1.0))
     M = output_affine(geo, identity, t, size)
-    Minv = cv2.invertAffineTransform(M)
+    Minv = cv2.invertAffineTransform(M).tolist()  # python floats keep the grids float32
     px_per_src = math.sqrt(abs(np.linalg.det(M[:, :2])))
 
-    xs = np.arange(out_w, dtype=np.float32)
-    ys = np.arange(out_h, dtype=np.float32)
-    gx, gy = np.meshgrid(xs, ys)
-    map_x = (Minv[0, 0] * gx + Minv[0, 1] * gy + Minv[0, 2]).astype(np.float32)
-    map_y = (Minv[1, 0] * gx + Minv[1, 1] * gy + Minv[1, 2]).astype(np.float32)
-
-    # region of the output affected by the mouth warp (with a margin)
+    # the whole frame by the affine; then the region the mouth warp affects (with a margin)
+    # again, through the warp
+    frame = cv2.warpAffine(prep.image, M, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     W = geo.mouth_w
     fall = 0.6 * W + 2 * K_LO * W
-    u_box = 0.8 * geo.face_w
+    u_box = 0.65 * geo.face_w
     v_box = (geo.v_nose - 0.1 * W, geo.v_chin + K_LO * W + fall + 0.1 * W)
     corners = np.array([geo.centre + geo.ux * uu + geo.uy * vv for uu in (-u_box, u_box) for vv in v_box])
     oc = corners @ M[:, :2].T + M[:, 2]
     x0, y0 = np.maximum(np.floor(oc.min(0)).astype(int) - 1, 0)
     x1, y1 = np.minimum(np.ceil(oc.max(0)).astype(int) + 2, (out_w, out_h))
-    alpha = None
     if x1 > x0 and y1 > y0:
-        sx, sy = map_x[y0:y1, x0:x1].astype(np.float64), map_y[y0:y1, x0:x1].astype(np.float64)
-        dx, dy = sx - geo.centre[0], sy - geo.centre[1]
-        u = dx * geo.ux[0] + dy * geo.ux[1]
-        v = dx * geo.uy[0] + dy * geo.uy[1]
+        gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32))
+        c = geo.centre
+        (a00, a01, a02), (a10, a11, a12) = Minv
+        # output pixel -> source pixel by the inverse affine, relative to the mouth centre
+        dx = a00 * gx + a01 * gy + (a02 - float(c[0]))
+        dy = a10 * gx + a11 * gy + (a12 - float(c[1]))
+        (ux0, ux1), (uy0, uy1) = geo.ux.tolist(), geo.uy.tolist()
+        u = dx * ux0 + dy * ux1
+        v = dx * uy0 + dy * uy1
 
         s = 1.0 + K_WIDTH * (width - 0.5) - K_JAW_NARROW * jaw
         hw = s * W / 2
@@ -660,26 +691,28 @@ def render_frame(face_rgb: np.ndarray | None, identity: SpeakerIdentity, jaw: fl
         f = 1.0 - _smoothstep((v - chin_out) / fall)
         d = (d_lip * (1 - b) + d_jaw * b) * f
         v_lower = v - d
-        inside = (v > upper_edge) & (v < lower_edge)
         v_in = np.where(v <= upper_edge, v_upper, np.where(v >= lower_edge, v_lower, up_in))
 
-        src = geo.centre[None, None, :] + u_in[..., None] * geo.ux + v_in[..., None] * geo.uy
-        map_x[y0:y1, x0:x1] = src[..., 0]
-        map_y[y0:y1, x0:x1] = src[..., 1]
+        map_x = (c[0] + u_in * geo.ux[0] + v_in * geo.uy[0]).astype(np.float32)
+        map_y = (c[1] + u_in * geo.ux[1] + v_in * geo.uy[1]).astype(np.float32)
+        frame[y0:y1, x0:x1] = cv2.remap(prep.image, map_x, map_y, interpolation=cv2.INTER_LINEAR,
+                                        borderMode=cv2.BORDER_REFLECT)
 
-        if inside.any() or jaw > 0:
-            dist = np.minimum(v - upper_edge, lower_edge - v) * px_per_src
-            alpha = np.clip(dist + 0.5, 0.0, 1.0)
-            alpha = np.where(g_lip > 0, alpha, 0.0)
-            gap = np.maximum(lower_edge - upper_edge, 1e-6)
-            depth = np.clip((v - upper_edge) / gap, 0.0, 1.0)  # 0 at the upper lip, 1 at the lower
-            colour = _cavity_colour(u / hw, depth, v - upper_edge, gap, W)
-    frame = cv2.remap(prep.image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    if alpha is not None:
-        roi = frame[y0:y1, x0:x1].astype(np.float32)
-        a = alpha[..., None].astype(np.float32)
-        tint = np.asarray(identity.colour_gain, dtype=np.float32)[None, None, :]
-        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + colour * tint * a + 0.5, 0, 255).astype(np.uint8)
+        # the cavity between the lips, feathered over one output pixel
+        dist = np.minimum(v - upper_edge, lower_edge - v) * px_per_src
+        alpha = np.where(g_lip > 0, np.clip(dist + 0.5, 0.0, 1.0), 0.0)
+        rows, cols = np.nonzero(alpha > 0)
+        if rows.size:
+            r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+            sub = (slice(r0, r1), slice(c0, c1))
+            ue, le, vv = upper_edge[sub], lower_edge[sub], v[sub]
+            gap = np.maximum(le - ue, 1e-6)
+            depth = np.clip((vv - ue) / gap, 0.0, 1.0)  # 0 at the upper lip, 1 at the lower
+            colour = _cavity_colour(u[sub] / hw, depth, vv - ue, gap, W)
+            colour *= np.asarray(identity.colour_gain, dtype=np.float32)[None, None, :]
+            out = frame[y0 + r0:y0 + r1, x0 + c0:x0 + c1]
+            a = alpha[sub][..., None].astype(np.float32)
+            out[:] = np.clip(out.astype(np.float32) * (1 - a) + colour * a + 0.5, 0, 255).astype(np.uint8)
     return frame
 
 
@@ -706,7 +739,9 @@ _DEFAULT_FACE = None
 def _default_face_cached() -> np.ndarray:
     global _DEFAULT_FACE
     if _DEFAULT_FACE is None:
-        _DEFAULT_FACE = default_face()
+        face = np.ascontiguousarray(default_face())
+        face.flags.writeable = False
+        _DEFAULT_FACE = face
     return _DEFAULT_FACE
 
 
