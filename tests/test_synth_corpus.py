@@ -193,3 +193,18 @@ def test_speech_is_deterministic_and_an_unknown_voice_is_an_error():
     assert a.source == "libespeak-ng" and np.array_equal(a.wave, b.wave) and a.phonemes == b.phonemes
     with pytest.raises(SynthError, match="no voice"):
         speak("Hello.", "no-such-voice", 150)
+
+
+@needs_espeak
+def test_cli_synth_corpus(tmp_path, capsys):
+    from pipeline.cli import main
+
+    folder = tmp_path / "corpus"
+    assert main(["synth-corpus", "--folder", str(folder), "--speakers", "1", "--sentences", "1", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"corpus: {folder / 'corpus.parquet'}" in out and "wrote 1 clips" in out
+    assert pq.read_table(folder / "corpus.parquet").num_rows == 1
+    bad = tmp_path / "not_a_face.png"
+    bad.write_bytes(b"not an image")
+    assert main(["synth-corpus", "--folder", str(tmp_path / "x"), "--face", str(bad)]) == 2
+    assert "cannot read the face image" in capsys.readouterr().err
