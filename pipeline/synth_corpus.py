@@ -8,7 +8,8 @@ meaningful. Layout under `folder`:
 
     videos/<clip>.mp4         25 fps H.264 (libx264, yuv420p), no audio stream
     audio/<clip>.wav          16 kHz mono 16-bit PCM, a whole number of 40 ms frames long
-    truth/<clip>.truth.json   per-frame jaw, width, is_silent, bilabial, phonemes, formulas version
+    truth/<clip>.truth.json   per-frame jaw, width (and their parts loud, openness, spread),
+                              is_silent, bilabial; phonemes, text, voice, rate, formulas version
     corpus.parquet            video_uri, audio_uri, speaker_id (what `imgtalk prepare --corpus` reads)
     speakers.json             each speaker's identity and voice
 
@@ -140,6 +141,7 @@ def make_synth_corpus(folder: str, speakers: int = 4, sentences_per_speaker: int
             "size": [w, h], "formulas_version": FORMULAS_VERSION, "speech_source": speech.source,
             "phonemes": None if phonemes is None else [[t, m] for t, m in phonemes],
             "jaw": _round(truth["jaw"]), "width": _round(truth["width"]),
+            "loud": _round(truth["loud"]), "openness": _round(truth["openness"]), "spread": _round(truth["spread"]),
             "is_silent": [bool(x) for x in truth["is_silent"]],
             "bilabial": [bool(x) for x in truth["bilabial"]],
             "identity": identity.as_dict(),
