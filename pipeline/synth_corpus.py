@@ -170,8 +170,11 @@ def _load_face(face_image) -> np.ndarray | None:
         bgr = cv2.imread(face_image, cv2.IMREAD_COLOR)
         if bgr is None:
             raise ValueError(f"synth corpus: cannot read the face image {face_image}")
-        return np.ascontiguousarray(bgr[:, :, ::-1])
-    img = np.asarray(face_image)
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"synth corpus: the face image must be HxWx3 uint8 RGB, got {img.shape} {img.dtype}")
+        img = np.ascontiguousarray(bgr[:, :, ::-1])
+    else:
+        img = np.asarray(face_image)
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"synth corpus: the face image must be HxWx3 uint8 RGB, got {img.shape} {img.dtype}")
+        img = img.copy()
+    img.flags.writeable = False  # render_frame then hashes it once, not per frame
     return img
