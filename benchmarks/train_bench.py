@@ -148,38 +148,47 @@ def _rss_gib() -> float:
 
 
 def part_memory() -> str:
-    import numpy as np
+    """Stage 2 at paper size: one forward and backward of batch 1 on the CPU, the way the
+    trainer runs it (frozen VAE encode, IMC-UNet, VAE decode with input gradients, the motion
+    extractor on the result); AdamW's moments are added by arithmetic, since allocating them
+    for 1B parameters would not fit next to everything else on a 24 GiB machine."""
     import torch
+    import torch.nn.functional as F
 
     from stages.completion.imc_unet import IMCUNet, IMCUNetConfig
-    from stages.completion.losses import Stage2LossWeights
-    from stages.completion.training import Stage2Trainer, Stage2TrainConfig
     from stages.completion.vae import LatentVAE, sd_vae_config
     from stages.face import MouthMask
-    from stages.motion.extractor import MotionExtractor
+    from stages.motion.extractor import MotionExtractor, motion_info
 
     torch.set_num_threads(os.cpu_count())
     before = _rss_gib()
-    unet, vae, extractor = IMCUNet(IMCUNetConfig()), LatentVAE.from_config(sd_vae_config()), MotionExtractor()
+    unet = IMCUNet(IMCUNetConfig()).train()
+    vae = LatentVAE.from_config(sd_vae_config())
+    extractor = MotionExtractor().eval().requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
     frozen = sum(p.numel() for m in (vae, extractor) for p in m.parameters())
-    cfg = Stage2TrainConfig(loss=Stage2LossWeights(perc=0.0, adv=0.0), gradient_checkpointing=False)
-    trainer = Stage2Trainer(unet, vae, MouthMask().array(), cfg, extractor=extractor)
     built = _rss_gib()
-    batch = {"target": torch.rand(1, 3, 256, 256), "reference": torch.rand(1, 3, 256, 256),
-             "motion": torch.randn(1, 21, 3) * 0.02, "target_exp": torch.randn(1, 21, 3) * 0.02,
-             "target_x_c": torch.randn(1, 21, 3) * 0.2}
+    keep = torch.from_numpy(1.0 - MouthMask().array())[None, None]
+    target, reference = torch.rand(1, 3, 256, 256), torch.rand(1, 3, 256, 256)
     start = time.perf_counter()
-    trainer.step(batch, 0)
+    with torch.no_grad():
+        masked, ref = vae.encode(target * keep), vae.encode(reference)
+    generated = vae.decode(unet(masked, torch.randn(1, 21, 3) * 0.02, ref))
+    motion = motion_info(extractor(generated))
+    loss = F.l1_loss(generated, target) + F.l1_loss(motion["exp"], torch.zeros_like(motion["exp"]))
+    loss.backward()
     step_s = time.perf_counter() - start
     peak = _rss_gib()
-    static = (params * (4 + 4 + 8) + frozen * 4) / 2**30  # fp32 weights + grads + AdamW moments; frozen fp32
-    return (f"Stage 2 at paper size, one step of batch 1 on the CPU ({step_s:.0f} s), fp32, no checkpointing:\n"
-            f"  IMC-UNet {params:,} params; frozen VAE + extractor {frozen:,}\n"
-            f"  static state (weights, grads, AdamW): {static:.1f} GiB; RSS before {before:.1f}, built {built:.1f}, "
-            f"peak after the step {peak:.1f} GiB -> activations etc. {peak - built:.1f} GiB at batch 1\n"
-            f"  estimate per GPU at batch B (fp32 master weights): {static:.1f} + B x {peak - built:.1f} GiB "
-            f"(bf16 autocast roughly halves the activation term; gradient checkpointing shrinks it further)")
+    gib = 2**30
+    weights, grads, adam = params * 4 / gib, params * 4 / gib, params * 8 / gib
+    activations = max(0.0, peak - built - grads)
+    return (f"Stage 2 at paper size, forward + backward of batch 1 on the CPU ({step_s:.0f} s), fp32, no checkpointing:\n"
+            f"  IMC-UNet {params:,} params; frozen VAE + extractor {frozen:,} ({frozen * 4 / gib:.2f} GiB)\n"
+            f"  RSS before {before:.1f} GiB, models built {built:.1f}, peak after backward {peak:.1f} "
+            f"-> grads {grads:.1f} + activations ~{activations:.1f} GiB at batch 1\n"
+            f"  per GPU (fp32 weights {weights:.1f} + grads {grads:.1f} + AdamW {adam:.1f} + frozen {frozen * 4 / gib:.2f}) "
+            f"= {weights + grads + adam + frozen * 4 / gib:.1f} GiB static + ~{activations:.1f} GiB x batch "
+            f"(bf16 autocast roughly halves activations; gradient checkpointing cuts them further)")
 
 
 def main() -> None:

@@ -31,6 +31,11 @@ class ConfiguredOp:
             self.bundle = read_bundle_info(localize_bundle(weights_uri, self.storage))
 
 
+def video_subject(row: dict) -> str:
+    """How an error names a row's video."""
+    return f"video {row['video_uri']}"
+
+
 class RowError(Exception):
     """A row's failure whose message already names the file and the problem."""
 

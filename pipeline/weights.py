@@ -175,9 +175,14 @@ def init_bundle(out: str, size: Literal["tiny", "paper"] = "tiny", seed: int = 0
         with open(os.path.join(root, "bundle.json"), "w") as f:
             json.dump(meta, f, indent=2)
         if is_remote(out):
-            fs, path = storage.fs_for(out)
-            storage.retry(lambda: fs.put(root.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True), f"upload {out}")
+            upload_folder(storage, root, out)
     return out
+
+
+def upload_folder(storage: Storage, local_root: str, uri: str) -> None:
+    """Copy a bundle written in a local folder to a remote URI."""
+    fs, path = storage.fs_for(uri)
+    storage.retry(lambda: fs.put(local_root.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True), f"upload {uri}")
 
 
 # ---- loading: one function per component so a worker loads only what it runs ----

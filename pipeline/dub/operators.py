@@ -27,7 +27,7 @@ from pipeline import metrics
 from pipeline.config import JobConfig
 from pipeline.features import cached_features
 from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
-from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source
+from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import Storage, join_uri
 from pipeline.weights import load_hubert, load_motion_extractor, load_stage1, load_stage2, load_vae
 from pipeline.workarea import committed_segment, digest, segment_marker_uri, segment_uri
@@ -43,10 +43,6 @@ class _Op(ConfiguredOp):
 def _skip(row: dict) -> bool:
     # A segment committed by an earlier run of the same work is done: nothing to recompute.
     return bool(row["error"]) or bool(row["segment_reused"])
-
-
-def _video(row: dict) -> str:
-    return f"video {row['video_uri']}"
 
 
 def _audio(row: dict) -> str:
@@ -69,7 +65,7 @@ class PlanOp(_Op):
     def __init__(self, config: dict):
         super().__init__(config)
 
-    @row_step("plan", _video)
+    @row_step("plan", video_subject)
     def __call__(self, row: dict) -> dict:
         from stages.media import probe_video
 
@@ -111,7 +107,7 @@ class AnalyseOp(_Op):
         self.storage.write_bytes_atomic(pack(ref_crops), uri)
         return uri
 
-    @row_step("analyse", _video)
+    @row_step("analyse", video_subject)
     def __call__(self, row: dict) -> dict:
         from stages.face import FaceTrack, crop_faces
         from stages.media import decode_frames

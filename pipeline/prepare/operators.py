@@ -25,7 +25,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 from pipeline.arrays import pack
 from pipeline.features import cached_features
 from pipeline.prepare.config import PrepareConfig
-from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source
+from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
 from pipeline.weights import load_hubert, load_motion_extractor
 
@@ -74,10 +74,6 @@ def fail(row: dict, stage: str, error: str) -> dict:
 row_step = make_row_step(normalise, lambda row: bool(row["error"]), fail)
 
 
-def _video(row: dict) -> str:
-    return f"video {row['video_uri']}"
-
-
 def _audio(row: dict) -> str:
     return f"audio {row['audio_uri'] or row['video_uri']}"
 
@@ -93,7 +89,7 @@ class _Op(ConfiguredOp):
 class PrepPlanOp(_Op):
     """Probe the video: its rate and length, and so its 25 fps frame count."""
 
-    @row_step("plan", _video)
+    @row_step("plan", video_subject)
     def __call__(self, row: dict) -> dict:
         from stages.media import probe_video
 

@@ -137,8 +137,9 @@ def write_bundle(base_root: str, out_uri: str, stage: str, network, card: dict, 
         with open(os.path.join(root, "bundle.json"), "w") as f:
             json.dump(meta, f, indent=2)
         if is_remote(out_uri):
-            fs, path = storage.fs_for(out_uri)
-            storage.retry(lambda: fs.put(root.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True), f"upload {out_uri}")
+            from pipeline.weights import upload_folder
+
+            upload_folder(storage, root, out_uri)
     return out_uri
 
 
