@@ -107,7 +107,10 @@ def part_train(folder: str, steps: int) -> str:
     lines = []
     for stage, batch in (("stage1", 4), ("stage2", 2)):
         name = f"bench-{stage}-{int(time.time())}"
+        # Half a CPU for the rank: Ray Data needs the rest to list and read the shards
+        # (with a whole CPU per rank on 2 cores the reads starve and the run stalls).
         config = TrainConfig(name=name, storage_path=os.path.join(folder, "runs"), num_workers=1, batch_size=batch,
+                             cpus_per_worker=0.5, torch_threads=os.cpu_count(),
                              steps=steps, warmup_steps=1, val_every=steps, checkpoint_every=steps, max_failures=0,
                              shuffle_buffer=8, stage1=Stage1Options(clip_frames=25),
                              stage2=Stage2Options(pairs_per_chunk=8, perc=0.0, gan_start_step=0))
