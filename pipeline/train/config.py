@@ -51,7 +51,7 @@ class TrainConfig(_Strict):
     storage_path: str = Field("runs", description="checkpoints and curves (local, NFS or s3://); shared by all nodes")
     num_workers: int = Field(1, ge=1, description="DDP ranks")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0, description="leave CPUs for Ray Data to read the shards")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp shards parameters (CUDA only)")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast on GPU; always fp32 on CPU")
     batch_size: int = Field(8, ge=1, description="per rank")
