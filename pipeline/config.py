@@ -26,6 +26,13 @@ class PoolConfig(_Strict):
         None, gt=0, description="heap memory each actor/task reserves (Ray schedules by it); ~1.5 for CPU stages, more for complete"
     )
 
+    def actor_args(self) -> dict:
+        """map() arguments that run a stage as this fixed-size actor pool."""
+        from ray.data import ActorPoolStrategy
+
+        extra = {"memory": int(self.memory_gb * 2**30)} if self.memory_gb else {}
+        return dict(compute=ActorPoolStrategy(size=self.size), num_cpus=self.num_cpus, num_gpus=self.num_gpus or None, **extra)
+
 
 def _pools_default() -> dict[str, PoolConfig]:
     # Fractional CPUs so that every pool fits on a 2-core laptop at once; on a cluster

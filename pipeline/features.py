@@ -20,3 +20,17 @@ def cached_features(cache, hubert, data: bytes):
         raise AudioError("no samples")
     features = hubert(wave)
     return cache.store(hubert.model_id, sha, features, duration_s=len(wave) / 16000.0), sha, False
+
+
+def hubert_and_cache(config, bundle, storage):
+    """The audio operators' models: HuBERT on the job's device with its chunking, and the
+    feature cache under `cache_uri` (config: a dub or prepare job config)."""
+    from pipeline.weights import load_hubert
+    from stages.audio.cache import FeatureCache
+    from stages.completion.stage import resolve_device
+
+    hubert = load_hubert(bundle, device=resolve_device(config.device))
+    hubert.chunk_seconds = config.audio.chunk_seconds
+    hubert.context_seconds = config.audio.context_seconds
+    fs, root = storage.fs_for(config.cache_uri)
+    return hubert, FeatureCache(fs, root)

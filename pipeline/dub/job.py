@@ -266,9 +266,7 @@ def _run_graph(
     # map tasks (max_retries=-1). Passing them here is the deprecated **ray_remote_args
     # route; tests/test_resilience.py pins the defaults and kills a completion actor.
     def actors(name: str):
-        p = pools[name]
-        extra = {"memory": int(p.memory_gb * 2**30)} if p.memory_gb else {}
-        return dict(compute=ActorPoolStrategy(size=p.size), num_cpus=p.num_cpus, num_gpus=p.num_gpus or None, **extra)
+        return pools[name].actor_args()
 
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map(ops.PlanOp, fn_constructor_args=(cfg,), **actors("plan"))

@@ -25,11 +25,11 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 from pipeline import metrics
 from pipeline.config import JobConfig
-from pipeline.features import cached_features
+from pipeline.features import cached_features, hubert_and_cache
 from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import Storage, join_uri
-from pipeline.weights import load_hubert, load_motion_extractor, load_stage1, load_stage2, load_vae
+from pipeline.weights import load_motion_extractor, load_stage1, load_stage2, load_vae
 from pipeline.workarea import committed_segment, digest, segment_marker_uri, segment_uri
 
 # Every row an operator fails is counted (imgtalk_errors_total{stage, kind}) where it fails.
@@ -155,16 +155,8 @@ class AudioOp(_Op):
     """Per video: HuBERT features of the dubbed track, through the content cache."""
 
     def __init__(self, config: dict, weights_uri: str):
-        from stages.audio.cache import FeatureCache
-        from stages.completion.stage import resolve_device
-
         super().__init__(config, weights_uri)
-        self.device = resolve_device(self.config.device)
-        self.hubert = load_hubert(self.bundle, device=self.device)
-        self.hubert.chunk_seconds = self.config.audio.chunk_seconds
-        self.hubert.context_seconds = self.config.audio.context_seconds
-        fs, root = self.storage.fs_for(self.config.cache_uri)
-        self.cache = FeatureCache(fs, root)
+        self.hubert, self.cache = hubert_and_cache(self.config, self.bundle, self.storage)
 
     @row_step("audio", _audio)
     def __call__(self, row: dict) -> dict:

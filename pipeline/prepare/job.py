@@ -186,9 +186,7 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: PrepareConfig, 
     pools = config.pools
 
     def actors(name: str):
-        p = pools[name]
-        extra = {"memory": int(p.memory_gb * 2**30)} if p.memory_gb else {}
-        return dict(compute=ActorPoolStrategy(size=p.size), num_cpus=p.num_cpus, num_gpus=p.num_gpus or None, **extra)
+        return pools[name].actor_args()
 
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map(ops.PrepPlanOp, fn_constructor_args=(cfg,), **actors("plan"))

@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 from pipeline.arrays import pack
-from pipeline.features import cached_features
+from pipeline.features import cached_features, hubert_and_cache
 from pipeline.prepare.config import PrepareConfig
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
-from pipeline.weights import load_hubert, load_motion_extractor
+from pipeline.weights import load_motion_extractor
 
 ROW_DEFAULTS: dict = {
     "row_index": -1,
@@ -105,15 +105,8 @@ class PrepAudioOp(_Op):
     """HuBERT features of the speech (the audio file, or the video's own audio stream)."""
 
     def __init__(self, config: dict, weights_uri: str):
-        from stages.audio.cache import FeatureCache
-        from stages.completion.stage import resolve_device
-
         super().__init__(config, weights_uri)
-        self.hubert = load_hubert(self.bundle, device=resolve_device(self.config.device))
-        self.hubert.chunk_seconds = self.config.audio.chunk_seconds
-        self.hubert.context_seconds = self.config.audio.context_seconds
-        fs, root = self.storage.fs_for(self.config.cache_uri)
-        self.cache = FeatureCache(fs, root)
+        self.hubert, self.cache = hubert_and_cache(self.config, self.bundle, self.storage)
 
     @row_step("audio", _audio)
     def __call__(self, row: dict) -> dict:
