@@ -419,3 +419,108 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(masked, motion, reference), model.train()(masked, motion, reference).detach())
+
+
+# ----------------------------------------------------------------------------- audio-conditioned ablation
+
+
+def audio_unet(**overrides) -> IMCUNet:
+    torch.manual_seed(0)
+    fields = dict(condition="audio", audio_dim=16, audio_window_frames=1)
+    fields.update(overrides)
+    return IMCUNet(IMCUNetConfig.tiny(**fields)).eval()
+
+
+def audio_inputs(config: IMCUNetConfig, batch=2, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, size, size, generator=g),
+        torch.randn(batch, config.audio_tokens, config.audio_dim, generator=g),
+        torch.randn(batch, 4, size, size, generator=g),
+    )
+
+
+def test_audio_condition_config_and_shapes():
+    assert IMCUNetConfig.tiny().condition == "motion"  # the default is unchanged
+    config = IMCUNetConfig.tiny(condition="audio", audio_dim=16, audio_window_frames=1)
+    assert config.audio_tokens == 6  # two 50 Hz rows for each of frames t-1, t, t+1
+    assert IMCUNetConfig(condition="audio").audio_tokens == 10 and IMCUNetConfig().audio_dim == 1024
+    with pytest.raises(ValueError, match="condition"):
+        IMCUNetConfig.tiny(condition="text")
+    with pytest.raises(ValueError, match="audio_window_frames"):
+        IMCUNetConfig.tiny(audio_window_frames=-1)
+    model = audio_unet()
+    assert not hasattr(model, "motion_tokens")
+    assert model.audio_tokens.project.in_features == 16 and model.audio_tokens.project.out_features == 32
+    assert model.audio_tokens.positional_encoding.shape == (6, 32)
+    assert model.audio_tokens.positional_encoding.abs().max() > 0  # random, not zero
+    masked, audio, reference = audio_inputs(model.config)
+    with torch.no_grad():
+        out = model(masked, audio, reference)
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+
+
+def test_motion_mode_parameter_names_are_unchanged(tmp_path):
+    keys = set(IMCUNet(IMCUNetConfig.tiny()).state_dict())
+    assert {"motion_tokens.project.weight", "motion_tokens.project.bias", "motion_tokens.positional_encoding"} <= keys
+    assert not any(k.startswith("audio_tokens") for k in keys)
+    audio_keys = set(audio_unet().state_dict())
+    assert audio_keys - keys == {"audio_tokens.project.weight", "audio_tokens.project.bias",
+                                 "audio_tokens.positional_encoding"}
+    assert keys - audio_keys == {"motion_tokens.project.weight", "motion_tokens.project.bias",
+                                 "motion_tokens.positional_encoding"}
+    # a checkpoint written before the audio fields existed still loads, as a motion-mode net
+    model = IMCUNet(IMCUNetConfig.tiny()).eval()
+    model.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "config.json"
+    data = json.loads(config_path.read_text())
+    for key in ("condition", "audio_dim", "audio_window_frames"):
+        del data[key]
+    config_path.write_text(json.dumps(data))
+    loaded = IMCUNet.from_pretrained(str(tmp_path))
+    assert loaded.config.condition == "motion"
+    masked, motion, reference = unet_inputs(height=16, width=16)
+    with torch.no_grad():
+        assert torch.equal(loaded(masked, motion, reference), model(masked, motion, reference))
+
+
+def test_audio_condition_drives_the_output_and_nothing_else_changes_it():
+    model = audio_unet()
+    masked, audio, reference = audio_inputs(model.config)
+    with torch.no_grad():
+        base = model(masked, audio, reference)
+        assert torch.equal(model(masked, audio.clone(), reference), base)  # same inputs, same output
+        # only sample 1's audio changes: sample 1's output moves, sample 0's does not
+        other = audio.clone()
+        other[1] = torch.randn(other[1].shape, generator=torch.Generator().manual_seed(7))
+        changed = model(masked, other, reference)
+        assert (changed[1] - base[1]).abs().max() > 1e-3
+        torch.testing.assert_close(changed[0], base[0], rtol=0, atol=1e-6)
+        # one token's row alone matters too (the window is read, not just its first row)
+        last = audio.clone()
+        last[:, -1] += 1.0
+        assert (model(masked, last, reference) - base).abs().max() > 1e-4
+        # the reference is ignored while every alpha is 0, exactly as in motion mode
+        assert torch.equal(model(masked, audio, torch.randn_like(reference)), base)
+
+
+def test_audio_mode_rejects_wrong_shapes_naming_the_mode():
+    model = audio_unet()
+    masked, audio, reference = audio_inputs(model.config)
+    with pytest.raises(ValueError, match="condition='audio'.*\\(B=2,6,16\\)"):
+        model(masked, audio[:, :5], reference)
+    with pytest.raises(ValueError, match="condition='audio'"):
+        model(masked, torch.randn(2, 21, 3), reference)  # a motion condition given to an audio net
+    with pytest.raises(ValueError, match="condition='motion'"):
+        IMCUNet(IMCUNetConfig.tiny())(masked, audio, reference)  # and the other way round
+
+
+def test_audio_unet_save_and_load_round_trip(tmp_path):
+    model = audio_unet()
+    set_alphas(model, 0.2)
+    model.save_pretrained(str(tmp_path))
+    loaded = IMCUNet.from_pretrained(str(tmp_path))
+    assert loaded.config == model.config and loaded.config.condition == "audio"
+    masked, audio, reference = audio_inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(masked, audio, reference), loaded(masked, audio, reference))

@@ -418,3 +418,125 @@ def test_evaluate_metrics_by_hand_and_bfloat16_autocast(batch):
             IMCUNet(IMCUNetConfig.tiny()), LatentVAE.from_config(tiny_vae_config()), MouthMask(dsize=S).array(),
             Stage2TrainConfig(loss=LATENT_ONLY), autocast_dtype=torch.float16,
         )
+
+
+# ----------------------------------------------------------------------------- audio-conditioned ablation
+
+
+def test_audio_window_rows_in_time_order_with_edge_clamping():
+    from stages.completion.training import audio_window
+
+    n, dim = 5, 3
+    audio = np.zeros((n, 2, dim), np.float32)
+    for i in range(n):
+        for j in range(2):
+            audio[i, j] = 10 * i + j + np.arange(dim) * 0.1  # row (i, j) is recognisable
+    row = lambda i, j: 10 * i + j + np.arange(dim) * 0.1  # noqa: E731
+    expect = lambda frames: np.stack([row(i, j) for i in frames for j in (0, 1)]).astype(np.float32)  # noqa: E731
+    np.testing.assert_array_equal(audio_window(audio, 2, 2), expect([0, 1, 2, 3, 4]))
+    np.testing.assert_array_equal(audio_window(audio, 0, 2), expect([0, 0, 0, 1, 2]))
+    np.testing.assert_array_equal(audio_window(audio, 4, 2), expect([2, 3, 4, 4, 4]))
+    np.testing.assert_array_equal(audio_window(audio, 1, 0), expect([1]))
+    assert audio_window(audio, 3, 1).dtype == np.float32 and audio_window(audio, 3, 1).shape == (6, dim)
+
+
+def test_sample_pairs_audio_condition():
+    chunk, video = make_chunk()
+    n = len(chunk["has_face"])
+    chunk["audio"] = np.random.default_rng(5).normal(size=(n, 2, 7)).astype(np.float16)
+    plain = sample_pairs(chunk, video, np.random.default_rng(1), pairs=1000, max_pose_deg=1e9)
+    pairs = sample_pairs(chunk, video, np.random.default_rng(1), pairs=1000, max_pose_deg=1e9, audio_window_frames=2)
+    assert all("audio_condition" not in p for p in plain)
+    # the same pairs as without audio: the rng is not consumed differently
+    assert [p["target_index"] for p in pairs] == [p["target_index"] for p in plain]
+    targets = {p["target_index"] for p in pairs}
+    assert {0, 1, 58, 59} <= targets  # edges of the chunk are covered
+    for p in pairs:
+        t = p["target_index"]
+        frames = np.clip(np.arange(t - 2, t + 3), 0, n - 1)
+        expected = np.concatenate([chunk["audio"][f] for f in frames]).astype(np.float32)
+        assert p["audio_condition"].dtype == np.float32 and p["audio_condition"].shape == (10, 7)
+        np.testing.assert_array_equal(p["audio_condition"], expected)
+    first = next(p for p in pairs if p["target_index"] == 0)["audio_condition"]
+    np.testing.assert_array_equal(first[:6], np.tile(chunk["audio"][0].astype(np.float32), (3, 1)))
+    with pytest.raises(ValueError, match="audio"):
+        sample_pairs(dict(chunk, audio=chunk["audio"][:-1]), video, np.random.default_rng(1), pairs=3,
+                     audio_window_frames=2)
+
+
+def audio_batch(batch: dict, tokens: int, dim: int) -> dict:
+    """The overfit batch with each frame's condition replaced by an audio window that encodes
+    its mouth opening (a fixed random direction scaled by it)."""
+    g = torch.Generator().manual_seed(11)
+    direction = torch.randn(tokens, dim, generator=g)
+    opening = batch["motion"][:, DRIVEN_KEYPOINTS[0], 1]  # (B,) mouth_open * 0.3
+    return dict(batch, motion=(opening[:, None, None] * 30.0) * direction + 0.1 * torch.randn(tokens, dim, generator=g))
+
+
+def test_audio_conditioned_trainer_overfits_and_trains_the_audio_tokens(batch, trained_vae):
+    from stages.motion.extractor import MotionExtractor, MotionExtractorConfig
+
+    config = IMCUNetConfig.tiny(condition="audio", audio_dim=16, audio_window_frames=1)
+    audio = audio_batch(batch, config.audio_tokens, config.audio_dim)
+    torch.manual_seed(0)
+    # L_motion in audio mode: it needs only target_exp / target_x_c and the extractor
+    weights = Stage2LossWeights(rec=0.0, perc=0.0, motion=0.1, adv=0.0, latent=1.0)
+    trainer = Stage2Trainer(
+        IMCUNet(config), trained_vae, MouthMask(dsize=S).array(),
+        Stage2TrainConfig(lr=2e-3, alpha_lr=1e-2, warmup_steps=3, total_steps=30, loss=weights),
+        extractor=MotionExtractor(MotionExtractorConfig.tiny()),
+    )
+    before = trainer.evaluate(audio)["latent_l1_mask"]
+    project = trainer.unet.audio_tokens.project.weight
+    first = trainer.step(audio, 0)
+    assert set(first) == {"loss", "latent", "motion", "lr"} and np.isfinite(first["motion"])
+    assert project.grad is not None and project.grad.abs().sum() > 0
+    losses = [first["loss"]]
+    for step in range(1, 30):
+        losses.append(trainer.step(audio, step)["loss"])
+    after = trainer.evaluate(audio)["latent_l1_mask"]
+    print(f"\naudio-conditioned: loss {losses[0]:.4f} -> {losses[-1]:.4f}, latent L1 in mask {before:.4f} -> {after:.4f}")
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
+    assert after < 0.5 * before
+
+
+def test_stage2_task_audio_mode_config_and_samples(tmp_path, monkeypatch):
+    from transformers import HubertConfig
+
+    import pipeline.train.tasks as tasks
+    from pipeline.train.config import TrainConfig
+
+    IMCUNet(IMCUNetConfig.tiny()).save_pretrained(str(tmp_path / "stage2"))
+    HubertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        str(tmp_path / "hubert"))
+
+    class Bundle:
+        size = "tiny"
+
+        def path(self, component):
+            return str(tmp_path / component)
+
+    card = {"statistics": {"exp": {"mean": np.zeros((21, 3)).tolist(), "std": np.ones((21, 3)).tolist()}}}
+    motion_task = tasks.Stage2Task(TrainConfig(), card)
+    assert motion_task.model_config(Bundle()).condition == "motion"
+    cfg = TrainConfig(stage2={"condition": "audio", "audio_window_frames": 1, "pairs_per_chunk": 4})
+    task = tasks.Stage2Task(cfg, card)
+    config = task.model_config(Bundle())
+    assert (config.condition, config.audio_dim, config.audio_window_frames, config.audio_tokens) == ("audio", 24, 1, 6)
+    assert config.use_rsca and config.motion_mean is None
+
+    chunk, video = make_chunk()
+    chunk["audio"] = np.random.default_rng(0).normal(size=(len(chunk["has_face"]), 2, 24)).astype(np.float32)
+    monkeypatch.setattr(tasks, "decode_chunk", lambda row, crops=False: chunk)
+    row = {"video_id": "v", "chunk_idx": 0}
+    samples = task.sampler({"v": video}, 0, config)(row)
+    assert len(samples) == 4
+    for s in samples:
+        assert set(s) == {"target", "reference", "motion", "target_exp", "target_x_c"}
+        assert s["motion"].shape == (6, 24)  # the audio window, under the key the trainer feeds the UNet
+        t = int(np.flatnonzero([np.array_equal(c, s["target"]) for c in chunk["crops"]])[0])
+        frames = np.clip(np.arange(t - 1, t + 2), 0, len(chunk["has_face"]) - 1)
+        np.testing.assert_array_equal(s["motion"], chunk["audio"][frames].reshape(6, 24))
+        np.testing.assert_array_equal(s["target_exp"], chunk["exp"][t])
+    motion_samples = motion_task.sampler({"v": video}, 0, motion_task.model_config(Bundle()))(row)
+    assert all(s["motion"].shape == (21, 3) for s in motion_samples)

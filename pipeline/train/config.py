@@ -44,6 +44,9 @@ class Stage2Options(_Strict):
     vgg_weights: str | None = Field(None, description="torchvision vgg19-dcbb9e9d.pth for L_perc; without it perc is 0")
     gradient_checkpointing: bool = False
     use_rsca: bool = Field(True, description="False: the paper's concatenation ablation")
+    condition: Literal["motion", "audio"] = Field(
+        "motion", description="audio: the audio-conditioned IMC-UNet ablation (HuBERT rows by cross-attention, no motion)")
+    audio_window_frames: int = Field(2, ge=0, description="condition=audio: frames of audio each side of the target")
 
 
 class TrainConfig(_Strict):

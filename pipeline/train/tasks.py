@@ -107,20 +107,36 @@ class Stage2Task:
         from stages.common.checkpoint import load_config
         from stages.completion.imc_unet import IMCUNetConfig
 
+        o = self.cfg.stage2
         base = load_config(IMCUNetConfig, bundle_info.path("stage2"))
-        config = dataclasses.replace(base, use_rsca=self.cfg.stage2.use_rsca)
+        audio = {}
+        if o.condition == "audio":
+            from transformers import HubertConfig
+
+            # The shard's audio rows are this HuBERT's hidden states.
+            audio_dim = HubertConfig.from_pretrained(bundle_info.path("hubert")).hidden_size
+            audio = dict(audio_window_frames=o.audio_window_frames, audio_dim=int(audio_dim))
+        config = dataclasses.replace(base, use_rsca=o.use_rsca, condition=o.condition, **audio)
+        if audio:  # no motion tokens to normalise
+            return dataclasses.replace(config, motion_mean=None, motion_std=None)
         return config.with_motion_statistics(*_stats(self.card, "exp"))
 
     def sampler(self, videos: dict, seed: int, model_config):
         from stages.completion.training import sample_pairs
 
         o = self.cfg.stage2
+        audio = o.condition == "audio"
 
         def samples(row: dict) -> list[dict]:
             pairs = sample_pairs(decode_chunk(row, crops=True), videos[row["video_id"]], chunk_rng(seed, row),
-                                 o.pairs_per_chunk, o.min_gap_frames, o.max_pose_deg)
+                                 o.pairs_per_chunk, o.min_gap_frames, o.max_pose_deg,
+                                 audio_window_frames=o.audio_window_frames if audio else None)
             keys = ("target", "reference", "motion", "target_exp", "target_x_c")
-            return [{k: p[k] for k in keys} for p in pairs]
+            out = [{k: p[k] for k in keys} for p in pairs]
+            if audio:  # the UNet's condition is batch["motion"], whatever it holds
+                for sample, pair in zip(out, pairs):
+                    sample["motion"] = pair["audio_condition"]
+            return out
 
         return samples
 

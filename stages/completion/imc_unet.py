@@ -19,6 +19,13 @@ followed by an IMCTransformerLayer that carries the two conditions:
 `use_rsca=False` is the paper's "w/o RSCA" ablation (MuseTalk's input): the reference
 latent is concatenated to the masked latent on the channel axis and no RSCA exists.
 
+`condition="audio"` is the "audio-conditioned IMC-UNet" ablation (MuseTalk's conditioning:
+audio features by cross-attention, no implicit motion): the cross-attention keys/values are
+2 * (2 * audio_window_frames + 1) HuBERT rows (two 50 Hz rows per 25 fps frame, the target
+frame and audio_window_frames frames each side), each through one shared Linear(audio_dim,
+d_m) plus a learnable per-token positional encoding (AudioTokens), instead of the 21
+motion tokens. The forward's second argument is then (B, audio_tokens, audio_dim).
+
 Untrained, the network is a randomly initialised regression: its output is a noise-like
 latent (std about 0.3 at both sizes) that depends on the masked latent and the motion, not
 on the reference (all alpha_l = 0), and is not the masked input passed through. conv_out is
@@ -43,6 +50,8 @@ from torch import Tensor, nn
 
 from stages.common.checkpoint import load_pretrained, save_pretrained
 
+CONDITIONS = ("motion", "audio")
+
 
 @dataclass
 class IMCUNetConfig:
@@ -66,8 +75,20 @@ class IMCUNetConfig:
     # MotionTokens feeds (δ - mean) / std. Set them with `with_motion_statistics`.
     motion_mean: tuple[tuple[float, ...], ...] | None = None
     motion_std: tuple[tuple[float, ...], ...] | None = None
+    # What the cross-attention reads: "motion" (the paper's 21 δ tokens) or "audio" (the
+    # "audio-conditioned IMC-UNet" ablation: HuBERT rows of frames t-w..t+w, w below).
+    condition: str = "motion"
+    audio_dim: int = 1024  # width of a HuBERT row (hidden_size; 1024 for HuBERT-large)
+    audio_window_frames: int = 2  # 25 fps frames of audio each side of the target frame
 
     def __post_init__(self):
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"IMCUNetConfig: condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.audio_dim < 1 or self.audio_window_frames < 0:
+            raise ValueError(
+                f"IMCUNetConfig: audio_dim must be >= 1 and audio_window_frames >= 0, "
+                f"got {self.audio_dim} and {self.audio_window_frames}"
+            )
         self.block_out_channels = tuple(self.block_out_channels)
         self.self_attention = tuple(bool(s) for s in self.self_attention)
         for name in ("motion_mean", "motion_std"):
@@ -107,6 +128,11 @@ class IMCUNetConfig:
                 raise ValueError(f"with_motion_statistics: {name} must be ({self.num_kp}, 3), got {array.shape}")
         as_tuples = lambda a: tuple(tuple(float(v) for v in row) for row in a)  # noqa: E731
         return dataclasses.replace(self, motion_mean=as_tuples(mean), motion_std=as_tuples(std))
+
+    @property
+    def audio_tokens(self) -> int:
+        """Tokens of the audio condition: two 50 Hz HuBERT rows per frame, frames t-w..t+w."""
+        return 2 * (2 * self.audio_window_frames + 1)
 
     @property
     def position_dim(self) -> int:
@@ -169,6 +195,21 @@ class MotionTokens(nn.Module):
 
     def forward(self, motion: Tensor) -> Tensor:
         return self.project(self.normalise(motion)) + self.positional_encoding  # (B,K,3) -> (B,K,d_m)
+
+
+class AudioTokens(nn.Module):
+    """The audio-conditioned ablation's tokens (MuseTalk's conditioning): each HuBERT row of
+    the window through one shared Linear(audio_dim, d_m), plus a learnable positional
+    encoding per token (the row's place in the window), as MotionTokens does for keypoints."""
+
+    def __init__(self, num_tokens: int, audio_dim: int, motion_dim: int):
+        super().__init__()
+        self.project = nn.Linear(audio_dim, motion_dim)  # shared by all rows
+        self.positional_encoding = nn.Parameter(torch.randn(num_tokens, motion_dim) * 0.02)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        # (B,N,A) -> (B,N,d_m)
+        return self.project(audio.to(self.project.weight.dtype)) + self.positional_encoding
 
 
 class ReferenceSpatialCrossAttention(nn.Module):
@@ -335,7 +376,10 @@ class IMCUNet(nn.Module):
         levels = len(channels)
         in_channels = config.latent_channels if config.use_rsca else 2 * config.latent_channels
 
-        self.motion_tokens = MotionTokens(config.num_kp, config.motion_dim, config.motion_mean, config.motion_std)
+        if config.condition == "audio":
+            self.audio_tokens = AudioTokens(config.audio_tokens, config.audio_dim, config.motion_dim)
+        else:
+            self.motion_tokens = MotionTokens(config.num_kp, config.motion_dim, config.motion_mean, config.motion_std)
         self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
 
         skip_channels = [channels[0]]  # what the down path leaves for the up path, in push order
@@ -363,9 +407,13 @@ class IMCUNet(nn.Module):
 
     def forward(self, masked_latent: Tensor, motion: Tensor, reference_latent: Tensor) -> Tensor:
         # masked_latent (B,4,h,w): E(mouth-masked source); motion (B,K,3): driving delta per
-        # keypoint; reference_latent (B,4,h,w): E(reference). Returns z_hat (B,4,h,w).
+        # keypoint, or with condition="audio" (B,N,A): the audio window's HuBERT rows;
+        # reference_latent (B,4,h,w): E(reference). Returns z_hat (B,4,h,w).
         self._check_inputs(masked_latent, motion, reference_latent)
-        motion_tokens = self.motion_tokens(motion)  # (B,K,d_m)
+        if self.config.condition == "audio":
+            motion_tokens = self.audio_tokens(motion)  # (B,N,d_m): the cross-attention's condition
+        else:
+            motion_tokens = self.motion_tokens(motion)  # (B,K,d_m)
         if self.config.use_rsca:
             x = masked_latent
             reference_tokens = self.reference_tokens(reference_latent)  # (B,hw,4+P)
@@ -427,7 +475,15 @@ class IMCUNet(nn.Module):
                 f"IMCUNet: reference_latent {tuple(reference_latent.shape)} must match "
                 f"masked_latent {tuple(masked_latent.shape)}"
             )
-        if motion.shape != (masked_latent.shape[0], k, 3):
+        batch = masked_latent.shape[0]
+        if self.config.condition == "audio":
+            n, a = self.config.audio_tokens, self.config.audio_dim
+            if motion.shape != (batch, n, a):
+                raise ValueError(
+                    f"IMCUNet (condition='audio'): the condition must be audio rows (B={batch},{n},{a}) "
+                    f"(2 rows per frame, {self.config.audio_window_frames} frames each side), got {tuple(motion.shape)}"
+                )
+        elif motion.shape != (batch, k, 3):
             raise ValueError(
-                f"IMCUNet: motion must be (B={masked_latent.shape[0]},{k},3), got {tuple(motion.shape)}"
+                f"IMCUNet (condition='motion'): motion must be (B={batch},{k},3), got {tuple(motion.shape)}"
             )

@@ -57,6 +57,20 @@ def stage2_condition(target_exp: np.ndarray, neutral_exp: np.ndarray, driven: tu
     return motion
 
 
+def audio_window(audio: np.ndarray, t: int, window_frames: int) -> np.ndarray:
+    """The audio condition of frame t (the "audio-conditioned IMC-UNet" ablation):
+    audio (n, k, A), k rows per 25 fps frame (k = 2: HuBERT's 50 Hz) -> (k * (2w+1), A)
+    float32, the rows of frames t-w..t+w in time order, frames clamped to [0, n-1] at the
+    chunk's edges (the edge frame's rows repeat)."""
+    audio = np.asarray(audio)
+    if audio.ndim != 3 or len(audio) == 0:
+        raise ValueError(f"audio_window: audio must be (n, k, A) with n >= 1, got {audio.shape}")
+    if window_frames < 0:
+        raise ValueError(f"audio_window: window_frames must be >= 0, got {window_frames}")
+    frames = np.clip(np.arange(t - window_frames, t + window_frames + 1), 0, len(audio) - 1)
+    return audio[frames].reshape(-1, audio.shape[-1]).astype(np.float32)
+
+
 def sample_pairs(
     chunk: dict,
     video: dict,
@@ -65,6 +79,7 @@ def sample_pairs(
     min_gap_frames: int = 12,
     max_pose_deg: float = 10.0,
     driven: tuple = DRIVEN_KEYPOINTS,
+    audio_window_frames: int | None = None,
 ) -> list[dict]:
     """Up to `pairs` (target, reference) training pairs from one prepared chunk (25 fps).
 
@@ -78,7 +93,9 @@ def sample_pairs(
 
     Each pair: target, reference (S,S,3) uint8; motion (21,3) float32, the Stage 2 condition
     (`stage2_condition`); target_exp, target_x_c (21,3) float32, the L_motion targets; gap
-    (int, |Δt| in frames); target_index, reference_index (int).
+    (int, |Δt| in frames); target_index, reference_index (int). With `audio_window_frames`
+    w given, also audio_condition (2*(2w+1), A) float32: `audio_window` of chunk["audio"]
+    (n, 2, A) at the target, the condition of the audio-conditioned ablation.
     """
     if min_gap_frames < 1:
         raise ValueError(f"sample_pairs: min_gap_frames must be >= 1 (never the target itself), got {min_gap_frames}")
@@ -89,6 +106,11 @@ def sample_pairs(
     exp, x_c, crops = chunk["exp"], chunk["x_c"], chunk["crops"]
     neutral = np.asarray(video["neutral_exp"], dtype=np.float32)
     frames = np.arange(n)
+    audio = None
+    if audio_window_frames is not None:
+        audio = np.asarray(chunk["audio"])
+        if audio.ndim != 3 or len(audio) != n:
+            raise ValueError(f"sample_pairs: chunk audio must be ({n}, k, A) rows per frame, got {audio.shape}")
 
     out: list[dict] = []
     for t in rng.permutation(np.flatnonzero(has_face)):
@@ -104,18 +126,19 @@ def sample_pairs(
             continue
         r = int(candidates[best])
         t = int(t)
-        out.append(
-            {
-                "target": np.asarray(crops[t]),
-                "reference": np.asarray(crops[r]),
-                "motion": stage2_condition(exp[t], neutral, driven),
-                "target_exp": np.asarray(exp[t], dtype=np.float32),
-                "target_x_c": np.asarray(x_c[t], dtype=np.float32),
-                "gap": abs(r - t),
-                "target_index": t,
-                "reference_index": r,
-            }
-        )
+        pair = {
+            "target": np.asarray(crops[t]),
+            "reference": np.asarray(crops[r]),
+            "motion": stage2_condition(exp[t], neutral, driven),
+            "target_exp": np.asarray(exp[t], dtype=np.float32),
+            "target_x_c": np.asarray(x_c[t], dtype=np.float32),
+            "gap": abs(r - t),
+            "target_index": t,
+            "reference_index": r,
+        }
+        if audio is not None:
+            pair["audio_condition"] = audio_window(audio, t, audio_window_frames)
+        out.append(pair)
     return out
 
 
