@@ -49,6 +49,28 @@ class Stage2Options(_Strict):
     audio_window_frames: int = Field(2, ge=0, description="condition=audio: frames of audio each side of the target")
 
 
+class VaeOptions(_Strict):
+    """`imgtalk train vae`: a small stand-in for the SD VAE (stages/completion/vae_training.py)."""
+
+    crops_per_chunk: int = Field(16, ge=1)
+    block_out_channels: list[int] | None = Field(None, description="widths of a fresh VAE (default: the base bundle's)")
+    lr: float = Field(1e-3, gt=0)
+    kl: float = Field(1e-6, ge=0, description="β of the KL term")
+    mouth_weight: float = Field(4.0, ge=0, description="extra L1 weight inside the mouth mask")
+
+
+class ExtractorOptions(_Strict):
+    """`imgtalk train extractor`: a small landmark-guided stand-in for LivePortrait's motion
+    extractor (stages/motion/extractor_training.py)."""
+
+    frames_per_chunk: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    # mouth_open (inner-lip gap / mouth width) is normalised with these; the defaults are the
+    # synthetic corpus's (mean 0.165, std 0.121 over 4,045 frames)
+    open_mean: float = 0.165
+    open_std: float = Field(0.121, gt=0)
+
+
 class TrainConfig(_Strict):
     name: str = Field("imgtalk", description="run name: rerunning with the same name and storage_path resumes")
     storage_path: str = Field("runs", description="checkpoints and curves (local, NFS or s3://); shared by all nodes")
@@ -67,10 +89,14 @@ class TrainConfig(_Strict):
     num_to_keep: int = Field(3, ge=1)
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
     shuffle_buffer: int = Field(64, ge=1, description="rows in each rank's local shuffle buffer")
+    cache_samples: bool = Field(False, description="materialise the training samples once (object store) instead of "
+                                "re-reading the shards every epoch: for small corpora whose epochs are a few batches")
     seed: int = 0
     torch_threads: int = Field(1, ge=1)
     stage1: Stage1Options = Stage1Options()
     stage2: Stage2Options = Stage2Options()
+    vae: VaeOptions = VaeOptions()
+    extractor: ExtractorOptions = ExtractorOptions()
     storage: StorageConfig = StorageConfig()
 
 

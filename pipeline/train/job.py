@@ -110,7 +110,7 @@ def _progress(storage: Storage, uri: str, total: int, stop: threading.Event, str
 
 
 def write_bundle(base_root: str, out_uri: str, stage: str, network, card: dict, steps: int, run: str,
-                 storage: Storage) -> str:
+                 storage: Storage, component: str | None = None) -> str:
     """The base bundle with `stage`'s folder replaced by the trained network; bundle.json
     records each trained stage's corpus card and steps, and `trained` once both are."""
     with tempfile.TemporaryDirectory(prefix="imgtalk-bundle-") as tmp:
@@ -121,7 +121,9 @@ def write_bundle(base_root: str, out_uri: str, stage: str, network, card: dict, 
             shutil.copytree(base_root, root, ignore=shutil.ignore_patterns(".complete"))
         with open(os.path.join(root, "bundle.json")) as f:
             meta = json.load(f)
-        target = os.path.join(root, meta.get("components", {}).get(stage, stage))
+        target = os.path.join(root, meta.get("components", {}).get(component or stage, component or stage))
+        if target.endswith(".pth"):  # LivePortrait's file: its network saves the folder around it
+            target = os.path.dirname(target)
         staged = target + ".new"
         shutil.rmtree(staged, ignore_errors=True)
         network.save_pretrained(staged)
@@ -176,7 +178,10 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
     try:
         def samples(uris: list[str]):
             fs, paths = _filesystem(storage, uris)
-            return ray.data.read_parquet(paths, filesystem=fs).flat_map(sampler)
+            dataset = ray.data.read_parquet(paths, filesystem=fs).flat_map(sampler)
+            # Samples are drawn from a chunk by a seed of its own (tasks.chunk_rng), so every
+            # epoch reads the same samples: materialising them once changes nothing but the time.
+            return dataset.materialize() if config.cache_samples else dataset
 
         world = config.num_workers
         datasets = {f"train_{r}": samples(files["train"][r::world]) for r in range(world)}
@@ -228,7 +233,8 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
             with open(os.path.join(folder, "meta.json")) as f:
                 steps = int(json.load(f)["position"]["step"])
         network = task.load_network(model_config, state)
-        write_bundle(base_root, output_uri, stage, network, card, steps, config.name, storage)
+        write_bundle(base_root, output_uri, stage, network, card, steps, config.name, storage,
+                     component=getattr(task, "component", stage))
         return TrainResult(stage, output_uri, steps, dict(result.metrics or {}), run_dir, time.perf_counter() - started)
     finally:
         if started_ray:

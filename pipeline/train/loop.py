@@ -206,4 +206,5 @@ def train_loop(loop_config: dict) -> None:
 def _jsonable(config) -> dict:
     from stages.common.checkpoint import config_to_dict
 
-    return json.loads(json.dumps(config_to_dict(config), default=list))
+    plain = dict(config) if isinstance(config, dict) else config_to_dict(config)  # the VAE's is diffusers' dict
+    return json.loads(json.dumps(plain, default=list))

@@ -181,4 +181,113 @@ class Stage2Task:
         return model.eval()
 
 
-TASKS = {"stage1": Stage1Task, "stage2": Stage2Task}
+class VaeTask:
+    """The SD VAE's small stand-in, trained on the corpus crops (a bundle with the real SD VAE
+    never needs this); the network is diffusers' AutoencoderKL, saved in its own format."""
+
+    name = "vae"
+    val_metric = "rec"
+
+    def __init__(self, cfg: TrainConfig, card: dict):
+        self.cfg, self.card = cfg, card
+
+    def model_config(self, bundle_info) -> dict:
+        from stages.completion.vae import LatentVAE
+
+        config = dict(LatentVAE.from_pretrained(bundle_info.path("vae")).vae.config)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        widths = self.cfg.vae.block_out_channels
+        if widths:
+            if len(widths) != len(config["block_out_channels"]):
+                from pipeline.train.job import TrainError
+
+                raise TrainError(f"vae.block_out_channels {widths} must have {len(config['block_out_channels'])} widths "
+                                 "(the latent's 8x downsampling)")
+            groups = min(config["norm_num_groups"], *widths)
+            config.update(block_out_channels=list(widths), norm_num_groups=groups)
+        return config
+
+    def sampler(self, videos: dict, seed: int, model_config):
+        from stages.completion.vae_training import sample_crops
+
+        count = self.cfg.vae.crops_per_chunk
+        return lambda row: sample_crops(decode_chunk(row, crops=True), chunk_rng(seed, row), count)
+
+    def build_trainer(self, bundle_info, model_config, wrap, device, autocast_dtype, seed: int):
+        from stages.completion.vae import LatentVAE
+        from stages.completion.vae_training import VaeTrainConfig, VaeTrainer
+        from stages.face import MouthMask
+
+        c, o = self.cfg, self.cfg.vae
+        train_cfg = VaeTrainConfig(lr=o.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, grad_clip=c.grad_clip,
+                                   kl=o.kl, mouth_weight=o.mouth_weight)
+        return VaeTrainer(LatentVAE.from_config(model_config), MouthMask().array(), train_cfg, wrap=wrap, device=device,
+                          seed=seed)
+
+    def to_batch(self, batch: dict) -> dict:
+        return {"image": batch["image"].permute(0, 3, 1, 2).float() / 255.0}  # (B,S,S,3) uint8 -> (B,3,S,S)
+
+    def network(self, trainer):
+        return trainer.vae
+
+    def load_network(self, model_config, state: dict):
+        from stages.completion.vae import LatentVAE
+        from stages.completion.vae_training import with_scaling_factor
+
+        vae = LatentVAE.from_config(model_config)
+        vae.vae.load_state_dict(state["vae"])
+        return with_scaling_factor(vae, float(state["latent_std"]))
+
+
+class ExtractorTask:
+    """The motion extractor's small landmark-guided stand-in (a bundle with LivePortrait's
+    real extractor never needs this); saved in LivePortrait's .pth layout."""
+
+    name = "extractor"
+    component = "motion_extractor"
+    val_metric = "loss"
+
+    def __init__(self, cfg: TrainConfig, card: dict):
+        self.cfg, self.card = cfg, card
+
+    def model_config(self, bundle_info):
+        from pipeline.weights import load_motion_extractor
+
+        return load_motion_extractor(bundle_info).config
+
+    def sampler(self, videos: dict, seed: int, model_config):
+        from stages.motion.extractor_training import sample_frames
+
+        count = self.cfg.extractor.frames_per_chunk
+
+        def samples(row: dict) -> list[dict]:
+            chunk = decode_chunk(row, crops=True)
+            chunk["mouth_open"] = unpack(row["mouth_open"])
+            return sample_frames(chunk, chunk_rng(seed, row), count)
+
+        return samples
+
+    def build_trainer(self, bundle_info, model_config, wrap, device, autocast_dtype, seed: int):
+        from stages.motion.extractor import MotionExtractor
+        from stages.motion.extractor_training import ExtractorTrainConfig, ExtractorTrainer
+
+        c, o = self.cfg, self.cfg.extractor
+        train_cfg = ExtractorTrainConfig(lr=o.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, grad_clip=c.grad_clip,
+                                         open_mean=o.open_mean, open_std=o.open_std)
+        return ExtractorTrainer(MotionExtractor(model_config), train_cfg, wrap=wrap, device=device, seed=seed)
+
+    def to_batch(self, batch: dict) -> dict:
+        return {"image": batch["image"].permute(0, 3, 1, 2).float() / 255.0, "mouth_open": batch["mouth_open"]}
+
+    def network(self, trainer):
+        return trainer.extractor
+
+    def load_network(self, model_config, state: dict):
+        from stages.motion.extractor import MotionExtractor
+
+        model = MotionExtractor(model_config)
+        model.load_state_dict(state["extractor"])
+        return model.eval()
+
+
+TASKS = {"stage1": Stage1Task, "stage2": Stage2Task, "vae": VaeTask, "extractor": ExtractorTask}
