@@ -100,3 +100,19 @@ def test_missing_component_and_bad_metadata(tiny_bundle, tmp_path):
         read_bundle_info(str(tmp_path))
     with pytest.raises(BundleError, match="not found"):
         load_bundle(str(tmp_path / "nowhere"))
+
+
+def test_dub_refuses_an_audio_conditioned_stage2_before_any_work(tmp_path, tiny_bundle):
+    import shutil
+
+    from pipeline.dub.job import run_dub
+    from stages.completion.imc_unet import IMCUNet, IMCUNetConfig
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    shutil.rmtree(bundle / "stage2")
+    IMCUNet(IMCUNetConfig.tiny(condition="audio", audio_dim=32)).save_pretrained(str(bundle / "stage2"))
+    with pytest.raises(BundleError, match="condition='audio'") as e:
+        run_dub(str(tmp_path / "missing-manifest.parquet"), str(bundle), str(tmp_path / "report.parquet"))
+    assert "stage2" in str(e.value)
+    assert not (tmp_path / "report.parquet").exists()

@@ -124,6 +124,19 @@ def _video_report(job_id: str, row: dict, segments: list[dict], final: dict | No
     return ReportRow(**fields)
 
 
+def _check_stage2_condition(bundle) -> None:
+    """An audio-conditioned IMC-UNet (the ablation of IMCUNetConfig.condition) is a research
+    variant that the dub's segment stages do not feed; refuse it before any work."""
+    from pipeline.weights import BundleError
+    from stages.common.checkpoint import load_config
+    from stages.completion.imc_unet import IMCUNetConfig
+
+    condition = load_config(IMCUNetConfig, bundle.path("stage2")).condition
+    if condition != "motion":
+        raise BundleError(f"{bundle.path('stage2')}: an IMC-UNet with condition={condition!r} is the ablation variant "
+                          "(benchmarks/stage2_ablation.py); imgtalk dub needs the motion-conditioned Stage 2")
+
+
 def run_dub(
     manifest_uri: str,
     weights_uri: str,
@@ -152,6 +165,7 @@ def run_dub(
 
     # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
     bundle = read_bundle_info(localize_bundle(weights_uri, storage))
+    _check_stage2_condition(bundle)
     warnings = [] if bundle.trained else [
         f"untrained weights bundle {redact(weights_uri)}: the mouth is re-rendered but not lip-synced "
         "(train one with imgtalk prepare / imgtalk train)"]
