@@ -106,13 +106,16 @@ def hubert_large_config() -> transformers.HubertConfig:
 def tiny_hubert_config(hidden_size: int = 32) -> transformers.HubertConfig:
     """A test-sized HuBERT that keeps the real conv kernels/strides (320-sample hop) and
     the real layout (layer-norm feature encoder, stable layer norm, 128-tap positional conv),
-    so frame counts and chunking behave as in production."""
+    so frame counts and chunking behave as in production. The conv stack is 64 wide: as a
+    random stand-in for the real model its features carry more of the speech (on the
+    synthetic corpus a linear read-out of ±2 frames predicts held-out jaw opening at r 0.67,
+    against 0.55 with 16 channels and 0.48 with a 128-wide transformer; README)."""
     return transformers.HubertConfig(
         hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
-        conv_dim=(16,) * 7,
+        conv_dim=(64,) * 7,
         conv_kernel=_CONV_KERNEL,
         conv_stride=_CONV_STRIDE,
         conv_bias=True,
