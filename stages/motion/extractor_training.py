@@ -31,7 +31,11 @@ from stages.common.optim import warmup_cosine
 from stages.motion.audio2motion import DRIVEN_KEYPOINTS
 from stages.motion.extractor import MotionExtractor, motion_info
 
-AMPLITUDE = 0.02  # δ of LivePortrait's lips moves by about this much while speaking
+# The scale of the stand-in's δ is arbitrary downstream (Stage 1 and Stage 2 normalise δ with
+# the corpus's statistics); LivePortrait's lips move by ~0.02, but a target that small sits
+# below the step Adam takes on the head (~lr x sqrt(64) per output), and training stalls
+# at the zero-prediction loss. At 0.5 the same lr resolves it.
+AMPLITUDE = 0.5
 
 
 def sample_frames(chunk: dict, rng: np.random.Generator, count: int) -> list[dict]:
@@ -59,6 +63,9 @@ class ExtractorTrainConfig:
     grad_clip: float = 1.0
     open_mean: float = 0.0  # the corpus's mouth_open statistics (prepare's card)
     open_std: float = 1.0
+    # δ starts at 0 (a trained extractor's δ is ~1e-2; a random head's is ~10x that), so the
+    # first steps learn the mouth instead of shrinking random outputs
+    zero_expression_head: bool = True
 
 
 class ExtractorTrainer:
@@ -69,6 +76,11 @@ class ExtractorTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.extractor = extractor.to(self.device).train().requires_grad_(True)
+        if cfg.zero_expression_head:
+            with torch.no_grad():
+                head = self.extractor.detector.fc_exp
+                head.weight.zero_()
+                head.bias.zero_()
         self.net = wrap(self.extractor)
         self.driven = list(DRIVEN_KEYPOINTS)
         self.direction = torch.from_numpy(opening_direction(extractor.config.num_kp)).to(self.device)[self.driven]
