@@ -43,6 +43,15 @@ SENTENCES = (
     "The baby smiled at the bubbles.",
     "Open the window and breathe the morning air.",
 )
+# Never spoken in a training corpus: the dubbed tracks of the demo and of the learning checks.
+HELDOUT_SENTENCES = (
+    "Many people walk to the market on Monday.",
+    "The big brown dog jumped over a puddle.",
+    "Bring me a cup of warm milk, my friend.",
+    "Open your mouth wide and say aah.",
+    "Maybe the rain will stop before the evening.",
+    "A small boy played a tune on his pipe.",
+)
 VOICES = ("en-us", "en-gb", "en-gb+f3", "en-us+m3", "en-gb+f2", "en-us+f4")
 RATES = (135, 185)  # words per minute, drawn per clip
 LEAD_S, TAIL_S = 0.24, 0.24  # silence around each sentence (the mouth is closed there)
@@ -90,9 +99,12 @@ def _round(xs, nd=5) -> list:
 
 
 def make_synth_corpus(folder: str, speakers: int = 4, sentences_per_speaker: int = 3, seed: int = 0,
-                      size: tuple[int, int] = (320, 240), face_image: np.ndarray | str | None = None) -> dict:
+                      size: tuple[int, int] = (320, 240), face_image: np.ndarray | str | None = None,
+                      heldout: bool = False) -> dict:
     """Render the corpus under `folder` (layout in the module docstring); returns
-    {"folder", "corpus", "speakers", "clips": [{clip, speaker_id, video, audio, truth, frames}], "seconds"}."""
+    {"folder", "corpus", "speakers", "clips": [{clip, speaker_id, video, audio, truth, frames}], "seconds"}.
+    heldout: speak HELDOUT_SENTENCES, never SENTENCES (for checks on sentences never trained on);
+    the speakers (looks and voices) are the same as the training corpus's with the same seed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -110,12 +122,13 @@ def make_synth_corpus(folder: str, speakers: int = 4, sentences_per_speaker: int
         identity = SpeakerIdentity.from_seed(seed, k)
         voice = VOICES[(k + int(seed)) % len(VOICES)]
         speaker_id = f"synth{int(seed)}_spk{k:02d}"
-        picks = rng.permutation(len(SENTENCES))
+        texts = HELDOUT_SENTENCES if heldout else SENTENCES
+        picks = rng.permutation(len(texts))
         speaker_meta.append({"speaker_id": speaker_id, "voice": voice, "identity": identity.as_dict()})
         for j in range(sentences_per_speaker):
-            text = SENTENCES[int(picks[j % len(SENTENCES)])]
+            text = texts[int(picks[j % len(texts)])]
             rate = int(rng.integers(RATES[0], RATES[1] + 1))
-            plan.append((speaker_id, identity, voice, f"{speaker_id}_s{j:02d}", text, rate))
+            plan.append((speaker_id, identity, voice, f"{speaker_id}_{'h' if heldout else 's'}{j:02d}", text, rate))
     # each utterance is spoken in its own process (see stages.synth.speaker.speak): run a few at once
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         speeches = list(pool.map(lambda p: speak(p[4], p[2], p[5]), plan))

@@ -5,6 +5,7 @@ agree with each other and are deterministic."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import wave
 
@@ -208,3 +209,31 @@ def test_cli_synth_corpus(tmp_path, capsys):
     bad.write_bytes(b"not an image")
     assert main(["synth-corpus", "--folder", str(tmp_path / "x"), "--face", str(bad)]) == 2
     assert "cannot read the face image" in capsys.readouterr().err
+
+
+def test_heldout_corpus_speaks_only_sentences_never_trained_on_and_pairs_for_dubbing(tmp_path):
+    from pipeline.lipsync_eval import sync_manifest
+    from pipeline.synth_corpus import HELDOUT_SENTENCES, SENTENCES, make_synth_corpus
+
+    assert not set(HELDOUT_SENTENCES) & set(SENTENCES)
+    out = make_synth_corpus(str(tmp_path / "h"), speakers=2, sentences_per_speaker=2, seed=0, size=(160, 128),
+                            heldout=True)
+    texts = []
+    for clip in out["clips"]:
+        with open(clip["truth"]) as f:
+            doc = json.load(f)
+        texts.append(doc["text"])
+        assert "_h" in clip["clip"]
+    assert set(texts) <= set(HELDOUT_SENTENCES) and len(set(texts)) >= 2
+    # the same speakers (looks and voices) as the training corpus of the same seed
+    train = make_synth_corpus(str(tmp_path / "t"), speakers=2, sentences_per_speaker=1, seed=0, size=(160, 128))
+    with open(out["speakers"]) as f, open(train["speakers"]) as g:
+        assert json.load(f)["speakers"] == json.load(g)["speakers"]
+    rows = sync_manifest(out["folder"], str(tmp_path / "outputs"))
+    assert len(rows) == 2  # one per speaker: clip 1 dubbed with clip 0's audio
+    for row in rows:
+        source = os.path.basename(row["video_uri"])[:-4]
+        dubbed = os.path.basename(row["audio_uri"])[:-4]
+        assert source.endswith("_h01") and dubbed.endswith("_h00") and source[:-4] == dubbed[:-4]
+        assert row["truth"].endswith(f"{dubbed}.truth.json") and row["truth_video"].endswith(f"{dubbed}.mp4")
+        assert row["output_uri"].startswith(str(tmp_path / "outputs"))

@@ -1,0 +1,140 @@
+"""Does the dubbed mouth follow the new audio? Checks on sentences never trained on.
+
+A held-out synthetic corpus (`imgtalk synth-corpus --heldout`: the training corpus's
+speakers saying HELDOUT_SENTENCES) gives, per clip, a video of the speaker saying sentence
+B, B's audio and B's ground-truth mouth (truth JSON). Two checks follow:
+
+- **Stage 1 alone** (`stage1_keypoint_r`): Stage 1 runs free on B's HuBERT rows, from the
+  video's neutral state, and its Δδ on the driven keypoints is compared with what the
+  motion extractor reads off B's real frames (δ − δ_neutral on D): Pearson r over every
+  frame and coordinate of the held-out clips.
+- **The dub** (`sync_manifest` + `dub_figures`): another clip of the same speaker (saying
+  something else) is dubbed with B's audio; its output video is measured by FaceMesh
+  (stages/lipsync/measure.py) against B's truth jaw (padded with closed-mouth silence or
+  trimmed to the source's length, as the dub pads or trims the audio). Also: the mouth's
+  opening in B's silent frames against the speaker's neutral opening (FaceMesh on B's own
+  video in its silent frames, where the mouth is closed by construction), and the jitter of
+  the opening against that of B's own rendered video (the ground truth, measured the same
+  way).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def _clips_by_speaker(truth_folder: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for name in sorted(os.listdir(truth_folder)):
+        if name.endswith(".truth.json"):
+            with open(os.path.join(truth_folder, name)) as f:
+                doc = json.load(f)
+            out.setdefault(doc["speaker_id"], []).append(doc)
+    return out
+
+
+def sync_manifest(heldout_folder: str, out_folder: str, per_speaker: int = 1) -> list[dict]:
+    """Dub rows for a held-out synthetic corpus: clip j+1 of a speaker dubbed with clip j's audio.
+    Each row: video_uri, audio_uri, output_uri (manifest columns) and truth, truth_video (clip j's)."""
+    folder = os.path.abspath(heldout_folder)
+    rows = []
+    for speaker, clips in _clips_by_speaker(os.path.join(folder, "truth")).items():
+        for j in range(min(per_speaker, len(clips) - 1)):
+            dub, source = clips[j], clips[j + 1]
+            rows.append({
+                "video_uri": os.path.join(folder, "videos", f"{source['clip']}.mp4"),
+                "audio_uri": os.path.join(folder, "audio", f"{dub['clip']}.wav"),
+                "output_uri": os.path.join(os.path.abspath(out_folder), f"{source['clip']}.with.{dub['clip']}.mp4"),
+                "truth": os.path.join(folder, "truth", f"{dub['clip']}.truth.json"),
+                "truth_video": os.path.join(folder, "videos", f"{dub['clip']}.mp4"),
+            })
+    if not rows:
+        raise ValueError(f"{heldout_folder}: no speaker has two held-out clips (use --sentences 2 or more)")
+    return rows
+
+
+def _fit(series: np.ndarray, n: int, fill) -> np.ndarray:
+    series = np.asarray(series)
+    if len(series) >= n:
+        return series[:n]
+    return np.concatenate([series, np.full(n - len(series), fill, dtype=series.dtype)])
+
+
+def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=None) -> dict:
+    """The lip-sync figures of one dubbed output against the truth of its dubbed audio."""
+    from stages.lipsync.measure import jitter, lip_sync_report, mouth_opening_series
+
+    with open(truth_json) as f:
+        truth = json.load(f)
+    opening, _, _ = mouth_opening_series(output_video, tracker=tracker)
+    n = len(opening)
+    jaw = _fit(np.asarray(truth["jaw"], np.float64), n, 0.0)
+    silent = _fit(np.asarray(truth["is_silent"], bool), n, True)
+    truth_opening, _, _ = mouth_opening_series(truth_video, tracker=tracker)
+    truth_silent = np.asarray(truth["is_silent"], bool)[: len(truth_opening)]
+    neutral = float(np.nanmedian(truth_opening[truth_silent])) if truth_silent.any() else math.nan
+    report = lip_sync_report(opening, jaw, silent=silent, neutral=neutral, reference_is_opening=True)
+    return {
+        "output": output_video,
+        "pearson_r": report.pearson_r,
+        "r_at_best_lag": report.r_at_best_lag,
+        "best_lag_frames": report.best_lag_frames,
+        "silent_opening": report.silent_opening,
+        "speech_opening": report.speech_opening,
+        "neutral_opening": neutral,
+        "silent_relative_to_neutral": report.silent_relative_to_neutral,
+        "jitter": report.jitter,
+        "truth_video_jitter": jitter(truth_opening),
+        "truth_video_r": lip_sync_report(truth_opening, np.asarray(truth["jaw"], np.float64)[: len(truth_opening)],
+                                         reference_is_opening=True).pearson_r,
+        "frames": n,
+    }
+
+
+def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
+    """Stage 1 alone on a prepared (held-out) corpus: free-running Δδ on the driven keypoints
+    against the extractor's Δδ of the real frames. Returns pooled r, the mean per-video r and
+    the number of frames."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.arrays import unpack
+    from pipeline.storage import Storage, join_uri
+    from pipeline.train.job import load_corpus
+    from stages.motion.audio2motion import Audio2Motion
+
+    model = Audio2Motion.from_pretrained(stage1_folder).eval()
+    cfg = model.cfg
+    driven = list(cfg.driven_keypoints)
+    storage = Storage()
+    _, videos, _ = load_corpus(storage, shards_uri)
+    rows = pq.read_table(join_uri(shards_uri, "videos.parquet")).to_pylist()
+    preds, truths, per_video = [], [], []
+    for row in rows:
+        video = videos[row["video_id"]]
+        exp, audio, usable = [], [], []
+        for uri in row["chunk_uris"]:
+            import io
+
+            chunk = pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()[0]
+            exp.append(unpack(chunk["exp"]))
+            audio.append(unpack(chunk["audio"]))
+            usable.append(unpack(chunk["has_face"]).astype(bool) & (unpack(chunk["shot"]) >= 0))
+        exp, audio, usable = np.concatenate(exp), np.concatenate(audio), np.concatenate(usable)
+        feats = audio.reshape(-1, audio.shape[-1]) if cfg.audio_steps_per_frame == 2 else audio.mean(axis=1)
+        with torch.no_grad():
+            pred = model.generate(torch.from_numpy(np.ascontiguousarray(feats, np.float32))[None],
+                                  torch.from_numpy(video["neutral_x_c"][None]).float(),
+                                  torch.from_numpy(video["neutral_exp"][None]).float())[0].numpy()
+        truth = exp[:, driven] - video["neutral_exp"][driven]
+        p, t = pred[usable].reshape(-1), truth[usable].reshape(-1)
+        preds.append(p)
+        truths.append(t)
+        if len(p) > 2:
+            per_video.append(float(np.corrcoef(p, t)[0, 1]))
+    p, t = np.concatenate(preds), np.concatenate(truths)
+    return {"pooled_r": float(np.corrcoef(p, t)[0, 1]), "mean_video_r": float(np.mean(per_video)),
+            "videos": len(rows), "values": int(len(p))}
