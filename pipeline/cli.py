@@ -1,10 +1,10 @@
 """`imgtalk`: the command line.
 
     imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--metrics-port N]
-    imgtalk demo [--folder DIR] [--weights URI] [--config job.yaml]
+    imgtalk demo [--folder DIR] [--weights URI | --untrained] [--sync-speakers N] [--config job.yaml]
     imgtalk weights init --size tiny|paper OUT
     imgtalk prepare --corpus URI --weights URI --output URI [--config prepare.yaml] [--address auto]
-    imgtalk train stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
+    imgtalk train extractor|vae|stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
 """
 from __future__ import annotations
 
@@ -51,24 +51,40 @@ def cmd_dub(args) -> int:
     return 0 if result.counts.get("failed", 0) == 0 else 3
 
 
+DEMO_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "demo")
+
+
 def cmd_demo(args) -> int:
     from pipeline.config import JobConfig, load_job_config
     from pipeline.dub.job import run_dub
+    from pipeline.lipsync_eval import sync_manifest
     from pipeline.sample_catalogue import make_sample_catalogue
+    from pipeline.synth_corpus import make_synth_corpus
     from pipeline.weights import init_bundle
 
     folder = os.path.abspath(args.folder)
     print(f"making the sample catalogue in {folder} …")
-    paths = make_sample_catalogue(folder)
+    # Lip-sync rows: speakers of the demo bundle's training corpus saying held-out sentences,
+    # each video dubbed with another held-out sentence whose true mouth is known.
+    sync_rows = []
+    if args.sync_speakers > 0:
+        heldout = os.path.join(folder, "heldout")
+        if not os.path.exists(os.path.join(heldout, "corpus.parquet")):
+            make_synth_corpus(heldout, speakers=args.sync_speakers, sentences_per_speaker=2, seed=0, heldout=True)
+        sync_rows = sync_manifest(heldout, os.path.join(folder, "outputs"))
+    paths = make_sample_catalogue(folder, extra_rows=sync_rows)
     # A demo run always dubs: clear what an earlier demo committed (a real `dub` skips it).
     for name in os.listdir(paths["outputs"]):
         os.remove(os.path.join(paths["outputs"], name))
     weights = args.weights
-    if weights is None:
+    if weights is None and args.untrained:
         weights = os.path.join(folder, "weights-tiny")
         if not os.path.exists(os.path.join(weights, "bundle.json")):
             print("writing a tiny randomly initialised weights bundle (untrained: the mouth is re-rendered, not lip-synced) …")
             init_bundle(weights, size="tiny")
+    elif weights is None:
+        weights = DEMO_BUNDLE
+        print(f"weights: the trained tiny demo bundle {weights} (scripts/train_demo_bundle.sh reproduces it)")
     config = load_job_config(args.config) if args.config else JobConfig(cache_uri=os.path.join(folder, "cache"))
     result = run_dub(paths["manifest"], weights, paths["report"], config, address=args.address)
     _print_summary(result)
@@ -76,7 +92,28 @@ def cmd_demo(args) -> int:
     for r in result.rows:
         if r.status == "ok":
             print(f"  {r.output_uri}")
+    _print_sync_figures(sync_rows, {r.output_uri: r.status for r in result.rows})
     return 0 if result.counts.get("failed", 0) == 0 else 3
+
+
+def _print_sync_figures(sync_rows: list[dict], status: dict) -> None:
+    """The demo's own lip-sync figures (pipeline/lipsync_eval.py): FaceMesh on each output
+    against the true mouth of the sentence it was dubbed with."""
+    from pipeline.lipsync_eval import dub_figures
+    from stages.face.tracker import FaceTracker
+
+    done = [r for r in sync_rows if status.get(r["output_uri"]) == "ok"]
+    if not done:
+        return
+    print("\nlip sync on held-out sentences (face mesh on the output vs the dubbed sentence's true mouth):")
+    print(f"  {'output':<44} {'r':>6} {'silent/neutral':>15} {'jitter':>8} {'truth jitter':>13}")
+    with FaceTracker(smoothing_sigma_frames=0, max_gap_frames=0) as tracker:
+        for r in done:
+            f = dub_figures(r["output_uri"], r["truth"], r["truth_video"], tracker=tracker)
+            print(f"  {os.path.basename(r['output_uri']):<44} {f['pearson_r']:>6.3f} "
+                  f"{1 + f['silent_relative_to_neutral']:>15.3f} {f['jitter']:>8.4f} {f['truth_video_jitter']:>13.4f}")
+    print("  r: Pearson r of the measured inner-lip opening with the true jaw opening, per frame;")
+    print("  silent/neutral: the mouth's opening in silent frames over the speaker's closed-mouth opening (1 = closed).")
 
 
 def cmd_prepare(args) -> int:
@@ -125,7 +162,7 @@ def cmd_synth_corpus(args) -> int:
         raise UserError("--speakers and --sentences must be 1 or more")
     try:
         out = make_synth_corpus(args.folder, speakers=args.speakers, sentences_per_speaker=args.sentences,
-                                seed=args.seed, face_image=args.face)
+                                seed=args.seed, face_image=args.face, heldout=args.heldout)
     except (ValueError, SynthError) as e:
         raise UserError(str(e)) from e
     for c in out["clips"]:
@@ -164,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="make a sample catalogue and dub it end to end on a local Ray")
     m.add_argument("--folder", default="demo_out", help="where the sample catalogue and outputs go")
-    m.add_argument("--weights", help="weights bundle (default: a tiny random bundle)")
+    m.add_argument("--weights", help="weights bundle (default: the trained tiny demo bundle in weights/demo)")
+    m.add_argument("--untrained", action="store_true", help="dub with a tiny randomly initialised bundle instead")
+    m.add_argument("--sync-speakers", type=int, default=2, help="speakers of the held-out lip-sync rows (0: none)")
     m.add_argument("--config", help="job config YAML")
     m.add_argument("--address", help="Ray address; default: a local Ray")
     m.set_defaults(func=cmd_demo)
@@ -177,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--address", help="Ray address; default: a local Ray")
     pr.set_defaults(func=cmd_prepare)
 
-    tr = sub.add_parser("train", help="train Stage 1 or Stage 2 on Ray Train from prepared shards")
-    tr.add_argument("stage", choices=["stage1", "stage2"])
+    tr = sub.add_parser("train", help="train Stage 1, Stage 2 (or a stand-in VAE) on Ray Train from prepared shards")
+    tr.add_argument("stage", choices=["extractor", "vae", "stage1", "stage2"],
+                    help="extractor / vae: small stand-ins for LivePortrait's motion extractor and the SD VAE, "
+                         "trained on the corpus (only without the real ones)")
     tr.add_argument("--shards", required=True, help="the output of imgtalk prepare")
     tr.add_argument("--weights", required=True, help="base bundle: HuBERT, VAE, motion extractor, the other stage")
     tr.add_argument("--output-bundle", required=True, help="where the bundle with the trained stage goes")
@@ -200,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--sentences", type=int, default=3, help="sentences per speaker")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--face", help="RGB face image (default: skimage's astronaut)")
+    sc.add_argument("--heldout", action="store_true",
+                    help="speak the held-out sentences (never in a training corpus) with the same speakers, for checks")
     sc.set_defaults(func=cmd_synth_corpus)
     return p
 

@@ -109,8 +109,10 @@ def speak(text: str, path: str) -> None:
     subprocess.run([exe, "-s", "150", "-w", path, text], check=True, capture_output=True)
 
 
-def make_sample_catalogue(folder: str, samples: tuple[SampleVideo, ...] = SAMPLES) -> dict[str, str]:
-    """Write videos, dubbed tracks and manifest.parquet under `folder`; return their paths."""
+def make_sample_catalogue(folder: str, samples: tuple[SampleVideo, ...] = SAMPLES,
+                          extra_rows: list[dict] = ()) -> dict[str, str]:
+    """Write videos, dubbed tracks and manifest.parquet under `folder`; return their paths.
+    extra_rows (video_uri, audio_uri, output_uri) are appended to the manifest."""
     folder = os.path.abspath(folder)
     for sub in ("videos", "audio", "outputs"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -130,6 +132,8 @@ def make_sample_catalogue(folder: str, samples: tuple[SampleVideo, ...] = SAMPLE
                 "options": None,
             }
         )
+    rows += [{"video_uri": r["video_uri"], "audio_uri": r["audio_uri"], "output_uri": r["output_uri"], "options": None}
+             for r in extra_rows]
     manifest = os.path.join(folder, "manifest.parquet")
     write_manifest(rows, manifest, Storage())
     return {"manifest": manifest, "outputs": os.path.join(folder, "outputs"), "report": os.path.join(folder, "report.parquet")}
