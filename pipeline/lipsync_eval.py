@@ -98,12 +98,14 @@ def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
     """Stage 1 alone on a prepared (held-out) corpus: free-running Δδ on the driven keypoints
     against the extractor's Δδ of the real frames. Returns pooled r, the mean per-video r and
     the number of frames."""
+    import io
+
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.arrays import unpack
     from pipeline.storage import Storage, join_uri
     from pipeline.train.job import load_corpus
+    from pipeline.train.tasks import decode_chunk
     from stages.motion.audio2motion import Audio2Motion
 
     model = Audio2Motion.from_pretrained(stage1_folder).eval()
@@ -115,15 +117,11 @@ def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
     preds, truths, per_video = [], [], []
     for row in rows:
         video = videos[row["video_id"]]
-        exp, audio, usable = [], [], []
-        for uri in row["chunk_uris"]:
-            import io
-
-            chunk = pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()[0]
-            exp.append(unpack(chunk["exp"]))
-            audio.append(unpack(chunk["audio"]))
-            usable.append(unpack(chunk["has_face"]).astype(bool) & (unpack(chunk["shot"]) >= 0))
-        exp, audio, usable = np.concatenate(exp), np.concatenate(audio), np.concatenate(usable)
+        chunks = [decode_chunk(pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()[0])
+                  for uri in row["chunk_uris"]]
+        exp = np.concatenate([c["exp"] for c in chunks])
+        audio = np.concatenate([c["audio"] for c in chunks])
+        usable = np.concatenate([c["has_face"].astype(bool) & (c["shot"] >= 0) for c in chunks])
         feats = audio.reshape(-1, audio.shape[-1]) if cfg.audio_steps_per_frame == 2 else audio.mean(axis=1)
         with torch.no_grad():
             pred = model.generate(torch.from_numpy(np.ascontiguousarray(feats, np.float32))[None],
