@@ -88,6 +88,20 @@ class MotionConfig(_Strict):
     )
 
 
+class QCConfig(_Strict):
+    """Quality checks on every finished video (pipeline/dub/qc.py): what puts a warning in
+    the report's `warnings` column, and what fails a video outright."""
+
+    low_sync_conf: float = Field(
+        3.0, description="warn when SyncNet's confidence (LSE-C) of an output is below this (needs syncnet/ in the bundle)"
+    )
+    min_sync_conf: float | None = Field(
+        None, description="fail the video, committing no output, when its SyncNet confidence is below this (None: never)"
+    )
+    max_audio_fit_s: float = Field(0.5, ge=0, description="warn when the dubbed track was padded or trimmed by more than this")
+    min_face_fraction: float = Field(0.5, ge=0, le=1, description="warn when a face was found on fewer than this fraction of frames")
+
+
 class StorageConfig(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
@@ -138,6 +152,7 @@ class JobConfig(_Strict):
     motion: MotionConfig = MotionConfig()
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
+    qc: QCConfig = QCConfig()
     max_failed_videos: int | None = Field(
         None, ge=0, description="stop the job cleanly once more videos than this have failed (None: never)"
     )

@@ -9,6 +9,8 @@ dubbing job needs, in each model's own native format.
                                           (+ motion_extractor_config.json only for non-paper sizes)
       stage1/                             IMGTalk Stage 1 (config.json + model.safetensors)
       stage2/                             IMGTalk IMC-UNet (config.json + model.safetensors)
+      syncnet/syncnet_v2.model            OPTIONAL: syncnet_python's released SyncNet (lip-sync
+                                          quality checks; pipeline/dub/qc.py)
 
 To assemble a real bundle: copy `facebook/hubert-large-ls960-ft` into hubert/,
 `stabilityai/sd-vae-ft-mse` into vae/, LivePortrait's
@@ -16,6 +18,19 @@ To assemble a real bundle: copy `facebook/hubert-large-ls960-ft` into hubert/,
 and IMGTalk's trained Stage 1 / Stage 2 folders into stage1/ and stage2/; then write
 bundle.json with "trained": true. `imgtalk weights init` writes a randomly initialised
 bundle (marked untrained) so the whole system runs with no download.
+
+Optional components are used when their file is there and are no error when it is not,
+so every bundle made before them stays valid. One so far:
+
+- `syncnet`: with `syncnet/syncnet_v2.model` present, every dubbed video is scored by
+  SyncNet before it is committed (report columns sync_conf / sync_dist / sync_offset, the
+  `qc.*` job settings). The project ships no copy: download syncnet_python's released
+  file yourself (https://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model,
+  joonson/syncnet_python's download_model.sh) into `<bundle>/syncnet/`. A remote bundle
+  is cached on each node by its bundle.json, so when adding the file to a bundle already
+  in use, also name it in bundle.json's "components" (`"syncnet":
+  "syncnet/syncnet_v2.model"`): the changed bundle.json is a new cache entry, and a
+  component named there is required from then on.
 """
 from __future__ import annotations
 
@@ -39,6 +54,10 @@ COMPONENTS = {
     "stage1": "stage1",
     "stage2": "stage2",
 }
+# Used when present; a bundle without them is complete (see the module docstring).
+OPTIONAL_COMPONENTS = {
+    "syncnet": "syncnet/syncnet_v2.model",
+}
 
 
 class BundleError(ValueError):
@@ -54,6 +73,10 @@ class BundleInfo:
 
     def path(self, component: str) -> str:
         return os.path.join(self.root, self.components[component])
+
+    def has(self, component: str) -> bool:
+        """Whether the bundle holds `component` (always true for the required ones)."""
+        return component in self.components
 
 
 def _cache_dir() -> str:
@@ -106,6 +129,9 @@ def read_bundle_info(root: str) -> BundleInfo:
     for name, rel in components.items():
         if not os.path.exists(os.path.join(root, rel)):
             raise BundleError(f"{os.path.join(root, rel)}: bundle component {name!r} is missing")
+    for name, rel in OPTIONAL_COMPONENTS.items():
+        if name not in components and os.path.isfile(os.path.join(root, rel)):
+            components[name] = rel
     return BundleInfo(root=root, size=meta.get("size", "custom"), trained=bool(meta.get("trained", False)), components=components)
 
 
@@ -220,6 +246,15 @@ def load_stage2(info: BundleInfo):
     from stages.completion.imc_unet import IMCUNet
 
     return _wrap(lambda: IMCUNet.from_pretrained(info.path("stage2")), info.path("stage2"))
+
+
+def load_syncnet(info: BundleInfo):
+    """The bundle's SyncNet (stages.eval.syncnet.SyncNet), or None when it has none."""
+    if not info.has("syncnet"):
+        return None
+    from stages.eval.syncnet import SyncNet
+
+    return _wrap(lambda: SyncNet.from_file(info.path("syncnet")), info.path("syncnet"))
 
 
 def _wrap(fn, where: str):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
+from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
 from pipeline.dub.rows import new_row, normalise
 from pipeline.dub.schemas import ManifestRow, ReportRow, read_manifest, write_report
 from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
@@ -39,7 +40,7 @@ class JobResult:
     counts: dict[str, int] = field(default_factory=dict)
     stopped: str | None = None  # why the job ended early (error budget, pipeline failure), if it did
     segments_reused: int = 0  # encoded segments an earlier run committed, not recomputed
-    warnings: list[str] = field(default_factory=list)  # job-level: also in every ok row's `warnings`
+    warnings: list[str] = field(default_factory=list)  # job-level: also in every ok row's `warnings` (with its own)
 
     @property
     def frames_per_second(self) -> float:
@@ -151,7 +152,7 @@ def run_dub(
     from ray.data import ActorPoolStrategy, DataContext
 
     from pipeline.dub import operators as ops
-    from pipeline.weights import localize_bundle, read_bundle_info
+    from pipeline.weights import load_syncnet, localize_bundle, read_bundle_info
 
     config = config or JobConfig()
     storage = Storage(config.storage.options())
@@ -166,9 +167,8 @@ def run_dub(
     # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
     bundle = read_bundle_info(localize_bundle(weights_uri, storage))
     _check_stage2_condition(bundle)
-    warnings = [] if bundle.trained else [
-        f"untrained weights bundle {redact(weights_uri)}: the mouth is re-rendered but not lip-synced "
-        "(train one with imgtalk prepare / imgtalk train)"]
+    load_syncnet(bundle)  # optional; a bundle whose SyncNet file is broken fails here, before any work
+    warnings = [] if bundle.trained else [untrained_warning(weights_uri)]
     for warning in warnings:
         log.warning(warning)
     manifest = read_manifest(manifest_uri, storage)
@@ -217,7 +217,8 @@ def run_dub(
         try:
             tracker.attach_metrics()
             remaining = None if budget is None else budget - failed_early
-            graph_report, stopped, reused = _run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker, remaining)
+            graph_report, stopped, reused = _run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker, remaining,
+                                                       sync_weights_uri=weights_uri if bundle.has("syncnet") else None)
             report.update(graph_report)
         finally:
             tracker.close()
@@ -244,8 +245,12 @@ def run_dub(
         if by_index.get(i) is not None else report[i]
         for i in sorted(report)
     ]
-    if warnings:
-        rows = [r.model_copy(update={"warnings": "; ".join(warnings)}) if r.status == "ok" else r for r in rows]
+    # One place builds every ok row's `warnings` (pipeline/dub/qc.py), the job-level ones first.
+    def quality_warnings(r: ReportRow) -> str | None:
+        found = qc_warnings(r.model_dump(), config.qc, bundle.trained, weights_uri, sync_expected=bundle.has("syncnet"))
+        return "; ".join(found) or None
+
+    rows = [r.model_copy(update={"warnings": quality_warnings(r)}) if r.status == "ok" else r for r in rows]
     write_report(rows, report_uri, storage)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "skipped")}
     frames = sum(r.output_frames or 0 for r in rows if r.status == "ok")
@@ -254,14 +259,17 @@ def run_dub(
 
 def _run_graph(
     ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict],
-    tracker: JobTracker, max_failures: int | None = None,
+    tracker: JobTracker, max_failures: int | None = None, sync_weights_uri: str | None = None,
 ) -> tuple[dict[int, ReportRow], str | None, int]:
     """Run the graph; (report rows of the videos it settled, why it stopped early or None,
     how many segments an earlier run had committed).
 
     With `max_failures` the driver stops consuming the stream once more videos than that
     have failed: the executor is shut down (queued and running segment work cancelled),
-    in-flight finalize tasks are awaited, and the caller reports the rest as skipped."""
+    in-flight finalize tasks are awaited, and the caller reports the rest as skipped.
+
+    With `sync_weights_uri` (a bundle holding SyncNet weights) finalize scores each video
+    before committing it (pipeline/dub/qc.py)."""
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the job draws its own line (pipeline.progress)
     ctx.print_on_execution_start = False
@@ -327,7 +335,7 @@ def _run_graph(
             return
         video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")}
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
-        futures[finalize.remote(cfg, video, seg_info)] = segments
+        futures[finalize.remote(cfg, video, seg_info, sync_weights_uri)] = segments
 
     def finalized(fut, segments: list[dict]) -> None:
         head = segments[0]
@@ -335,6 +343,10 @@ def _run_graph(
             final = ray.get(fut)
         except Exception as e:  # noqa: BLE001 - one video's finalize failure is that video's
             cause = getattr(e, "cause", None) or e
+            if isinstance(cause, QCError):  # finished but failed a quality check: not committed
+                settle(int(head["row_index"]), _video_report(job_id, head, segments, cause.fields, str(cause), "qc"))
+                drop(segments)
+                return
             settle(int(head["row_index"]), _video_report(
                 job_id, head, segments, None, f"output {head['output_uri']}: {type(cause).__name__}: {cause}", "finalize"
             ))

@@ -96,7 +96,12 @@ class ReportRow(BaseModel):
     time_finalize_s: float | None = None
     output_bytes: int | None = None
     output_sha256: str | None = None
-    warnings: str | None = None  # what an operator should look at ("; "-separated), e.g. an untrained bundle
+    # SyncNet's lip-sync figures of the output (pipeline/dub/qc.py), when the weights bundle
+    # holds syncnet/syncnet_v2.model; else None.
+    sync_conf: float | None = None  # LSE-C / AVConf: median minus minimum of the mean distances over offsets
+    sync_dist: float | None = None  # LSE-D: the minimum mean distance
+    sync_offset: int | None = None  # the audio-video offset (25 fps frames) with the minimum distance
+    warnings: str | None = None  # what an operator should look at ("; "-separated): qc.qc_warnings
 
 
 def _arrow_type(annotation) -> pa.DataType:
