@@ -44,6 +44,10 @@ VIDEO_STATUSES = ("ok", "failed", "skipped")
 # Seconds per batch: from a cached-feature lookup (~10 ms) to a long GPU batch (minutes).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 
+# SyncNet confidence (LSE-C) of a dubbed video: real lip-synced speech scores ~5-10,
+# unsynced audio ~0-2 (syncnet_python's demo clip: 10.0).
+SYNC_CONF_BUCKETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0)
+
 # name -> (type, description, tag keys[, boundaries]); names as recorded (Ray adds `ray_`).
 SPECS: dict[str, tuple] = {
     "imgtalk_frames_processed_total": ("counter", "Video frames processed, per stage", ("stage", "job")),
@@ -58,6 +62,7 @@ SPECS: dict[str, tuple] = {
     "imgtalk_gpu_memory_reserved_bytes": ("gauge", "CUDA memory reserved by the caching allocator in a stage's process", ("stage", "job")),
     "imgtalk_videos_finished_total": ("counter", "Videos finished, by status (ok, failed, skipped)", ("status", "job")),
     "imgtalk_output_frames_total": ("counter", "Frames in committed output videos", ("job",)),
+    "imgtalk_sync_confidence": ("histogram", "SyncNet lip-sync confidence (LSE-C) of each committed video (bundles with syncnet/)", ("job",), SYNC_CONF_BUCKETS),
     "imgtalk_job_videos": ("gauge", "Videos in the job's manifest", ("job",)),
     "imgtalk_train_steps_total": ("counter", "Optimisation steps taken by a training run", ("stage",)),
     "imgtalk_train_samples_total": ("counter", "Training samples consumed, all ranks", ("stage",)),
@@ -122,6 +127,8 @@ def error_kind(error: BaseException | str | None, active: BaseException | None =
         return "no_face"
     if "segments completed" in lowered:
         return "lost_segments"
+    if "lip-sync confidence" in lowered:
+        return "low_sync"
     return "other"
 
 
@@ -216,13 +223,17 @@ class JobMetrics:
         if enabled():
             _metric("imgtalk_job_videos").set(float(self.videos), tags={"job": self.job})
 
-    def video_finished(self, status: str, output_frames: int = 0, error_stage: str | None = None, error: str | None = None) -> None:
+    def video_finished(self, status: str, output_frames: int = 0, error_stage: str | None = None, error: str | None = None,
+                       sync_conf: float | None = None) -> None:
         """One report row settled. Failures outside the operators (manifest, finalize,
-        ...) are counted here; the operators count their own where they happen."""
+        qc, ...) are counted here; the operators count their own where they happen. An ok
+        video's SyncNet confidence, when it was scored, goes into imgtalk_sync_confidence."""
         if not enabled():
             return
         _inc("imgtalk_videos_finished_total", 1, status=status, job=self.job)
         _inc("imgtalk_output_frames_total", output_frames, job=self.job)
+        if status == "ok" and sync_conf is not None:
+            _metric("imgtalk_sync_confidence").observe(float(sync_conf), tags={"job": self.job})
         if status == "failed" and (error_stage or "") not in OPERATOR_STAGES:
             _inc("imgtalk_errors_total", 1, stage=error_stage or "unknown", kind=error_kind(error), job=self.job)
 

@@ -109,7 +109,7 @@ class JobTracker:
             self._counts[row.status] = self._counts.get(row.status, 0) + 1
             self._segments_back.pop(row.video_id, None)
         if self.metrics is not None:
-            self.metrics.video_finished(row.status, row.output_frames or 0, row.error_stage, row.error)
+            self.metrics.video_finished(row.status, row.output_frames or 0, row.error_stage, row.error, getattr(row, "sync_conf", None))
         self._draw()
 
     def segment(self, row: dict) -> None:
@@ -129,7 +129,7 @@ class JobTracker:
         with self._lock:
             settled = list(self._settled.values())
         for row in settled:
-            self.metrics.video_finished(row.status, row.output_frames or 0, row.error_stage, row.error)
+            self.metrics.video_finished(row.status, row.output_frames or 0, row.error_stage, row.error, getattr(row, "sync_conf", None))
         self._ticker = threading.Thread(target=self._tick, name="imgtalk-progress", daemon=True)
         self._ticker.start()
 
