@@ -5,6 +5,8 @@
     imgtalk weights init --size tiny|paper OUT
     imgtalk prepare --corpus URI --weights URI --output URI [--config prepare.yaml] [--address auto]
     imgtalk train extractor|vae|stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
+    imgtalk eval (--report URI | --prepared URI --weights [LABEL=]URI ...) --out URI [--protocol reconstruction|cross]
+                 [--metric-weights DIR] [--config eval.yaml] [--address auto]
 """
 from __future__ import annotations
 
@@ -146,6 +148,45 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _labelled(specs: list[str] | None) -> dict[str, str]:
+    """[LABEL=]URI arguments -> {label: uri}; the label defaults to the folder's name."""
+    out = {}
+    for spec in specs or []:
+        label, sep, uri = spec.partition("=")
+        if not sep or "://" in label:
+            label, uri = os.path.basename(spec.rstrip("/")) or spec, spec
+        if label in out:
+            raise UserError(f"--weights: label {label!r} given twice; name them LABEL=URI")
+        out[label] = uri
+    return out
+
+
+def cmd_eval(args) -> int:
+    from pipeline.eval.config import load_eval_config
+    from pipeline.eval.job import EvalError, run_eval
+
+    config = load_eval_config(args.config)
+    if args.metric_weights:
+        config = config.model_copy(update={"metric_weights_uri": args.metric_weights})
+    try:
+        result = run_eval(args.out, args.protocol, report_uri=args.report, prepared_uri=args.prepared,
+                          bundles=_labelled(args.weights), config=config, address=args.address)
+    except EvalError as e:
+        raise UserError(str(e)) from e
+    failed = [r for r in result.rows if r.status == "failed"]
+    print(f"\n{result.protocol} protocol: {len(result.rows) - len(failed)} videos scored, {len(failed)} failed "
+          f"({result.seconds:.0f} s)")
+    for r in failed:
+        print(f"  FAILED {r.output_uri}: {r.error}")
+    print()
+    print(result.table)
+    for label, entry in result.summary.items():
+        if entry.get("fid_note"):
+            print(f"note ({label}): FID from {entry['fid_note']}")
+    print(f"per-video metrics: {args.out.rstrip('/')}/eval.parquet; settings and means: summary.json; table: table.md")
+    return 0 if not failed else 3
+
+
 def cmd_weights_init(args) -> int:
     from pipeline.weights import init_bundle
 
@@ -227,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--address", help="Ray address; default: a local Ray")
     tr.set_defaults(func=cmd_train)
 
+    ev = sub.add_parser("eval", help="SSIM, PSNR, FID, LMD, AVConf/LSE-C, LSE-D over a test set (Table 1; Table 2 for several bundles)")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--report", help="a dub report: evaluate its ok outputs against their sources")
+    src.add_argument("--prepared", help="the output of imgtalk prepare: dub its test split with each --weights bundle, then evaluate")
+    ev.add_argument("--weights", action="append", metavar="[LABEL=]URI",
+                    help="weights bundle (repeat for an ablation table; LABEL names its row)")
+    ev.add_argument("--protocol", choices=["reconstruction", "cross"], default=None,
+                    help="reconstruction: own audio, compared with the source (default with --prepared); "
+                         "cross: another audio, FID/AVConf/LSE-D only (default with --report)")
+    ev.add_argument("--out", required=True, help="folder for eval.parquet, summary.json, table.md (and the dubs)")
+    ev.add_argument("--metric-weights", help="folder with the FID Inception and SyncNet files (see README: Measuring quality)")
+    ev.add_argument("--config", help="eval config YAML (pipeline/eval/config.py)")
+    ev.add_argument("--address", help="Ray address; default: a local Ray")
+    ev.set_defaults(func=cmd_eval)
+
     w = sub.add_parser("weights", help="weights bundle tools")
     wsub = w.add_subparsers(dest="weights_command", required=True)
     wi = wsub.add_parser("init", help="write a randomly initialised bundle (no download)")
@@ -255,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.weights import BundleError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "eval" and args.protocol is None:
+        args.protocol = "reconstruction" if args.prepared else "cross"
     if getattr(args, "max_failed_videos", None) is not None and args.max_failed_videos < 0:
         print("imgtalk: error: --max-failed-videos must be 0 or more", file=sys.stderr)
         return 2

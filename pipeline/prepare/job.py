@@ -77,6 +77,7 @@ def _videos_table(markers: list[dict], splits: dict[str, str]) -> bytes:
         records.append({
             "video_id": m["video_id"],
             "video_uri": m["video_uri"],
+            "audio_uri": m.get("audio_uri") or "",  # "" = the video's own audio track
             "speaker_id": m["speaker_id"],
             "split": splits[m["speaker_id"]],
             "frames": int(m["counts"]["frames"]),
