@@ -78,6 +78,13 @@ def test_qc_failure_only_below_min_sync_conf():
     assert "2.500" in message and "qc.min_sync_conf=4" in message and "7.250" in message and "offset 3" in message
 
 
+def test_a_qc_failure_counts_as_low_sync():
+    from pipeline.metrics import error_kind
+
+    message = qc_failure(dict(sync_conf=0.5, sync_dist=9.0, sync_offset=0), QCConfig(min_sync_conf=1.0), "/out/v.mp4")
+    assert error_kind(message) == "low_sync"
+
+
 def test_job_config_reads_the_qc_block():
     cfg = JobConfig.model_validate({"qc": {"min_sync_conf": 1.5}})
     assert cfg.qc.min_sync_conf == 1.5 and cfg.qc.low_sync_conf == 3.0
