@@ -8,6 +8,11 @@ the service-discovery path pointed at this Ray session's copy of the file (the o
 that link). Prometheus listens on loopback, keeps its TSDB in a temporary folder, and is
 stopped at the end.
 
+Lip-sync series: the job's bundle gets a randomly initialised SyncNet
+(syncnet/syncnet_v2.model, the optional component), so finalize scores both ok videos and
+the sync-confidence panel has this run's data like every other panel; its figures are
+meaningless as quality, only their presence and count are checked.
+
 GPU series: this runs where Ray sees no GPU, so Ray exports no ray_node_gpus_* /
 ray_node_gram_* series and no process touches CUDA (no imgtalk_gpu_memory_*). A query
 built only from those metrics must then still be valid PromQL that Prometheus evaluates
@@ -186,7 +191,8 @@ def test_every_panel_query_returns_data_from_a_run(ray_session, prometheus, tmp_
         dashboard = json.load(f)
     titles = [p["title"] for p in dashboard["panels"]]
     # what the issue asks the dashboard to show
-    for needle in ("End-to-end frames/s", "per stage", "p50 / p95", "GPU utilisation", "GPU memory", "Failures", "Videos", "ETA"):
+    for needle in ("End-to-end frames/s", "per stage", "p50 / p95", "GPU utilisation", "GPU memory", "Failures", "Videos", "ETA",
+                   "Lip-sync confidence"):
         assert any(needle in t for t in titles), (needle, titles)
     targets = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
 
@@ -213,11 +219,21 @@ def test_every_panel_query_returns_data_from_a_run(ray_session, prometheus, tmp_
     write_manifest(rows, str(tmp_path / "manifest.parquet"), Storage())
     bundle = str(tmp_path / "weights")
     init_bundle(bundle, size="tiny")
+    # The optional SyncNet component, random weights: every ok video is scored and recorded.
+    import torch
+
+    from stages.eval.syncnet import SyncNet
+
+    torch.manual_seed(0)
+    os.makedirs(os.path.join(bundle, "syncnet"))
+    SyncNet().save_file(os.path.join(bundle, "syncnet", "syncnet_v2.model"))
 
     start = time.time()
     result = run_dub(str(tmp_path / "manifest.parquet"), bundle, str(tmp_path / "report.parquet"),
                      JobConfig(segment_seconds=0.5, cache_uri=str(tmp_path / "cache")), progress=False)
     assert result.counts == {"ok": 2, "failed": 1, "skipped": 0}, [r.error for r in result.rows]
+    scored = [r.sync_conf for r in result.rows if r.status == "ok"]
+    assert len(scored) == 2 and all(c is not None and c >= 0 for c in scored), scored
     job = result.job_id
     url = prometheus
 
@@ -258,3 +274,8 @@ def test_every_panel_query_returns_data_from_a_run(ray_session, prometheus, tmp_
     latencies = series(by_title["Batch latency p50 / p95 per stage"][1])
     assert all(0 < v <= 300 for _, v in latencies)
     assert all(v >= 0 for _, v in series(by_title["ETA"][0]))
+    # One observation per scored (ok) video, each within the histogram's range.
+    (sync_panel,) = [t for t in by_title if t.startswith("Lip-sync confidence")]
+    assert {m["job"] for m, _ in series(by_title[sync_panel][0])} == {job}
+    assert all(0 <= v <= metrics.SYNC_CONF_BUCKETS[-1] for e in by_title[sync_panel] for _, v in series(e))
+    assert max(v for _, v in series(f'sum(ray_imgtalk_sync_confidence_count{{job="{job}"}})')) == 2
