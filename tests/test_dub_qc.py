@@ -85,6 +85,20 @@ def test_a_qc_failure_counts_as_low_sync():
     assert error_kind(message) == "low_sync"
 
 
+def test_a_qc_failure_row_fails_at_stage_qc_with_its_figures():
+    from pipeline.dub.job import _video_report
+    from pipeline.dub.rows import new_row
+
+    head = new_row(job_id="j", row_index=3, video_id="v", video_uri="/in/v.mp4", audio_uri="/in/a.wav",
+                   output_uri="/out/v.mp4", n_frames=30, fps_num=25, n_segments=1, seg_idx=0, face_frames=30)
+    figures = dict(sync_conf=0.25, sync_dist=9.0, sync_offset=-4, audio_padded_s=0.0, audio_trimmed_s=0.1, time_finalize_s=2.0)
+    message = qc_failure(figures, QCConfig(min_sync_conf=1.0), head["output_uri"])
+    row = _video_report("j", head, [head], figures, message, "qc")
+    assert (row.status, row.error_stage, row.error) == ("failed", "qc", message)
+    assert (row.sync_conf, row.sync_dist, row.sync_offset) == (0.25, 9.0, -4)
+    assert row.output_bytes is None and row.output_sha256 is None and row.warnings is None
+
+
 def test_job_config_reads_the_qc_block():
     cfg = JobConfig.model_validate({"qc": {"min_sync_conf": 1.5}})
     assert cfg.qc.min_sync_conf == 1.5 and cfg.qc.low_sync_conf == 3.0
