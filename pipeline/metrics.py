@@ -44,8 +44,8 @@ VIDEO_STATUSES = ("ok", "failed", "skipped")
 # Seconds per batch: from a cached-feature lookup (~10 ms) to a long GPU batch (minutes).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 
-# SyncNet confidence (LSE-C) of a dubbed video: real lip-synced speech scores ~5-10,
-# unsynced audio ~0-2 (syncnet_python's demo clip: 10.0).
+# SyncNet confidence (LSE-C) of a dubbed video: higher is better (syncnet_python's example
+# clip scores 10.0; qc.low_sync_conf defaults to 3).
 SYNC_CONF_BUCKETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0)
 
 # name -> (type, description, tag keys[, boundaries]); names as recorded (Ray adds `ray_`).
