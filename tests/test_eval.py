@@ -3,7 +3,6 @@ and the Ray Data job end to end on a small dub report (with metric weights writt
 real files' layouts, and without any)."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -200,3 +199,101 @@ def test_pairs_from_report_keeps_outputs_that_exist(tmp_path):
     pairs = pairs_from_report(str(tmp_path / "report.parquet"), Storage(), "cross", "lab")
     assert [(p["output_uri"], p["audio_uri"]) for p in pairs] == [(str(out), "/a.wav"), (str(out) + ".own", "")]
     assert all(p["bundle"] == "lab" and p["protocol"] == "cross" for p in pairs)
+
+
+# ----------------------------------------------------------------------------- the job, end to end
+
+
+def _blur_mouth_copy(src: str, dst: str) -> None:
+    """A 'dub' of src: every frame's lower face blurred (the mouth re-rendered badly)."""
+    import av
+    import cv2
+
+    with av.open(src) as inp, av.open(dst, "w") as out:
+        vin = inp.streams.video[0]
+        stream = out.add_stream("libx264", rate=vin.average_rate)
+        stream.width, stream.height, stream.pix_fmt = vin.width, vin.height, "yuv420p"
+        stream.options = {"crf": "12"}
+        for frame in inp.decode(vin):
+            img = frame.to_ndarray(format="rgb24")
+            h, w = img.shape[:2]
+            box = img[int(h * 0.45):int(h * 0.8), int(w * 0.3):int(w * 0.7)]
+            box[:] = cv2.GaussianBlur(box, (0, 0), 4)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def scored_report(tmp_path_factory):
+    """A dub report of three rows: a blurred-mouth 'dub', an exact copy (known answers), and an
+    ok row whose output has gone missing; plus metric weights in the real files' layouts."""
+    import shutil
+    from fractions import Fraction
+
+    import torch
+
+    from pipeline.dub.schemas import ReportRow, write_report
+    from pipeline.sample_catalogue import SampleVideo, speak, write_video
+    from stages.eval.inception import FIDInceptionV3
+    from stages.eval.syncnet import SyncNet
+
+    root = tmp_path_factory.mktemp("eval")
+    src, wav = str(root / "src.mp4"), str(root / "src.wav")
+    write_video(src, SampleVideo("src", Fraction(25), 1.6, "", size=(320, 240)))
+    speak("Hello there, how are you?", wav)
+    _blur_mouth_copy(src, str(root / "blurred.mp4"))
+    shutil.copy(src, root / "copy.mp4")
+    base = dict(job_id="j", video_id="v", video_uri=src, audio_uri=wav, status="ok")
+    rows = [ReportRow(row_index=i, output_uri=str(root / name), **base)
+            for i, name in enumerate(("blurred.mp4", "copy.mp4", "gone.mp4"))]
+    write_report(rows, str(root / "report.parquet"), Storage())
+    weights = root / "metric-weights"
+    weights.mkdir()
+    torch.manual_seed(0)
+    FIDInceptionV3().save_file(str(weights / "pt_inception-2015-12-05-6726825d.pth"))
+    SyncNet().save_file(str(weights / "syncnet_v2.model"))
+    return {"root": root, "report": str(root / "report.parquet"), "weights": str(weights)}
+
+
+def test_eval_job_scores_every_metric_with_weights_and_names_a_missing_output(local_ray, scored_report):
+    from pipeline.eval.job import run_eval
+
+    out = str(scored_report["root"] / "with-weights")
+    config = EvalConfig(metric_weights_uri=scored_report["weights"], fid_stride=4)
+    result = run_eval(out, "reconstruction", report_uri=scored_report["report"], config=config)
+    table = pq.read_table(os.path.join(out, "eval.parquet")).to_pylist()
+    blurred, copy, gone = table
+    assert gone["status"] == "failed" and "gone.mp4" in gone["error"] and "no such file" in gone["error"]
+    # the exact copy: known answers through the whole job
+    assert copy["psnr"] == PSNR_CAP_DB and copy["ssim"] == pytest.approx(1.0) and copy["lmd"] == pytest.approx(0.0)
+    assert copy["sync_conf"] == pytest.approx(copy["gt_sync_conf"]) and copy["sync_offset"] == copy["gt_sync_offset"]
+    # the blurred mouth: worse on every image metric
+    assert blurred["status"] == "ok" and blurred["face_frames"] == blurred["frames"] == 40
+    assert 15 < blurred["psnr"] < PSNR_CAP_DB and 0 < blurred["ssim"] < 0.999 and blurred["lmd_frames"] > 30
+    assert math.isfinite(blurred["sync_conf"]) and blurred["sync_conf"] >= 0 and abs(blurred["sync_offset"]) <= 15
+    assert blurred["fid_frames"] == copy["fid_frames"] == 10  # every 4th of 40 face frames
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    entry = summary["bundles"][result.rows[0].bundle]
+    assert entry["videos"] == 2 and entry["failed"] == 1 and entry["fid"] > 0
+    assert summary["skipped"] == {} and "pytorch-fid" in json.dumps(summary["settings"]["fid"])
+    text = open(os.path.join(out, "table.md")).read()
+    assert "skipped" not in text.split("(quoted")[0] and f"{entry['psnr']:.3f}" in text
+
+
+def test_eval_cli_without_weights_marks_the_skipped_metrics(local_ray, scored_report, capsys):
+    from pipeline.cli import main
+
+    out = str(scored_report["root"] / "no-weights")
+    rc = main(["eval", "--report", scored_report["report"], "--out", out])  # cross protocol by default
+    printed = capsys.readouterr().out
+    assert rc == 3  # one row failed: its output is gone
+    assert "FAILED" in printed and "gone.mp4" in printed
+    header, _, ours = [line for line in printed.splitlines() if line.startswith("|")][:3]
+    assert "SSIM" not in header and "FID" in header  # cross: no ground-truth frame
+    assert ours.count("skipped") == 3  # FID, AVConf, LSE-D
+    assert "- FID: skipped: no FID Inception weights" in printed
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert set(summary["skipped"]) == {"fid", "sync_conf", "sync_dist"}
+    assert all(v["fid"] is None and v["sync_conf"] is None for v in summary["bundles"].values())

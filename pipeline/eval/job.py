@@ -156,7 +156,7 @@ def _settings(weights: dict) -> dict:
 
     settings = {"ssim_psnr": image_metrics.SETTINGS, "lmd": lmd.SETTINGS, "weights": weights}
     if "inception_uri" in weights:
-        from stages.eval.fid import FID_SETTINGS
+        from stages.eval.inception import FID_SETTINGS
 
         settings["fid"] = FID_SETTINGS
     settings["sync"] = {"implementation": "SyncNet v2 (syncnet_python), LSE-C = median - min of the mean distances "

@@ -16,7 +16,8 @@ region. Per frame with a source face:
 
 A metric whose network is not loaded is absent from the result; the caller reports it as
 skipped with its reason. Frames are processed in chunks, so a long video costs a chunk of
-frames plus its Inception features and 224x224 SyncNet crops at 25 fps.
+frames plus its Inception features; SyncNet's pass (stages/eval/sync_check.py, the dub's
+own check) holds its 224x224 crops at 25 fps.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from stages.eval.image_metrics import psnr_per_frame, ssim_per_frame
 from stages.eval.lmd import lmd_per_frame, mouth_points
 
 CHUNK_FRAMES = 64
-SYNC_FPS = 25
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class VideoQuality:
 
     def __call__(self, pair: VideoPair) -> dict:
         from stages.face.align import crop_transform, transform_points, warp_crop
-        from stages.media.decode import decode_frames, source_frames_at_rate
+        from stages.media.decode import decode_frames
         from stages.media.probe import probe_video
 
         src_info, gen_info = probe_video(pair.source), probe_video(pair.generated)
@@ -80,19 +80,10 @@ class VideoQuality:
         if n == 0:
             raise ValueError(f"{pair.generated}: no frames to compare")
         fps = Fraction(gen_info.fps)
-        # The generated frame shown at each 25 fps instant, for SyncNet (the reference
-        # re-encodes to 25 fps first).
-        n_sync = int(np.floor(n * SYNC_FPS / float(fps) + 1e-9))
-        sync_index = source_frames_at_rate(0, n_sync, fps, n, SYNC_FPS)
-        want_sync = self.sync is not None and n_sync > 0
-        sync_slot = {}
-        for slot, i in enumerate(sync_index.tolist()):
-            sync_slot.setdefault(i, []).append(slot)
 
         psnr, ssim, lmd = [], [], []
         feats_real, feats_fake = [], []
         face_frames = 0
-        sync_state: dict = {}  # last face box, and (slot, crop) lists of "gen" and "src"
         src_frames = decode_frames(pair.source, 0, n)
         gen_frames = decode_frames(pair.generated, 0, n)
         for start in range(0, n, CHUNK_FRAMES):
@@ -102,8 +93,6 @@ class VideoQuality:
             track = self.tracker(src)
             faces = np.flatnonzero(track.has_face)
             face_frames += len(faces)
-            if want_sync:
-                self._collect_sync(track, src, gen, start, sync_slot, sync_state, pair.reconstruction)
             if len(faces) == 0:
                 continue
             affines = [crop_transform(track.landmarks[i]) for i in faces]
@@ -134,49 +123,22 @@ class VideoQuality:
             dim = 2048
             out["fid_real"] = np.concatenate(feats_real).astype(np.float32) if feats_real else np.zeros((0, dim), np.float32)
             out["fid_fake"] = np.concatenate(feats_fake).astype(np.float32) if feats_fake else np.zeros((0, dim), np.float32)
-        if want_sync:
-            out.update(self._sync_scores(pair, sync_state))
+        if self.sync is not None:
+            out.update(self._sync_scores(pair))
         return out
 
-    def _collect_sync(self, track, src, gen, start, sync_slot, state: dict, with_source: bool) -> None:
-        """Cut the SyncNet crops of this chunk's 25 fps slots now, so no full frame is kept:
-        a frame without a detection takes the last detected box (the reference's tracker
-        bridges gaps); frames before the first detection wait, uncut, for it."""
-        from stages.eval.syncnet import face_boxes_from_landmarks
+    def _sync_scores(self, pair: VideoPair) -> dict:
+        """SyncNet on the generated video (and, in reconstruction, on the source: the ground
+        truth's own figure) with the audio it was dubbed with: stages/eval/sync_check.py,
+        the same check the dub job runs on every output."""
+        from stages.eval.sync_check import sync_score_video
 
-        for local, i in enumerate(range(start, start + len(src))):
-            if track.has_face[local]:
-                state["box"] = face_boxes_from_landmarks(track.landmarks[local][None])[0]
-                for slot, frames in state.pop("waiting", []):
-                    self._cut(state, slot, frames)
-            for slot in sync_slot.get(i, ()):
-                frames = {"gen": gen[local], **({"src": src[local]} if with_source else {})}
-                if "box" in state:
-                    self._cut(state, slot, frames)
-                else:
-                    state.setdefault("waiting", []).append((slot, frames))
-
-    @staticmethod
-    def _cut(state: dict, slot: int, frames: dict) -> None:
-        from stages.eval.syncnet import syncnet_face_crops
-
-        for name, frame in frames.items():
-            state.setdefault(name, []).append((slot, syncnet_face_crops(np.asarray(frame)[None], state["box"][None])[0]))
-
-    def _sync_scores(self, pair: VideoPair, state: dict) -> dict:
-        from stages.audio.load import load_audio
-
-        if "box" not in state:
-            return {"sync_error": "no face in any frame"}
-        wave = load_audio(pair.audio)
         out = {}
-        named = [("sync", "gen")] + ([("gt_sync", "src")] if pair.reconstruction else [])
-        for name, key in named:
-            crops = np.stack([c for _, c in sorted(state.get(key, []), key=lambda t: t[0])])
-            try:
-                score = self.sync.score(crops, wave, fps=SYNC_FPS)
-            except ValueError as e:  # too short for SyncNet's 5-frame windows: no score, said why
-                out[f"{name}_error"] = str(e)
+        named = [("sync", pair.generated)] + ([("gt_sync", pair.source)] if pair.reconstruction else [])
+        for name, video in named:
+            score = sync_score_video(video, pair.audio, self.sync, tracker=self.tracker)
+            if score is None:
+                out[f"{name}_error"] = f"{video}: no face, or too short for SyncNet's 5-frame windows"
                 continue
             out.update({f"{name}_conf": float(score.conf), f"{name}_dist": float(score.min_dist),
                         f"{name}_offset": int(score.offset)})
