@@ -71,6 +71,23 @@ def test_feature_stats_and_fid_of_samples():
         feature_stats(a[:1])
 
 
+def test_fid_with_fewer_frames_than_dimensions_equals_the_d_by_d_route():
+    # N < D: fid_from_features takes Tr((S1 S2)^1/2) from the frames' N x N matrix; it must
+    # equal the D x D symmetric form Tr((S1^1/2 S2 S1^1/2)^1/2), with no eps added.
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((15, 40))
+    b = rng.standard_normal((11, 40)) * 1.3 + 0.2
+    mu1, s1 = feature_stats(a)
+    mu2, s2 = feature_stats(b)
+    w, v = np.linalg.eigh(s1)
+    s1_half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(s1_half @ s2 @ s1_half), 0, None)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    # (the reference's square roots of rank-deficient matrices round at ~1e-8)
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-7)
+    assert fid_from_features(b, a) == pytest.approx(expected, rel=1e-7)
+
+
 # ------------------------------------------------------------------- the network's keys
 
 def _conv(name: str, out_ch: int, in_ch: int, kh: int, kw: int) -> list[tuple[str, tuple]]:
@@ -265,9 +282,8 @@ def test_inception_features_stage_matches_module(seeded):
 
 def test_fid_grows_with_blur(seeded):
     """Random 64-128 px crops of the astronaut, resized to 96 px, against the same crops
-    blurred with a growing Gaussian sigma. With 8 images the covariances have rank 7, so
-    the FID is taken on the first 64 feature dimensions (scipy's sqrtm of a singular
-    2048x2048 product takes minutes here); the mean term carries the trend either way."""
+    blurred with a growing Gaussian sigma, on all 2048 dimensions (8 images: the covariances
+    have rank 7, so fid_from_features takes the exact frames-sized route)."""
     model = seeded["model"]
     rng = np.random.default_rng(4)
     img = data.astronaut().astype(np.float64) / 255.0
@@ -280,7 +296,7 @@ def test_fid_grows_with_blur(seeded):
     batch = np.stack([c if sg == 0 else gaussian_filter(c, (sg, sg, 0)) for sg in sigmas for c in crops])
     with torch.inference_mode():
         feats = model(torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32)).numpy()
-    feats = feats.reshape(len(sigmas), len(crops), -1)[:, :, :64]
+    feats = feats.reshape(len(sigmas), len(crops), -1)
     ref = feats[0]
     fids = [fid_from_features(ref, f) for f in feats]
     assert abs(fids[0]) < 1e-4  # a set against itself
