@@ -102,17 +102,39 @@ def test_missing_component_and_bad_metadata(tiny_bundle, tmp_path):
         load_bundle(str(tmp_path / "nowhere"))
 
 
-def test_dub_refuses_an_audio_conditioned_stage2_before_any_work(tmp_path, tiny_bundle):
+def test_dub_refuses_an_audio_conditioned_stage2_that_cannot_take_the_bundles_hubert(tmp_path, tiny_bundle):
     import shutil
 
-    from pipeline.dub.job import run_dub
+    from pipeline.dub.job import _check_stage2_condition, run_dub
     from stages.completion.imc_unet import IMCUNet, IMCUNetConfig
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     shutil.rmtree(bundle / "stage2")
-    IMCUNet(IMCUNetConfig.tiny(condition="audio", audio_dim=32)).save_pretrained(str(bundle / "stage2"))
-    with pytest.raises(BundleError, match="condition='audio'") as e:
+    IMCUNet(IMCUNetConfig.tiny(condition="audio", audio_dim=48)).save_pretrained(str(bundle / "stage2"))
+    with pytest.raises(BundleError, match="audio_dim=48") as e:
         run_dub(str(tmp_path / "missing-manifest.parquet"), str(bundle), str(tmp_path / "report.parquet"))
-    assert "stage2" in str(e.value)
+    assert "stage2" in str(e.value) and "32-d" in str(e.value)
     assert not (tmp_path / "report.parquet").exists()
+    # the tiny HuBERT's width: the ablation variant dubs (its condition: stages/completion/stage.audio_conditions)
+    shutil.rmtree(bundle / "stage2")
+    IMCUNet(IMCUNetConfig.tiny(condition="audio", audio_dim=32)).save_pretrained(str(bundle / "stage2"))
+    _check_stage2_condition(read_bundle_info(str(bundle)))
+
+
+def test_audio_conditions_are_the_hubert_rows_around_each_frames_25hz_slot():
+    from stages.completion.stage import audio_conditions
+
+    rows = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)  # 10 frames of 25 Hz, rows 2t, 2t+1
+    first = 4  # rows start at 25 Hz frame 4
+    # 50 fps frames 10..13: centres 0.21, 0.23, 0.25, 0.27 s -> 25 Hz slots 5, 5, 6, 6
+    centres = (np.arange(10, 14) + 0.5) / 50
+    got = audio_conditions(rows, first, centres, window_frames=1)
+    assert got.shape == (4, 6, 3)
+    slot = lambda t: rows[2 * t: 2 * t + 2]  # noqa: E731
+    np.testing.assert_array_equal(got[0], np.concatenate([slot(0), slot(1), slot(2)]))  # 25 Hz 4, 5, 6
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[3], np.concatenate([slot(1), slot(2), slot(3)]))
+    # clamped at the rows' edges, as training's audio_window
+    edge = audio_conditions(rows, first, np.array([0.17]), window_frames=2)[0]  # slot 4 - 4 = 0
+    np.testing.assert_array_equal(edge, np.concatenate([slot(0), slot(0), slot(0), slot(1), slot(2)]))

@@ -11,6 +11,7 @@ being planned. Nothing is shuffled: the driver regroups segments by (video_id, s
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -126,16 +127,20 @@ def _video_report(job_id: str, row: dict, segments: list[dict], final: dict | No
 
 
 def _check_stage2_condition(bundle) -> None:
-    """An audio-conditioned IMC-UNet (the ablation of IMCUNetConfig.condition) is a research
-    variant that the dub's segment stages do not feed; refuse it before any work."""
+    """An audio-conditioned IMC-UNet (the ablation of IMCUNetConfig.condition) reads the
+    bundle's HuBERT rows: refuse a pair that cannot fit before any work."""
     from pipeline.weights import BundleError
     from stages.common.checkpoint import load_config
     from stages.completion.imc_unet import IMCUNetConfig
 
-    condition = load_config(IMCUNetConfig, bundle.path("stage2")).condition
-    if condition != "motion":
-        raise BundleError(f"{bundle.path('stage2')}: an IMC-UNet with condition={condition!r} is the ablation variant "
-                          "(benchmarks/stage2_ablation.py); imgtalk dub needs the motion-conditioned Stage 2")
+    unet = load_config(IMCUNetConfig, bundle.path("stage2"))
+    if unet.condition != "audio":
+        return
+    with open(os.path.join(bundle.path("hubert"), "config.json")) as f:
+        hidden = int(json.load(f)["hidden_size"])
+    if unet.audio_dim != hidden:
+        raise BundleError(f"{bundle.path('stage2')}: an audio-conditioned IMC-UNet with audio_dim={unet.audio_dim} "
+                          f"cannot take this bundle's HuBERT features ({hidden}-d, {bundle.path('hubert')})")
 
 
 def run_dub(

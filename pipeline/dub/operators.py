@@ -238,6 +238,8 @@ class MotionOp(_Op):
 
     def __init__(self, config: dict, weights_uri: str):
         from stages.audio.cache import FeatureCache
+        from stages.common.checkpoint import load_config
+        from stages.completion.imc_unet import IMCUNetConfig
         from stages.completion.stage import resolve_device
         from stages.motion.stage import MotionStage
 
@@ -252,11 +254,16 @@ class MotionOp(_Op):
         )
         fs, root = self.storage.fs_for(self.config.cache_uri)
         self.cache = FeatureCache(fs, root)
+        # An audio-conditioned Stage 2 (the ablation) takes HuBERT windows, not keypoints.
+        unet = load_config(IMCUNetConfig, self.bundle.path("stage2"))
+        self.audio_window = unet.audio_window_frames if unet.condition == "audio" else None
 
     @row_step("motion", _segment)
     def __call__(self, row: dict) -> dict:
         from stages.audio.cache import CachedFeatures
         from stages.audio.hubert import steps_per_frame
+        from stages.completion.stage import audio_conditions
+        from stages.motion.stage import frame_centres
 
         fps = fps_of(row)
         frame_indices = np.arange(int(row["frame_start"]), int(row["frame_end"]))
@@ -266,7 +273,7 @@ class MotionOp(_Op):
         first = max(0, int(math.floor((t0 - self.config.motion.warmup_seconds) * 25)))
         stage1 = self.stage.stage1.cfg
         # Stage 1 may look ahead: read its window's worth of audio past the segment too.
-        last = int(math.ceil(t1 * 25)) + 1 + int(getattr(stage1, "audio_window_after", 0))
+        last = int(math.ceil(t1 * 25)) + 1 + max(int(getattr(stage1, "audio_window_after", 0)), self.audio_window or 0)
         cached = CachedFeatures(row["features_path"], int(row["feature_frames"]), float(row["audio_duration_s"]), int(row["feature_dim"]))
         rows_50hz = self.cache.read_window(cached, first, last)  # two rows per 25 Hz frame
         if len(rows_50hz) < 2 * (last - first):
@@ -288,7 +295,10 @@ class MotionOp(_Op):
             ref_frames=unpack(row["ref_frames"]),
             ref_pose=unpack(row["ref_pose"]),
         )
-        return dict(driving=pack(out["driving"]), ref_index=pack(out["ref_index"]))
+        driving = out["driving"]
+        if self.audio_window is not None:
+            driving = audio_conditions(rows_50hz, first, frame_centres(frame_indices, frame_times), self.audio_window)
+        return dict(driving=pack(driving), ref_index=pack(out["ref_index"]))
 
 
 # --------------------------------------------------------------------------- complete

@@ -31,6 +31,23 @@ def autocast_for(device: str, precision: str):
     return nullcontext()
 
 
+def audio_conditions(rows_50hz: np.ndarray, first_feature: int, frame_centres_s: np.ndarray,
+                     window_frames: int) -> np.ndarray:
+    """The audio-conditioned IMC-UNet's condition for each frame (the ablation of
+    IMCUNetConfig.condition, MuseTalk's kind): rows_50hz (2F, A) HuBERT rows of 25 Hz frames
+    first_feature.. -> (N, 2 * (2w + 1), A), the rows of 25 Hz frames t-w..t+w where t is the
+    25 Hz frame holding each frame's centre, clamped to the rows given (as in training,
+    stages/completion/training.py's audio_window at a chunk's edges)."""
+    from stages.completion.training import audio_window
+
+    rows = np.asarray(rows_50hz, np.float32)
+    per_frame = rows[: len(rows) // 2 * 2].reshape(-1, 2, rows.shape[-1])  # (F, 2, A)
+    t = np.floor(np.asarray(frame_centres_s, np.float64) * 25 + 1e-9).astype(np.int64) - first_feature
+    if len(t) == 0:
+        return np.zeros((0, 2 * (2 * window_frames + 1), rows.shape[-1]), np.float32)
+    return np.stack([audio_window(per_frame, int(i), window_frames) for i in t])
+
+
 def to_tensor(images: np.ndarray, device: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
 
