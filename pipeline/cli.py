@@ -1,7 +1,7 @@
 """`imgtalk`: the command line.
 
     imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--metrics-port N]
-    imgtalk demo [--folder DIR] [--weights URI | --untrained] [--sync-speakers N] [--config job.yaml]
+    imgtalk demo [--folder DIR] [--weights URI | --untrained] [--sync-speakers N] [--config job.yaml] [--no-eval]
     imgtalk weights init --size tiny|paper OUT
     imgtalk prepare --corpus URI --weights URI --output URI [--config prepare.yaml] [--address auto]
     imgtalk train extractor|vae|stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
@@ -95,7 +95,22 @@ def cmd_demo(args) -> int:
         if r.status == "ok":
             print(f"  {r.output_uri}")
     _print_sync_figures(sync_rows, {r.output_uri: r.status for r in result.rows})
+    if args.eval and result.counts.get("ok", 0):
+        _demo_eval(paths["report"], weights, os.path.join(folder, "eval"), args.address)
     return 0 if result.counts.get("failed", 0) == 0 else 3
+
+
+def _demo_eval(report: str, weights: str, out: str, address: str | None) -> None:
+    """imgtalk eval on the demo's own outputs (cross protocol: each is dubbed with another
+    track, so no ground-truth frame): FID, AVConf and LSE-D, each skipped, with the reason,
+    without its weights."""
+    from pipeline.eval.config import EvalConfig
+    from pipeline.eval.job import run_eval
+
+    print("\nimgtalk eval on the demo's outputs (cross protocol):")
+    result = run_eval(out, "cross", report_uri=report, bundles={"demo": weights}, config=EvalConfig(), address=address)
+    print(result.table)
+    print(f"per-video metrics: {out}/eval.parquet")
 
 
 def _print_sync_figures(sync_rows: list[dict], status: dict) -> None:
@@ -247,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sync-speakers", type=int, default=2, help="speakers of the held-out lip-sync rows (0: none)")
     m.add_argument("--config", help="job config YAML")
     m.add_argument("--address", help="Ray address; default: a local Ray")
+    m.add_argument("--no-eval", dest="eval", action="store_false", help="skip imgtalk eval on the outputs at the end")
     m.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("prepare", help="turn a talking-head corpus into training shards")

@@ -7,10 +7,11 @@ import python_speech_features
 import torch
 import torch.nn.functional as F
 
+from stages.common.checkpoint import CheckpointError
+
 from stages.eval.syncnet import (
     SyncNet,
     SyncNetScorer,
-    SyncNetWeightsError,
     face_boxes_from_landmarks,
     mfcc_16k,
     num_sync_windows,
@@ -119,24 +120,24 @@ def test_loading_errors_name_file_and_key(tmp_path):
     missing = dict(state)
     del missing["netfcaud.3.bias"]
     p = _write(tmp_path / "missing.model", missing)
-    with pytest.raises(SyncNetWeightsError, match=r"missing\.model.*netfcaud\.3\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing\.model.*netfcaud\.3\.bias"):
         SyncNet.from_file(p)
 
     extra = dict(state, **{"__S__.netfcaud.3.bias": state["netfcaud.3.bias"]})
     p = _write(tmp_path / "extra.model", extra)
-    with pytest.raises(SyncNetWeightsError, match=r"extra\.model.*__S__\.netfcaud\.3\.bias"):
+    with pytest.raises(CheckpointError, match=r"extra\.model.*__S__\.netfcaud\.3\.bias"):
         SyncNet.from_file(p)
 
     wrong = dict(state, **{"netcnnlip.0.weight": torch.zeros(96, 3, 5, 5, 5)})
     p = _write(tmp_path / "wrong.model", wrong)
-    with pytest.raises(SyncNetWeightsError, match=r"wrong\.model.*netcnnlip\.0\.weight.*\(96, 3, 5, 5, 5\)"):
+    with pytest.raises(CheckpointError, match=r"wrong\.model.*netcnnlip\.0\.weight.*\(96, 3, 5, 5, 5\)"):
         SyncNet.from_file(p)
 
     p = _write(tmp_path / "list.model", [1, 2])
-    with pytest.raises(SyncNetWeightsError, match=r"list\.model.*dict"):
+    with pytest.raises(CheckpointError, match=r"list\.model.*dict"):
         SyncNet.from_file(p)
 
-    with pytest.raises(SyncNetWeightsError, match=r"nope\.model"):
+    with pytest.raises(CheckpointError, match=r"nope\.model"):
         SyncNet.from_file(tmp_path / "nope.model")
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import threading
 from typing import Any, Callable, Iterable, Type, TypeVar
 
@@ -160,6 +161,39 @@ def load_state_dict_strict(
     for key, ref in expected.items():
         _check_tensor(key, state[key], ref, source)
     module.load_state_dict(state, strict=True, assign=assign)
+
+
+def load_torch_state(path: str, what: str) -> dict[str, torch.Tensor]:
+    """A third-party network's released file: `torch.save` of a flat name -> tensor dict
+    (torchvision's VGG19, pytorch-fid's Inception, syncnet_python's SyncNet), read with
+    weights_only=True. Errors name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: {what} weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable torch file ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: expected a flat name -> tensor dict ({what} layout), got {type(state).__name__}")
+    return dict(state)
+
+
+def with_batch_counts(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` plus zero BatchNorm `num_batches_tracked` entries where a file omits them
+    (eval mode never reads them); every other tensor is still checked strictly."""
+    filled = dict(state)
+    for key, ref in module.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in filled:
+            filled[key] = torch.zeros_like(ref)
+    return filled
+
+
+def save_torch_state(module: torch.nn.Module, path: str) -> None:
+    """The inverse of load_torch_state: a flat name -> tensor dict, torch.save'd."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, path)
 
 
 def load_safetensors(path: str) -> dict[str, torch.Tensor]:

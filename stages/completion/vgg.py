@@ -15,14 +15,12 @@ Layout of `features` (conv = 3x3, padding 1, each followed by a ReLU at index + 
 """
 from __future__ import annotations
 
-import os
-import pickle
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from stages.common.checkpoint import CheckpointError, load_state_dict_strict
+from stages.common.checkpoint import load_state_dict_strict, load_torch_state, save_torch_state
 
 # torchvision's configuration "E": channel counts, "M" = 2x2 max pool.
 VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -121,14 +119,7 @@ class VGG19(nn.Module):
         classifier parameters saves ~500 MB. Every `features.*` tensor must still be
         present with the right shape, and any other key is an error naming the file.
         """
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: weights file not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt or unreadable torch file ({e})") from e
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise CheckpointError(f"{path}: expected a flat state dict (torchvision layout), got {type(state).__name__}")
+        state = load_torch_state(path, "torchvision VGG19")
         if not include_classifier:
             state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         model = cls(include_classifier=include_classifier, width_div=width_div)
@@ -137,7 +128,4 @@ class VGG19(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Write a flat state dict in torchvision's layout (loadable by torchvision too)."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        torch.save(state, path)
+        save_torch_state(self, path)

@@ -44,8 +44,6 @@ Shapes through the trunk for a 299x299 input:
 """
 from __future__ import annotations
 
-import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.common.checkpoint import CheckpointError, load_state_dict_strict
+from stages.common.checkpoint import load_state_dict_strict, load_torch_state, save_torch_state, with_batch_counts
 
 # What to write next to any FID number this network produced.
 FID_SETTINGS = {
@@ -282,35 +280,18 @@ class FIDInceptionV3(nn.Module):
         Any missing, unexpected or misshapen tensor raises CheckpointError naming the file
         and the key(s). Returns the model in eval mode on the CPU.
         """
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: weights file not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt or unreadable torch file ({e})") from e
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise CheckpointError(
-                f"{path}: expected a flat name -> tensor dict (pytorch-fid / torch-fidelity layout), "
-                f"got {type(state).__name__}"
-            )
+        state = load_torch_state(path, "pytorch-fid / torch-fidelity Inception")
         model = cls()
-        state = dict(state)
         layout = weight_file_layout(state)
         if layout == "torch-fidelity":
-            # Its file has no num_batches_tracked; every other tensor is still checked below.
-            for k, v in model.state_dict().items():
-                if k.endswith(_NBT):
-                    state[k] = torch.zeros_like(v)
+            state = with_batch_counts(model, state)  # its file has none
         source = f"{path} ({layout} layout)"
         load_state_dict_strict(model, state, source=source)
         return model.eval()
 
     def save_file(self, path: str) -> None:
         """Write pytorch-fid's layout: a flat name -> tensor dict, as torch.save'd."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        torch.save(state, path)
+        save_torch_state(self, path)
 
 
 def weight_file_layout(state: dict) -> str:

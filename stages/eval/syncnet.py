@@ -53,6 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import signal
 
+from stages.common.checkpoint import load_state_dict_strict, load_torch_state, save_torch_state, with_batch_counts
+
 SAMPLE_RATE = 16000
 FPS = 25.0
 SAMPLES_PER_FRAME = 640  # 16000 / 25
@@ -64,10 +66,6 @@ DEFAULT_VSHIFT = 15
 CROP_SCALE = 0.4
 CROP_PAD_VALUE = 110
 BOX_MEDFILT = 13  # run_pipeline.py's median filter on box centre and size
-
-
-class SyncNetWeightsError(ValueError):
-    """A SyncNet weights file is missing, unreadable, or does not match the architecture."""
 
 
 # ---------------------------------------------------------------------------- the model
@@ -177,45 +175,14 @@ class SyncNet(nn.Module):
         Every key of the architecture must be in the file with its exact shape; BN
         `num_batches_tracked` entries may be present or absent (they are not used in eval);
         anything else is an error naming the file and the key(s)."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise SyncNetWeightsError(f"{path}: no such SyncNet weights file")
-        try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as exc:  # unpickling refused / corrupt file
-            raise SyncNetWeightsError(
-                f"{path}: not a SyncNet weights file readable with torch.load(weights_only=True) "
-                f"({type(exc).__name__}: {exc})") from exc
-        if not isinstance(state, dict):
-            raise SyncNetWeightsError(
-                f"{path}: expected a plain name -> tensor dict, got {type(state).__name__}")
-        bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-        if bad:
-            raise SyncNetWeightsError(f"{path}: entries that are not name -> tensor: {bad[:5]}")
-
         model = cls(config)
-        own = model.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing}")
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected}")
-            raise SyncNetWeightsError(f"{path}: does not match SyncNet v2: " + "; ".join(parts))
-        wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
-                 for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
-        if wrong:
-            raise SyncNetWeightsError(f"{path}: wrong shapes: " + "; ".join(wrong))
-        full = {k: state.get(k, own[k]) for k in own}
-        model.load_state_dict(full, strict=True)
+        state = load_torch_state(path, "SyncNet v2 (syncnet_v2.model)")
+        load_state_dict_strict(model, with_batch_counts(model, state), source=os.fspath(path))
         return model.to(device).eval()
 
     def save_file(self, path: str | os.PathLike) -> None:
         """Write the state dict as a plain name -> tensor dict (the syncnet_v2.model layout)."""
-        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
-        torch.save(state, os.fspath(path))
+        save_torch_state(self, path)
 
 
 # ---------------------------------------------------------------------------- front-end
