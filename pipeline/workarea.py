@@ -22,8 +22,11 @@ def digest(*parts) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
 
 
-# Settings that change a segment's pixels or bytes; paths, pools, storage and policy do not.
-PIXEL_SETTINGS = ("device", "precision", "torch_threads", "batch", "output", "face", "analyse", "audio", "motion")
+# Settings that change an encoded segment's pixels or bytes. Not: paths, pools, storage,
+# policy; batch sizes and torch threads (the networks are per-frame, so batching changes no
+# pixel: the usual fix after an out-of-memory error must not throw the committed work away);
+# the output's audio settings (the dubbed track is muxed in finalize, not in segments).
+PIXEL_SETTINGS = ("device", "precision", "output.codec", "output.crf", "output.preset", "face", "analyse", "audio", "motion")
 
 
 def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> str:
@@ -55,7 +58,13 @@ def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> s
             for d, _, names in os.walk(root)
             for f in names
         )
-    settings = config.model_dump(include=set(PIXEL_SETTINGS), mode="json")
+    dumped = config.model_dump(mode="json")
+    settings = {}
+    for name in PIXEL_SETTINGS:
+        value = dumped
+        for part in name.split("."):
+            value = value[part]
+        settings[name] = value
     return digest(code.hexdigest(), json.dumps(weights), json.dumps(settings, sort_keys=True))
 
 

@@ -186,6 +186,11 @@ def test_work_fingerprint_changes_with_weights_and_pixel_settings_only(tmp_path)
     base = work_fingerprint(config, bundle, storage)
     assert work_fingerprint(config, bundle, storage) == base
     assert work_fingerprint(JobConfig(pools={"complete": {"size": 3}}, cache_uri="/elsewhere"), bundle, storage) == base
+    # what an operator changes after an out-of-memory error, and the muxed track's settings, keep the work
+    assert work_fingerprint(JobConfig(batch={"complete_frames": 4, "motion_frames": 8}, torch_threads=2,
+                                      output={"audio_bitrate": 96_000, "audio_sample_rate": 44_100}), bundle, storage) == base
+    assert work_fingerprint(JobConfig(output={"preset": "slow"}), bundle, storage) != base
+    assert work_fingerprint(JobConfig(precision="fp32"), bundle, storage) != base
     assert work_fingerprint(JobConfig(output={"crf": 30}), bundle, storage) != base
     assert work_fingerprint(JobConfig(face={"feather_px": 2.0}), bundle, storage) != base
     weights = os.path.join(bundle, "stage2", "model.safetensors")
