@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.security import DEFAULT_SCHEMES
 from pipeline.storage import StorageOptions
 
 
@@ -116,12 +117,16 @@ class StorageConfig(_Strict):
 
 class SecurityConfig(_Strict):
     """Where manifest URIs may point (pipeline/security.py has the matching rules).
-    None (the default) admits everything: right for a laptop demo, not for manifests
-    from other teams. A list admits only URIs under one of its prefixes; local paths only
-    through a local prefix."""
+    None (the default) admits every URI whose scheme is in `allowed_schemes`: right for a
+    laptop, not for manifests from other teams, so a dub job against a cluster refuses to
+    start without both prefix lists. A list admits only URIs under one of its prefixes;
+    local paths only through a local prefix."""
 
     allowed_input_prefixes: list[str] | None = Field(None, description="video_uri and audio_uri must be under one of these")
     allowed_output_prefixes: list[str] | None = Field(None, description="output_uri must be under one of these")
+    allowed_schemes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SCHEMES),
+        description="schemes admitted where no prefixes are set (never http(s) unless listed here)")
 
     @field_validator("allowed_input_prefixes", "allowed_output_prefixes")
     @classmethod

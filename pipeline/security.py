@@ -17,6 +17,12 @@ every way of reading it lands under the prefix:
   rejects local paths unless one is listed.
 Scheme case does not matter (S3:// is s3://; s3a:// is s3://).
 
+With no prefixes set, a URI is admitted when its scheme is one of `allowed_schemes` (by
+default local files and object stores: file, s3, gs, az, abfs; never http(s), whose URIs
+would let a manifest make the workers fetch any address). A dub job run against a cluster
+(`--address`, or RAY_ADDRESS set) must set both prefix lists: manifests there come from
+other teams.
+
 Credentials come from the environment or instance roles only. A URI carrying any
 user-info (`s3://KEY:SECRET@bucket/…`, `https://user:pass@host/…`) is refused whatever
 the prefixes, and `redact` removes user-info from any text before it is reported.
@@ -127,12 +133,21 @@ def _admits(prefix: Location, loc: Location) -> bool:
     return all(_under(p, base) for p in loc.paths)
 
 
-class URIPolicy:
-    """Allowed input and output prefixes; None admits everything (the laptop default)."""
+# Where URIs may point when no prefixes are set: local files and object stores. Never
+# http(s) and the like: a manifest URI such as http://169.254.169.254/... would otherwise
+# make the workers fetch whatever it names (a blind SSRF).
+DEFAULT_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "abfss")
 
-    def __init__(self, allowed_input_prefixes: list[str] | None = None, allowed_output_prefixes: list[str] | None = None):
+
+class URIPolicy:
+    """Allowed input and output prefixes; None admits every URI of `schemes` (the laptop
+    default: local files and object stores)."""
+
+    def __init__(self, allowed_input_prefixes: list[str] | None = None, allowed_output_prefixes: list[str] | None = None,
+                 schemes: tuple[str, ...] | list[str] = DEFAULT_SCHEMES):
         self.inputs = None if allowed_input_prefixes is None else [(p, locate(p)) for p in allowed_input_prefixes]
         self.outputs = None if allowed_output_prefixes is None else [(p, locate(p)) for p in allowed_output_prefixes]
+        self.schemes = tuple(s.lower() for s in schemes)
 
     def check(self, uri: str, kind: str) -> str | None:
         """None when `uri` may be used as `kind` ("video", "audio" = input, "output"), else
@@ -144,7 +159,10 @@ class URIPolicy:
         output = kind == "output"
         rules = self.outputs if output else self.inputs
         if rules is None:
-            return None
+            if loc.scheme in self.schemes:
+                return None
+            return (f"{kind}_uri {redact(uri)}: scheme {loc.scheme}:// is not allowed (security.allowed_schemes: "
+                    f"{', '.join(self.schemes)}); list it there, or set allowed prefixes")
         if any(_admits(prefix, loc) for _, prefix in rules):
             return None
         setting = "allowed_output_prefixes" if output else "allowed_input_prefixes"

@@ -12,7 +12,6 @@ import http.client
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -535,7 +534,9 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
     manifest = str(tmp_path / "manifest.parquet")
     write_manifest(_rows(media, out), manifest, Storage())
     with open(tmp_path / "job.yaml", "w") as f:
-        yaml.safe_dump({"segment_seconds": 0.5, "cache_uri": cache}, f)
+        # a job against a cluster address must name where its manifest may read and write
+        yaml.safe_dump({"segment_seconds": 0.5, "cache_uri": cache, "security": {
+            "allowed_input_prefixes": [media["root"]], "allowed_output_prefixes": [out]}}, f)
     address = ray_local.get_runtime_context().gcs_address
 
     def dub(report):

@@ -68,11 +68,36 @@ def test_policy_refuses_uris_outside_naming_the_uri_and_the_rule(uri, kind, rule
     assert reason.startswith(f"{kind}_uri ")
 
 
-def test_no_prefixes_admit_everything_but_credentials():
+def test_no_prefixes_admit_local_files_and_object_stores_but_not_credentials():
     open_policy = URIPolicy()
-    for uri in ("/anywhere/a.mp4", "s3://any/thing", "relative/path.mp4", "file:///x"):
+    for uri in ("/anywhere/a.mp4", "s3://any/thing", "relative/path.mp4", "file:///x", "gs://b/k", "az://c/k"):
         assert open_policy.check(uri, "video") is None and open_policy.canonical(uri) == uri
     assert "credentials" in open_policy.check("s3://KEY:SECRET@any/thing", "video")
+
+
+def test_no_prefixes_refuse_http_and_other_schemes_unless_listed():
+    open_policy = URIPolicy()
+    for uri, kind in (("http://169.254.169.254/latest/meta-data/iam", "video"), ("https://host/a.wav", "audio"),
+                      ("ftp://host/out.mp4", "output"), ("memory://x/y.mp4", "video")):
+        reason = open_policy.check(uri, kind)
+        assert reason is not None and reason.startswith(f"{kind}_uri {uri}") and "is not allowed" in reason
+        assert "allowed_schemes" in reason
+    assert URIPolicy(schemes=["file", "https"]).check("https://host/a.wav", "audio") is None
+
+
+def test_a_dub_against_a_cluster_needs_both_prefix_lists(tmp_path, monkeypatch):
+    from pipeline.config import JobConfig
+    from pipeline.dub.job import run_dub
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for security in ({}, {"allowed_input_prefixes": [str(tmp_path)]}):
+        with pytest.raises(PolicyError, match="allowed_input_prefixes and security.allowed_output_prefixes"):
+            run_dub(str(tmp_path / "m.parquet"), str(tmp_path / "w"), str(tmp_path / "r.parquet"),
+                    JobConfig(security=security), address="ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # inside `ray job submit`
+    with pytest.raises(PolicyError, match="against a cluster"):
+        run_dub(str(tmp_path / "m.parquet"), str(tmp_path / "w"), str(tmp_path / "r.parquet"), JobConfig())
+    assert not (tmp_path / "r.parquet").exists()
 
 
 def test_local_prefixes_resolve_paths_as_the_os_does(tmp_path):

@@ -167,7 +167,13 @@ def run_dub(
     for what, uri in (("manifest", manifest_uri), ("weights", weights_uri), ("report", report_uri)):
         if has_credentials(uri):
             raise PolicyError(f"{what} {redact(uri)}: URIs must not carry credentials; they come from the environment or instance roles")
-    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes)
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    if on_cluster and (config.security.allowed_input_prefixes is None or config.security.allowed_output_prefixes is None):
+        raise PolicyError("a dub job run against a cluster (--address or RAY_ADDRESS) needs security.allowed_input_prefixes "
+                          "and security.allowed_output_prefixes in its config: manifests there come from other teams "
+                          "(deploy/job.cluster.yaml shows them)")
+    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes,
+                       config.security.allowed_schemes)
 
     # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
     bundle = read_bundle_info(localize_bundle(weights_uri, storage))

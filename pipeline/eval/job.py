@@ -205,7 +205,7 @@ def run_eval(out_uri: str, protocol: str, *, report_uri: str | None = None, prep
                 manifest = join_uri(folder, "manifest.parquet")
                 write_manifest(dub_manifest(prepared_uri, storage, protocol, folder, config), manifest, storage)
                 report = join_uri(folder, "dub_report.parquet")
-                run_dub(manifest, uri, report, config.dub, progress=False)
+                run_dub(manifest, uri, report, config.dub, address=address, progress=False)
                 dub_reports[label] = report
                 pairs += pairs_from_report(report, storage, protocol, label)
         if not pairs:

@@ -109,7 +109,8 @@ def run_prepare(corpus_uri: str, weights_uri: str, output_uri: str, config: Prep
     for what, uri in (("corpus", corpus_uri), ("weights", weights_uri), ("output", output_uri)):
         if has_credentials(uri):
             raise PolicyError(f"{what} {redact(uri)}: URIs must not carry credentials; they come from the environment or instance roles")
-    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes)
+    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes,
+                       config.security.allowed_schemes)
     read_bundle_info(localize_bundle(weights_uri, storage))
     corpus = read_corpus(corpus_uri, storage)
 
