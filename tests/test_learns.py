@@ -93,8 +93,10 @@ def test_dubbed_mouth_follows_held_out_sentences(chain):
     manifest = str(root / "manifest.parquet")
     write_manifest([{k: r[k] for k in ("video_uri", "audio_uri", "output_uri")} | {"options": None} for r in rows],
                    manifest, Storage())
-    result = run_dub(manifest, str(chain["bundle"]), str(root / "report.parquet"), JobConfig(cache_uri=str(root / "cache")),
-                     address="auto")
+    # joining a running cluster (address "auto"): the job must name where its manifest may point
+    config = JobConfig(cache_uri=str(root / "cache"), security={"allowed_input_prefixes": [str(chain["heldout"])],
+                                                               "allowed_output_prefixes": [str(root / "outputs")]})
+    result = run_dub(manifest, str(chain["bundle"]), str(root / "report.parquet"), config, address="auto")
     assert [r.status for r in result.rows] == ["ok"] * len(rows), [r.error for r in result.rows]
     figures = []
     with FaceTracker(smoothing_sigma_frames=0, max_gap_frames=0) as tracker:
