@@ -4,7 +4,6 @@ qc.min_sync_conf gate in finalize_video (no output committed, a "qc" failure).""
 import json
 import math
 import os
-import wave
 from fractions import Fraction
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 from pipeline.config import JobConfig, QCConfig
 from pipeline.dub.qc import QCError, qc_failure, qc_warnings, sync_fields
-from pipeline.sample_catalogue import SampleVideo, write_video
+from pipeline.sample_catalogue import SampleVideo, speak, write_video
 from pipeline.weights import COMPONENTS, BundleError, load_syncnet, read_bundle_info
 
 SMALL = (320, 240)
@@ -206,23 +205,13 @@ def test_frames_without_a_face_take_the_nearest_box():
     assert nearest_face_boxes(np.array([nan, nan], dtype=float)) is None
 
 
-def _tone(path: str, seconds: float) -> None:
-    t = np.arange(int(16000 * seconds)) / 16000
-    pcm = (0.3 * np.sin(2 * math.pi * 220.0 * t) * (1 + np.sin(2 * math.pi * 3 * t)) / 2 * 32767).astype(np.int16)
-    with wave.open(path, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-
-
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
     paths = {"video": str(root / "v.mp4"), "audio": str(root / "a.wav"), "noface": str(root / "noface.mp4")}
     write_video(paths["video"], SampleVideo("v", Fraction(25), 1.2, "", size=SMALL))
     write_video(paths["noface"], SampleVideo("n", Fraction(25), 1.2, "", no_face=(0.0, 5.0), size=SMALL))
-    _tone(paths["audio"], 1.2)
+    speak("Hello there.", paths["audio"])  # real speech, about a second (espeak-ng, as the sample catalogue)
     return paths
 
 

@@ -173,15 +173,15 @@ def test_summary_means_over_videos_and_fid_pooled_over_frames():
     real = rng.normal(0, 1, (3000, 4))
     shifted = rng.normal(0, 1, (3000, 4)) + [1.0, 0, 0, 0]
     features = {"b": {"real": [real[:1000], real[1000:]], "fake": [shifted[:1000], shifted[1000:]]}}
-    got = summarise(rows, features, {}, "reconstruction")["b"]
+    got = summarise(rows, features, {})["b"]
     assert got["videos"] == 2 and got["failed"] == 1
     assert got["ssim"] == pytest.approx(0.7) and got["psnr"] == pytest.approx(25.0) and got["lmd"] == pytest.approx(3.0)
     assert got["sync_conf"] == pytest.approx(4.0) and got["gt_sync_conf"] == pytest.approx(8.5)
     assert got["fid_frames"] == 3000 and got["fid"] == pytest.approx(1.0, abs=0.15)  # a unit mean shift
     assert "fid_note" not in got  # 3000 frames: a full-rank covariance
-    small = summarise(rows, {"b": {"real": [real[:100]], "fake": [shifted[:100]]}}, {}, "reconstruction")["b"]
+    small = summarise(rows, {"b": {"real": [real[:100]], "fake": [shifted[:100]]}}, {})["b"]
     assert small["fid_frames"] == 100 and "rank-deficient" in small["fid_note"]
-    skipped = summarise(rows, features, {"fid": "no weights", "sync_conf": "x"}, "reconstruction")["b"]
+    skipped = summarise(rows, features, {"fid": "no weights", "sync_conf": "x"})["b"]
     assert skipped["fid"] is None and skipped["sync_conf"] is None  # never a made-up value
 
 

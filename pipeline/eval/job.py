@@ -121,8 +121,7 @@ def dub_manifest(prepared_uri: str, storage: Storage, protocol: str, out_folder:
 # ----------------------------------------------------------------------------- aggregate
 
 
-def summarise(rows: list[EvalRow], features: dict[str, dict[str, list[np.ndarray]]], skipped: dict,
-              protocol: str) -> dict[str, dict]:
+def summarise(rows: list[EvalRow], features: dict[str, dict[str, list[np.ndarray]]], skipped: dict) -> dict[str, dict]:
     """label -> {metric: mean over ok videos, fid, counts}."""
     from stages.eval.fid import fid_from_features
 
@@ -215,7 +214,7 @@ def run_eval(out_uri: str, protocol: str, *, report_uri: str | None = None, prep
         if started_ray:
             ray.shutdown()
 
-    summary = summarise(rows, features, skipped, protocol)
+    summary = summarise(rows, features, skipped)
     table = _table(summary, protocol, skipped, ablation=len(summary) > 1)
     _write(out_uri, storage, rows, {"protocol": protocol, "bundles": summary, "skipped": skipped,
                                     "settings": _settings(weights), "dub_reports": dub_reports}, table)
