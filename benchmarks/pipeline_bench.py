@@ -302,6 +302,7 @@ def memory_child(spec: dict) -> dict:
     one is the one whose memory grows with length."""
     import torch
 
+    from pipeline.dub import finalize as finalize_step
     from pipeline.dub import operators as ops
     from pipeline.dub.local_loop import dub_rows_locally, make_rows
 
@@ -341,7 +342,7 @@ def memory_child(spec: dict) -> dict:
         cls = getattr(ops, name)
         cls.__call__ = accounted(name[: -len("Op")].lower(), cls.__call__)
     ops.split_segments = accounted("split", ops.split_segments)
-    ops.finalize_video = accounted("finalize", ops.finalize_video)
+    finalize_step.finalize_video = accounted("finalize", finalize_step.finalize_video)
 
     stop = threading.Event()
 

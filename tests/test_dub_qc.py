@@ -236,7 +236,7 @@ def test_sync_score_of_a_short_clip_with_a_random_syncnet(clip, syncnet_file):
 
 
 def test_min_sync_conf_fails_the_video_and_commits_nothing(clip, syncnet_file, tmp_path):
-    from pipeline.dub.operators import finalize_video
+    from pipeline.dub.finalize import finalize_video
 
     bundle = _with_syncnet(_bare_bundle(tmp_path / "bundle"), syncnet_file)
     out_dir = tmp_path / "out"

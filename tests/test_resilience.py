@@ -239,7 +239,7 @@ def test_committed_segment_skips_face_motion_complete_and_compose_without_readin
 
 
 def test_finalize_is_idempotent(tmp_path):
-    from pipeline.dub.operators import finalize_video
+    from pipeline.dub.finalize import finalize_video
 
     seg, audio, out = str(tmp_path / "seg.mp4"), str(tmp_path / "a.wav"), str(tmp_path / "out" / "v.mp4")
     write_video(seg, SampleVideo("v", Fraction(25), 0.4, "", size=SMALL))

@@ -156,6 +156,7 @@ def run_dub(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    from pipeline.dub import finalize as finalize_step
     from pipeline.dub import operators as ops
     from pipeline.weights import load_syncnet, localize_bundle, read_bundle_info
 
@@ -228,7 +229,7 @@ def run_dub(
         try:
             tracker.attach_metrics()
             remaining = None if budget is None else budget - failed_early
-            graph_report, stopped, reused = _run_graph(ray, ActorPoolStrategy, DataContext, ops, config, weights_uri, job_id, todo, tracker, remaining,
+            graph_report, stopped, reused = _run_graph(ray, ActorPoolStrategy, DataContext, ops, finalize_step, config, weights_uri, job_id, todo, tracker, remaining,
                                                        sync_weights_uri=weights_uri if bundle.has("syncnet") else None)
             report.update(graph_report)
         finally:
@@ -269,7 +270,7 @@ def run_dub(
 
 
 def _run_graph(
-    ray, ActorPoolStrategy, DataContext, ops, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict],
+    ray, ActorPoolStrategy, DataContext, ops, finalize_step, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict],
     tracker: JobTracker, max_failures: int | None = None, sync_weights_uri: str | None = None,
 ) -> tuple[dict[int, ReportRow], str | None, int]:
     """Run the graph; (report rows of the videos it settled, why it stopped early or None,
@@ -314,7 +315,7 @@ def _run_graph(
     ds = ds.map(ops.CompleteOp, fn_constructor_args=(cfg, weights_uri), **actors("complete"))
     ds = ds.map(ops.ComposeOp, fn_constructor_args=(cfg,), **actors("compose"))
 
-    finalize = ray.remote(num_cpus=pools["finalize"].num_cpus, max_retries=2)(ops.finalize_video)
+    finalize = ray.remote(num_cpus=pools["finalize"].num_cpus, max_retries=2)(finalize_step.finalize_video)
     pending: dict[str, list[dict]] = {}
     closed: set[str] = set()  # videos whose segments all came back: a late duplicate is ignored
     futures: dict = {}

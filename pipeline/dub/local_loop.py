@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from pipeline.dub import finalize as finalize_step
 from pipeline.dub import operators as ops
 from pipeline.config import JobConfig
 from pipeline.dub.rows import new_row
@@ -29,7 +30,7 @@ def dub_rows_locally(rows: list[dict], config: JobConfig, weights_uri: str) -> l
         segments = [compose(complete(motion(face(seg)))) for seg in ops.split_segments(video)]
         final = None
         if all(not s["error"] for s in segments) and segments and segments[0]["n_segments"]:
-            final = ops.finalize_video(
+            final = finalize_step.finalize_video(
                 cfg,
                 {k: video[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")},
                 [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments],

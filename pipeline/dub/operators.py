@@ -15,7 +15,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -28,7 +27,7 @@ from pipeline.config import JobConfig
 from pipeline.features import cached_features, hubert_and_cache
 from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
-from pipeline.storage import Storage, join_uri
+from pipeline.storage import join_uri
 from pipeline.weights import load_motion_extractor, load_stage1, load_stage2, load_vae
 from pipeline.workarea import committed_segment, digest, segment_marker_uri, segment_uri
 
@@ -382,118 +381,3 @@ class ComposeOp(_Op):
         marker = {"frames": int(written), "face_frames": int(row["face_frames"])}
         self.storage.write_bytes_atomic(json.dumps(marker).encode(), segment_marker_uri(uri))
         return dict(segment_uri=uri, segment_frames=written, generated=b"", affines=b"", has_face=b"")
-
-
-# --------------------------------------------------------------------------- finalize
-
-
-_SYNC_TOOLS: dict[tuple, tuple] = {}  # per worker process: (SyncNet scorer, FaceTracker) by weights file
-
-
-def _sync_tools(path: str, config: JobConfig):
-    """The SyncNet scorer and face tracker of this process, built once per weights file
-    (a Ray worker runs many finalize tasks)."""
-    import torch
-
-    from stages.completion.stage import resolve_device
-    from stages.eval.syncnet import SyncNetScorer
-    from stages.face import FaceTracker
-
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _SYNC_TOOLS:
-        for _, tracker in _SYNC_TOOLS.values():
-            tracker.close()
-        _SYNC_TOOLS.clear()
-        torch.set_num_threads(config.torch_threads)
-        # Ray hides GPUs from tasks that reserved none, so "auto" lands on the CPU there.
-        scorer = SyncNetScorer(path, device=resolve_device(config.device))
-        # Each frame its own detection (no smoothing, no gap filling): stages.eval.sync_check.
-        tracker = FaceTracker(min_detection_confidence=config.face.min_detection_confidence,
-                              smoothing_sigma_frames=0.0, max_gap_frames=0)
-        _SYNC_TOOLS[key] = (scorer, tracker)
-    return _SYNC_TOOLS[key]
-
-
-def sync_check(local_video: str, weights_uri: str | None, config: JobConfig, storage: Storage) -> dict:
-    """SyncNet's report fields (sync_conf, sync_dist, sync_offset) of a local output file,
-    its picture with its own (muxed) audio; all None when the bundle has no SyncNet
-    weights or the video has nothing to score."""
-    from pipeline.dub.qc import sync_fields
-    from pipeline.weights import localize_bundle, read_bundle_info
-    from stages.eval.sync_check import sync_score_video
-
-    if not weights_uri:
-        return sync_fields(None)
-    bundle = read_bundle_info(localize_bundle(weights_uri, storage))
-    if not bundle.has("syncnet"):
-        return sync_fields(None)
-    scorer, tracker = _sync_tools(bundle.path("syncnet"), config)
-    return sync_fields(sync_score_video(local_video, local_video, scorer, tracker))
-
-
-def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights_uri: str | None = None) -> dict:
-    """Concatenate a video's segments (no re-encode), mux the dubbed audio (AAC), probe
-    the result, run the quality checks, and commit it atomically. Returns report fields.
-
-    Quality checks (pipeline/dub/qc.py): with `weights_uri` naming a bundle that holds
-    SyncNet weights, the local result is scored (sync_conf / sync_dist / sync_offset)
-    before the commit; when its confidence is below qc.min_sync_conf nothing is committed
-    and QCError (with the report fields) is raised: the row fails at stage "qc".
-
-    Idempotent, so Ray may retry it after a worker died: it leaves the segments in place
-    (the driver drops them once the report row is written) and does not upload an output
-    that is already there with the same content."""
-    from pipeline.dub.qc import QCError, qc_failure
-    from stages.media import concat_segments, mux_audio, probe_video
-
-    config = JobConfig.model_validate(config_dict)
-    storage = Storage(config.storage.options())
-    start = time.perf_counter()
-    segments = sorted(segments, key=lambda r: int(r["seg_idx"]))
-    with tempfile.TemporaryDirectory(prefix="imgtalk-final-") as tmp:
-        parts = []
-        for seg in segments:
-            local = os.path.join(tmp, f"seg{int(seg['seg_idx']):05d}.mp4")
-            with storage.open(seg["segment_uri"], "rb") as src, open(local, "wb") as dst:
-                dst.write(src.read())
-            parts.append(local)
-        video_only = os.path.join(tmp, "video.mp4")
-        concat_segments(parts, video_only)
-        audio_local = os.path.join(tmp, "audio" + os.path.splitext(video["audio_uri"])[1])
-        with storage.open(video["audio_uri"], "rb") as src, open(audio_local, "wb") as dst:
-            dst.write(src.read())
-        final = os.path.join(tmp, "final.mp4")
-        mux = mux_audio(
-            video_only,
-            audio_local,
-            final,
-            bitrate=config.output.audio_bitrate,
-            sample_rate=config.output.audio_sample_rate,
-            rotation=video.get("rotation") or None,  # keep a phone video's display matrix
-        )
-        info = probe_video(final)
-        import hashlib
-
-        h = hashlib.sha256()
-        with open(final, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        size = os.path.getsize(final)
-        out = video["output_uri"]
-        quality = sync_check(final, weights_uri, config, storage)
-        failure = qc_failure(quality, config.qc, out)
-        if failure:  # before the commit: no output is better than one that fails the check
-            raise QCError(failure, dict(quality, audio_padded_s=mux.padded_s, audio_trimmed_s=mux.trimmed_s,
-                                        time_finalize_s=time.perf_counter() - start))
-        if not (storage.exists(out) and storage.size(out) == size and storage.sha256(out) == h.hexdigest()):
-            storage.put_atomic(final, out)
-    return {
-        "output_frames": info.n_frames,
-        "output_bytes": size,
-        "output_sha256": h.hexdigest(),
-        "audio_padded_s": mux.padded_s,
-        "audio_trimmed_s": mux.trimmed_s,
-        **quality,
-        "time_finalize_s": time.perf_counter() - start,
-    }
