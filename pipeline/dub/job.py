@@ -343,7 +343,8 @@ def _run_graph(
         if failed:
             first = sorted(failed, key=lambda s: int(s["seg_idx"]))[0]
             settle(int(head["row_index"]), _video_report(job_id, head, segments, None, first["error"], first["error_stage"]))
-            drop(segments)  # encoded parts of a failed video are garbage now
+            # Its committed segments stay in the work area: a rerun (with the input fixed)
+            # reuses them instead of redoing an hour of video for one bad segment.
             return
         video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")}
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
