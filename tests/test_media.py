@@ -23,6 +23,7 @@ from stages.media import (
     probe_video,
     segment_plan,
 )
+from stages.media.probe import codec_threads, open_media
 
 W, H = 320, 240
 NTSC = Fraction(30000, 1001)
@@ -317,3 +318,61 @@ def test_bad_inputs_raise_media_error_naming_the_file(sources, tmp_path):
     with pytest.raises(MediaError, match="audio.*src2997.mp4.*no audio stream"):
         mux_audio(video, sources[("ntsc", "mp4")], out)
     assert not os.path.exists(out)
+
+
+def decoder_threads_after_decoding(path, threads):
+    """The thread count the opened decoder holds, read back from PyAV after a decode."""
+    with open_media(path, "video", threads) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        next(container.decode(stream))
+        return stream.codec_context.thread_count
+
+
+def test_open_media_caps_decoder_threads(sources):
+    path = sources[(25, "mp4")]
+    assert decoder_threads_after_decoding(path, 1) == 1
+    assert decoder_threads_after_decoding(path, 2) == 2
+    with pytest.raises(ValueError, match="threads"):
+        open_media(path, "video", 0)
+
+
+def test_decode_with_one_thread_gives_the_same_frames_and_asks_for_one(sources, monkeypatch):
+    import stages.media.decode as decode
+
+    asked = []
+
+    def recording_open_media(path, role="file", threads=None):
+        asked.append(threads)
+        return open_media(path, role, threads)
+
+    monkeypatch.setattr(decode, "open_media", recording_open_media)
+    path = sources[("ntsc", "mp4")]
+    automatic = [(i, img) for i, img in decode_frames(path, 17, 41)]
+    single = [(i, img) for i, img in decode_frames(path, 17, 41, threads=1)]
+    assert [i for i, _ in single] == [i for i, _ in automatic] == list(range(17, 41))
+    for (_, a), (_, b) in zip(automatic, single):
+        np.testing.assert_array_equal(a, b)
+    assert asked[0] is None and asked[-1] == 1 and set(asked) == {None, 1}
+    assert probe_video(path, threads=1) == probe_video(path)
+
+
+def test_codec_threads_follow_the_pool_reservation():
+    assert [codec_threads(c) for c in (0.25, 1, 1.5, 4)] == [1, 1, 2, 4]
+
+
+def test_writer_with_one_thread_encodes_the_same_frames(tmp_path):
+    frames = [pattern(i) for i in range(6)]
+    decoded = {}
+    for threads in (None, 1):
+        path = str(tmp_path / f"threads-{threads}.mp4")
+        # crf 0 is lossless, so any difference between thread counts would show in the pixels.
+        with SegmentWriter(path, W, H, Fraction(25), 0, crf=0, preset="veryfast", threads=threads) as writer:
+            for frame in frames:
+                writer.write(frame)
+            held = writer.threads
+        assert held == (0 if threads is None else threads)  # 0: x264 picks from the node's cores
+        decoded[threads] = np.stack([img for _, img in decode_frames(path, 0, len(frames))])
+    np.testing.assert_array_equal(decoded[1], decoded[None])
+    with pytest.raises(ValueError, match="threads"):
+        SegmentWriter(str(tmp_path / "zero.mp4"), W, H, Fraction(25), 0, threads=0)

@@ -23,7 +23,8 @@ def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
-def decode_frames(path: str, frame_start: int, frame_end: int) -> Iterator[tuple[int, np.ndarray]]:
+def decode_frames(path: str, frame_start: int, frame_end: int, threads: int | None = None
+                  ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (frame_index, HxWx3 uint8 RGB) for frame_start <= frame_index < frame_end.
 
     A frame's index comes from its presentation time, never from decode order (B-frames
@@ -31,7 +32,8 @@ def decode_frames(path: str, frame_start: int, frame_end: int) -> Iterator[tuple
     Timestamps that skip an index (variable-rate sources) repeat the previous frame and
     ones that land on a taken index are dropped, the way `ffmpeg -vsync cfr` conforms
     them, so exactly frame_end - frame_start frames come out. A stream that ends before
-    frame_end raises MediaError.
+    frame_end raises MediaError. `threads` caps the decoder's threads (None: FFmpeg's
+    automatic count from the node's cores); the frames are the same either way.
     """
     if frame_start < 0 or frame_end < frame_start:
         raise ValueError(f"bad frame range [{frame_start}, {frame_end}) for {media_name(path)!r}")
@@ -42,7 +44,7 @@ def decode_frames(path: str, frame_start: int, frame_end: int) -> Iterator[tuple
     # as a last resort decode from the start.
     backoffs_s = (0.0, 2.0, 8.0, None) if frame_start > 0 else (None,)
     for backoff_s in backoffs_s:
-        frames = _decode_range(path, frame_start, frame_end, backoff_s)
+        frames = _decode_range(path, frame_start, frame_end, backoff_s, threads)
         first = next(frames, None)  # None: the seek landed past the last frame
         if first is not None and (first[0] == frame_start or backoff_s is None):
             break
@@ -51,9 +53,9 @@ def decode_frames(path: str, frame_start: int, frame_end: int) -> Iterator[tuple
     yield from frames
 
 
-def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float | None):
+def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float | None, threads: int | None):
     """Decode from a seek `backoff_s` seconds before frame_start (None: from the start)."""
-    with open_media(path, "video") as container:
+    with open_media(path, "video", threads) as container:
         stream = video_stream_of(container, path)
         stream.thread_type = "AUTO"
         fps = frame_rate_of(stream, path)

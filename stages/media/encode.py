@@ -38,6 +38,9 @@ class SegmentWriter:
     for the concatenated dts to stay monotonic; without them dts == pts and stream-copy
     concatenation is trivially valid, at some cost in compression efficiency.
     Colours are converted with BT.709 and tagged so.
+    `threads` caps the encoder's threads (None: x264's automatic count, about 1.5 per core
+    of the node, whatever the worker reserved); each x264 frame thread holds its own
+    frames, so the cap bounds memory as well as CPU.
     On an exception inside `with`, the partial file is removed.
     """
 
@@ -52,9 +55,12 @@ class SegmentWriter:
         crf: int = 18,
         preset: str = "medium",
         pix_fmt: str = "yuv420p",
+        threads: int | None = None,
     ):
         if width <= 0 or height <= 0:
             raise ValueError(f"segment {path!r}: bad size {width}x{height}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"segment {path!r}: threads must be >= 1, got {threads}")
         fps = Fraction(fps)
         if fps <= 0:
             raise ValueError(f"segment {path!r}: bad frame rate {fps}")
@@ -84,9 +90,16 @@ class SegmentWriter:
         ctx = self._stream.codec_context
         ctx.time_base = self.time_base
         ctx.max_b_frames = 0
+        if threads is not None:
+            ctx.thread_count = threads  # read when the encoder opens, at the first frame
         ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1  # BT.709
         ctx.color_range = 1  # limited ("tv") range
         self._closed = False
+
+    @property
+    def threads(self) -> int:
+        """The encoder's thread count as its codec context holds it (0: automatic)."""
+        return self._stream.codec_context.thread_count
 
     def write(self, frame_rgb: np.ndarray) -> None:
         if self._closed:

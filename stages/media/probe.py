@@ -7,6 +7,7 @@ rate is kept as a Fraction (30000/1001, never 29.97) and the count is exact.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -47,19 +48,36 @@ def media_name(source) -> str:
     return str(getattr(source, "name", source))
 
 
-def open_media(path, role: str = "file") -> av.container.InputContainer:
+def codec_threads(num_cpus: float) -> int:
+    """FFmpeg/x264 threads for a worker that reserves `num_cpus` cores: at least one.
+
+    Left at 0, FFmpeg sizes its thread pool from the machine's cores (about 1.5 threads per
+    core of the node), so every actor on a 64-core node would run ~96 codec threads and hold
+    a decoded frame per frame-thread, whatever its pool reserved."""
+    return max(1, math.ceil(num_cpus))
+
+
+def open_media(path, role: str = "file", threads: int | None = None) -> av.container.InputContainer:
     """av.open for reading, with every failure turned into a MediaError naming the file.
     `path` is a local path, a URL FFmpeg reads, or a seekable binary file object (an
-    fsspec file for s3://: ranged reads, no full download)."""
+    fsspec file for s3://: ranged reads, no full download). `threads` caps each video
+    decoder's threads (None: FFmpeg's automatic count from the node's cores); it is set
+    here because a codec reads it only when it opens, at the first decode."""
     if isinstance(path, str):
         if "://" not in path and not os.path.exists(path):
             raise MediaError(f"{role} {media_name(path)!r}: no such file")
     else:
         path.seek(0)  # a file object may be opened several times (seek retries)
+    if threads is not None and threads < 1:
+        raise ValueError(f"{role} {media_name(path)!r}: threads must be >= 1, got {threads}")
     try:
-        return av.open(path, "r")
+        container = av.open(path, "r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise MediaError(f"{role} {media_name(path)!r}: cannot be opened as media ({exc})") from exc
+    if threads is not None:
+        for stream in container.streams.video:
+            stream.codec_context.thread_count = threads
+    return container
 
 
 def video_stream_of(container, path: str) -> av.video.stream.VideoStream:
@@ -93,12 +111,13 @@ def _normalise_rotation(degrees: float) -> int:
     return int(round(degrees / 90.0)) * 90 % 360
 
 
-def probe_video(path: str) -> VideoInfo:
+def probe_video(path: str, threads: int | None = None) -> VideoInfo:
     """Describe `path`. Corrupt files, files without a video stream or without frames raise
     MediaError. Cost: opening the container, decoding its first frame (for the display
     matrix and to prove it decodes), and a packet-counting pass only when the container's
-    frame count is missing or inconsistent with its duration (e.g. some mkv/ts/avi)."""
-    with open_media(path, "video") as container:
+    frame count is missing or inconsistent with its duration (e.g. some mkv/ts/avi).
+    `threads`: decoder threads, as for open_media."""
+    with open_media(path, "video", threads) as container:
         stream = video_stream_of(container, path)
         fps = frame_rate_of(stream, path)
         ctx = stream.codec_context
