@@ -438,3 +438,38 @@ def test_compose_range_beyond_the_video_names_the_file(clip, blend_mask, tmp_pat
             np.zeros((n, 256, 256, 3), np.uint8), np.full((n, 2, 3), np.nan), np.zeros(n, bool),
         )
     assert not (tmp_path / "beyond.mp4").exists()
+
+
+def test_compose_with_one_thread_writes_the_same_frames_on_one_thread(clip, blend_mask, tmp_path, monkeypatch):
+    import stages.compose.stage as compose_module
+    import stages.media.decode as decode_module
+    from stages.media import SegmentWriter
+    from stages.media.probe import open_media
+
+    encoder_threads, decoder_contexts = [], []
+
+    class RecordingWriter(SegmentWriter):
+        def close(self):
+            encoder_threads.append(self.threads)
+            super().close()
+
+    def recording_open_media(path, role="file", threads=None):
+        container = open_media(path, role, threads)
+        decoder_contexts.append(container.streams.video[0].codec_context)
+        return container
+
+    monkeypatch.setattr(compose_module, "SegmentWriter", RecordingWriter)
+    monkeypatch.setattr(decode_module, "open_media", recording_open_media)
+    composed = {}
+    for threads in (None, 1):
+        out_path = str(tmp_path / f"threads-{threads}.mp4")
+        # crf 0 is lossless, so a difference made by the thread count would show in the pixels.
+        ComposeStage(blend_mask, preset="veryfast", threads=threads)(
+            clip["path"], out_path, 5, 20, 320, 240, FPS,
+            clip["crops"][5:20], clip["affines"][5:20], clip["has_face"][5:20], crf=0,
+        )
+        composed[threads] = read_all(out_path)
+    np.testing.assert_array_equal(composed[1], composed[None])
+    assert encoder_threads == [0, 1]  # 0: x264 picks a count from the node's cores
+    # The decoders that produced frames (a seek retry may open more than one).
+    assert decoder_contexts[-1].thread_count == 1

@@ -15,9 +15,14 @@ from stages.media import SegmentWriter, decode_frames
 
 
 class ComposeStage:
-    def __init__(self, blend_mask: np.ndarray, codec: str = "libx264", crf: int = 18, preset: str = "medium"):
+    """`threads` caps both the decoder's and the encoder's threads, so a worker uses the
+    cores its pool reserved (None: FFmpeg's and x264's automatic counts from the node's cores)."""
+
+    def __init__(self, blend_mask: np.ndarray, codec: str = "libx264", crf: int = 18, preset: str = "medium",
+                 threads: int | None = None):
         self.blend_mask = blend_mask.astype(np.float32)  # (256, 256) in [0, 1]
         self.codec, self.crf, self.preset = codec, crf, preset
+        self.threads = threads
 
     def __call__(
         self,
@@ -36,9 +41,10 @@ class ComposeStage:
         expected = frame_end - frame_start
         written = 0
         with SegmentWriter(
-            out_path, width, height, fps, frame_start, codec=self.codec, crf=self.crf if crf is None else crf, preset=self.preset
+            out_path, width, height, fps, frame_start, codec=self.codec, crf=self.crf if crf is None else crf, preset=self.preset,
+            threads=self.threads,
         ) as writer:
-            for index, frame in decode_frames(source, frame_start, frame_end):
+            for index, frame in decode_frames(source, frame_start, frame_end, threads=self.threads):
                 i = index - frame_start
                 if has_face[i]:
                     frame = paste_back(frame, generated[i], affines[i], self.blend_mask)
