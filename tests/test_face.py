@@ -329,3 +329,54 @@ def test_paste_back_without_a_face_returns_the_frame():
     out = paste_back(frame, crop, np.full((2, 3), np.nan), MouthMask().feathered(8.0))
     np.testing.assert_array_equal(out, frame)
     assert out is not frame
+
+
+def test_tracking_and_cropping_a_stream_equals_the_list_and_holds_few_frames(tracker):
+    """track_and_crop over two generator passes: the same track, crops and affines as the
+    list of frames, with an interpolated frame and a real gap in the clip; and the frames
+    a pass has moved past are freed (a 4K segment held whole would be gigabytes)."""
+    import weakref
+
+    from stages.face import track_and_crop
+
+    size = (640, 480)
+    def frame_at(t):
+        if t == 4:
+            return np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        if t in (8, 9, 10):
+            return sky(size, seed=t)
+        return place(size, scale=0.8 + 0.01 * t, roll_deg=3 * np.sin(t / 3), centre=(300 + 4 * t, 250 - 2 * t))[0]
+
+    n = 14
+    listed = [frame_at(t) for t in range(n)]
+    track = tracker(listed)
+    crops, affines = crop_faces(listed, track)
+    assert track.has_face.sum() == n - 3 and track.filled[4]  # the clip has both kinds of gap
+
+    most_alive = []
+
+    def stream():
+        alive = []
+        for t in range(n):
+            frame = frame_at(t)
+            alive.append(weakref.ref(frame))
+            most_alive.append(sum(ref() is not None for ref in alive))
+            yield frame
+            del frame
+
+    streamed, streamed_crops, streamed_affines = track_and_crop(tracker, stream)
+    np.testing.assert_array_equal(streamed.landmarks, track.landmarks)
+    np.testing.assert_array_equal(streamed.has_face, track.has_face)
+    np.testing.assert_array_equal(streamed.filled, track.filled)
+    np.testing.assert_array_equal(streamed_crops, crops)
+    np.testing.assert_array_equal(streamed_affines, affines)
+    assert len(most_alive) == 2 * n and max(most_alive) <= 2
+
+
+def test_cropping_refuses_a_stream_of_another_length(tracker):
+    frames = [place((320, 240), scale=0.5)[0] for _ in range(3)]
+    track = tracker(frames)
+    with pytest.raises(ValueError, match="2 frames but a track of 3"):
+        crop_faces(iter(frames[:2]), track)
+    with pytest.raises(ValueError, match="more than 3 frames"):
+        crop_faces(iter(frames + frames[:1]), track)

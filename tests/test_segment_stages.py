@@ -47,6 +47,21 @@ def clip(tmp_path_factory):
     return {"path": path, "frames": frames, "crops": crops, "affines": affines, "has_face": track.has_face}
 
 
+def test_streamed_decode_tracks_and_crops_like_the_decoded_list(clip):
+    """FaceOp's path: two decodes of the segment streamed through tracking, then cropping,
+    give the crops, affines and has_face of the list the clip fixture held in memory."""
+    from stages.face import track_and_crop
+
+    def decode():
+        return (frame for _, frame in decode_frames(clip["path"], 0, N_FRAMES, threads=1))
+
+    with FaceTracker() as tracker:
+        track, crops, affines = track_and_crop(tracker, decode)
+    np.testing.assert_array_equal(track.has_face, clip["has_face"])
+    np.testing.assert_array_equal(crops, clip["crops"])
+    np.testing.assert_array_equal(affines, clip["affines"])
+
+
 # ----------------------------------------------------------------------------- motion
 
 

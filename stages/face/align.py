@@ -117,14 +117,21 @@ def warp_crop(frame: np.ndarray, M: np.ndarray, dsize: int = 256) -> np.ndarray:
 
 def crop_faces(frames, track, dsize: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Crops (N, dsize, dsize, 3) uint8 (zeros without a face) and affines (N, 2, 3) float64
-    (NaN without a face) for frames and their FaceTrack."""
-    n = len(frames)
-    if len(track.has_face) != n:
-        raise ValueError(f"face/align.py: {n} frames but a track of {len(track.has_face)}")
+    (NaN without a face) for frames and their FaceTrack.
+
+    `frames` is any iterable (a list, or a decoder's generator: one frame in memory at a
+    time); it must yield exactly one frame per frame of the track."""
+    n = len(track.has_face)
     crops = np.zeros((n, dsize, dsize, 3), dtype=np.uint8)
     affines = np.full((n, 2, 3), np.nan, dtype=np.float64)
-    for i in range(n):
+    count = 0
+    for i, frame in enumerate(frames):
+        if i >= n:
+            raise ValueError(f"face/align.py: more than {n} frames for a track of {n}")
         if track.has_face[i]:
             affines[i] = crop_transform(track.landmarks[i], dsize=dsize)
-            crops[i] = warp_crop(np.asarray(frames[i]), affines[i], dsize)
+            crops[i] = warp_crop(np.asarray(frame), affines[i], dsize)
+        count = i + 1
+    if count != n:
+        raise ValueError(f"face/align.py: {count} frames but a track of {n}")
     return crops, affines

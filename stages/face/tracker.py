@@ -159,19 +159,23 @@ class FaceTracker:
         self.close()
 
     def __call__(self, frames) -> FaceTrack:
+        """Track a clip: `frames` is any iterable of HxWx3 uint8 RGB frames (a list, or a
+        decoder's generator). Frames are consumed one at a time and only their landmarks
+        are kept, so a streamed clip costs one frame of memory, not the clip; smoothing
+        then runs over the whole clip's landmarks."""
         if self._mesh is None:
             raise RuntimeError("face/tracker.py: FaceTracker used after close()")
-        n = len(frames)
-        raw = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float64)
+        empty = np.full((NUM_LANDMARKS, 2), np.nan, dtype=np.float64)
+        rows = []
         self._lose_track()
-        for i in range(n):
-            frame = np.asarray(frames[i])
+        for i, frame in enumerate(frames):
+            frame = np.asarray(frame)
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
                 raise ValueError(f"face/tracker.py: frame {i} must be HxWx3 uint8 RGB, "
                                  f"got {frame.shape} {frame.dtype}")
             pts = self._track_frame(np.ascontiguousarray(frame))
-            if pts is not None:
-                raw[i] = pts
+            rows.append(empty if pts is None else pts)
+        raw = np.stack(rows) if rows else np.empty((0, NUM_LANDMARKS, 2), dtype=np.float64)
         detected = np.isfinite(raw).all(axis=(1, 2))
         filled_pts, has_face = fill_gaps(raw, detected, self.max_gap_frames)
         smooth = smooth_landmarks(filled_pts, has_face, self.smoothing_sigma_frames)
