@@ -488,3 +488,26 @@ def test_compose_with_one_thread_writes_the_same_frames_on_one_thread(clip, blen
     assert encoder_threads == [0, 1]  # 0: x264 picks a count from the node's cores
     # The decoders that produced frames (a seek retry may open more than one).
     assert decoder_contexts[-1].thread_count == 1
+
+
+def test_face_operator_streams_the_segment_to_the_crops_of_the_decoded_list(clip, tmp_path):
+    """FaceOp outside Ray on the clip: the crops, affines and has_face of the list-based
+    fixture, with decoder threads taken from the face pool's reservation."""
+    from pipeline.config import JobConfig, PoolConfig
+    from pipeline.dub.operators import FaceOp
+    from pipeline.dub.rows import new_row, unpack
+
+    config = JobConfig(cache_uri=str(tmp_path), pools={"face": PoolConfig(num_cpus=1.5)})
+    op = FaceOp(config.model_dump())
+    assert op.threads == 2
+    row = new_row(
+        job_id="job", row_index=0, video_id="astronaut", video_uri=clip["path"], audio_uri="unused.wav",
+        output_uri=str(tmp_path / "out.mp4"), segment_seconds=1.2, work_key="wk", audio_sha256="sha",
+        seg_idx=0, n_segments=1, frame_start=0, frame_end=N_FRAMES,
+    )
+    out = op(row)
+    assert out["error"] == "", out["error"]
+    np.testing.assert_array_equal(unpack(out["crops"]), clip["crops"])
+    np.testing.assert_array_equal(unpack(out["affines"]), clip["affines"])
+    np.testing.assert_array_equal(unpack(out["has_face"]), clip["has_face"])
+    assert out["face_frames"] == N_FRAMES - len(NO_FACE)

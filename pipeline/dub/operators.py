@@ -94,10 +94,14 @@ class AnalyseOp(_Op):
     def __init__(self, config: dict, weights_uri: str):
         from stages.face import FaceTracker
 
+        from stages.media.probe import codec_threads
+
         super().__init__(config, weights_uri)
         self.extractor = load_motion_extractor(self.bundle)
         # Each call of a FaceTracker starts a fresh clip, so one tracker serves every video.
         self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0)
+        # Decoder threads follow the cores the pool reserved, not the node's.
+        self.threads = codec_threads(self.config.pools["analyse"].num_cpus)
 
     def _store_references(self, row: dict, ref_crops: np.ndarray) -> str:
         """The reference bank goes to the work area once per video; segments carry its URI
@@ -116,17 +120,21 @@ class AnalyseOp(_Op):
         n = int(row["n_frames"])
         count = min(self.config.analyse.sample_frames, n)
         indices = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
-        frames = []
+        # Sampled frames are far apart in time: each one is tracked as its own clip and
+        # cropped at once, so only its crop and landmarks outlive it (24 sampled 4K frames
+        # held together would be 0.6 GB).
+        singles, single_crops = [], []
         with open_source(self.storage, row["video_uri"]) as src:
             for i in indices:
-                frames.extend(f for _, f in decode_frames(src, int(i), int(i) + 1))
-        # Sampled frames are far apart in time: track each one as its own clip.
-        singles = [self.tracker([frame]) for frame in frames]
+                for _, frame in decode_frames(src, int(i), int(i) + 1, threads=self.threads):
+                    single = self.tracker([frame])
+                    singles.append(single)
+                    single_crops.append(crop_faces([frame], single)[0])
         track = FaceTrack(
             landmarks=np.concatenate([t.landmarks for t in singles]),
             has_face=np.concatenate([t.has_face for t in singles]),
         )
-        crops, _ = crop_faces(frames, track)
+        crops = np.concatenate(single_crops)
         motion = extract_motion(self.extractor, crops, batch_size=self.config.batch.motion_frames)
         try:
             analysis = select_neutral_and_references(
@@ -195,10 +203,13 @@ def split_segments(row: dict) -> list[dict]:
 
 
 class FaceOp(_Op):
-    """Decode a segment, detect/track/smooth the face, aligned 256² crops + affines."""
+    """Detect/track/smooth the face of a segment, aligned 256² crops + affines. The segment
+    is decoded twice (landmarks, then crops) so that one frame is in memory at a time,
+    never the whole segment."""
 
     def __init__(self, config: dict):
         from stages.face import FaceTracker
+        from stages.media.probe import codec_threads
 
         super().__init__(config)
         # Each call starts a fresh clip (mediapipe state does not carry across segments).
@@ -207,20 +218,25 @@ class FaceOp(_Op):
             smoothing_sigma_frames=self.config.face.smoothing_sigma_frames,
             max_gap_frames=self.config.face.max_gap_frames,
         )
+        # Decoder threads follow the cores the pool reserved, not the node's.
+        self.threads = codec_threads(self.config.pools["face"].num_cpus)
 
     @row_step("face", _segment)
     def __call__(self, row: dict) -> dict:
-        from stages.face import crop_faces
+        from stages.face import track_and_crop
         from stages.media import decode_frames
 
         uri = segment_uri(self.config, row)
         done = committed_segment(self.storage, uri)
         if done is not None:  # an earlier run of this very work committed it
             return dict(segment_uri=uri, segment_frames=done["frames"], face_frames=done["face_frames"], segment_reused=True)
-        with open_source(self.storage, row["video_uri"]) as src:
-            frames = [f for _, f in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]))]
-        track = self.tracker(frames)
-        crops, affines = crop_faces(frames, track)
+
+        def segment_frames():
+            with open_source(self.storage, row["video_uri"]) as src:
+                for _, frame in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]), threads=self.threads):
+                    yield frame
+
+        track, crops, affines = track_and_crop(self.tracker, segment_frames)
         return dict(
             crops=pack(crops),
             affines=pack(affines),
@@ -351,11 +367,14 @@ class ComposeOp(_Op):
     def __init__(self, config: dict):
         from stages.compose import ComposeStage
         from stages.face import MouthMask
+        from stages.media.probe import codec_threads
 
         super().__init__(config)
         out = self.config.output
         self.stage = ComposeStage(
-            MouthMask().feathered(self.config.face.feather_px), codec=out.codec, crf=out.crf, preset=out.preset
+            MouthMask().feathered(self.config.face.feather_px), codec=out.codec, crf=out.crf, preset=out.preset,
+            # Decoder and x264 threads follow the cores the pool reserved, not the node's.
+            threads=codec_threads(self.config.pools["compose"].num_cpus),
         )
 
     @row_step("compose", _segment)
