@@ -16,9 +16,9 @@ any segment) and after the work. Pieces:
   own size (and CUDA's context on a GPU) on top, so this row is the segment's share only.
 
 Ratios are peak / memory_gb of the job config's pools (deploy/job.cluster.yaml by default).
-A Ray actor adds its core worker and Ray's own imports on top of these processes (about
-0.1-0.2 GB, measured separately with `ray memory` / the dashboard), so a ratio above ~0.85
-leaves too little room.
+A Ray actor adds its core worker and Ray's own imports on top of these processes, which
+this benchmark does not measure; the README's rule of 1.25 x peak leaves room for it.
+Takes about 5 minutes on 2 cores, most of it x264 at 4K.
 
     python benchmarks/memory_bench.py [--config deploy/job.cluster.yaml] [--sizes 1080p25,2160p30]
 """

@@ -93,7 +93,6 @@ class AnalyseOp(_Op):
 
     def __init__(self, config: dict, weights_uri: str):
         from stages.face import FaceTracker
-
         from stages.media.probe import codec_threads
 
         super().__init__(config, weights_uri)
