@@ -2,8 +2,16 @@
 s3:// through s3fs. Endpoint and credentials come from the environment (AWS_* variables,
 instance roles) or the job config's `storage` block, never from the manifest.
 
-Outputs are committed atomically: written to a temporary key beside the final one and
-moved into place, so a crash never leaves a half-written object at an output URI.
+Outputs are committed atomically, one way per storage kind, so a crash never leaves a
+half-written object (or a leftover temporary one) at an output URI: an object store's PUT
+is itself atomic (a multipart upload's object appears only when it is completed, and s3fs
+aborts one that fails), local files are written beside the target and renamed over it.
+
+Retries happen in one layer per kind of failure. Every S3 request is retried by botocore
+itself, in its adaptive mode (exponential backoff, plus a client-side rate limit once the
+bucket throttles), `retries` times after the first attempt; s3fs's own retry loop is set to one attempt
+and `Storage.retry` does not try such a request again. `Storage.retry` retries what no
+client retries: local and network file systems, and a response body cut off mid-read.
 """
 from __future__ import annotations
 
@@ -65,6 +73,32 @@ def _network_error_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _client_retried_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(errors botocore's retry handler has already seen, body-read errors among them it
+    never retries): an API error answer, and a failure to send a request or get its answer;
+    a response body that breaks off after the answer arrived is read outside the handler."""
+    try:
+        from botocore.exceptions import ClientError, HTTPClientError, ResponseStreamingError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:
+        return (), ()
+    body: tuple[type, ...] = (ResponseStreamingError,)
+    try:
+        from aiobotocore.response import AioReadTimeoutError
+
+        body += (AioReadTimeoutError,)
+    except ImportError:
+        pass
+    return (ClientError, BotoConnectionError, HTTPClientError), body
+
+
+def retried_by_client(exc: BaseException) -> bool:
+    """True when botocore's own retry handler already had this request's failure (and
+    retried it as far as its mode allows), so another try on top would only multiply them."""
+    handled, body = _client_retried_types()
+    return any(isinstance(e, handled) and not isinstance(e, body) for e in _chain(exc))
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     while exc is not None and exc not in seen:
@@ -103,8 +137,8 @@ class StorageOptions:
 
     endpoint_url: str | None = None
     region: str | None = None
-    retries: int = 4
-    backoff_s: float = 0.5
+    retries: int = 4  # tries after the first: botocore's max_attempts on S3, Storage.retry's elsewhere
+    backoff_s: float = 0.5  # Storage.retry's first pause (botocore has its own schedule)
 
 
 def is_remote(uri: str) -> bool:
@@ -134,7 +168,8 @@ class Storage:
     # keeps Storage cheap to pickle into Ray workers.
     def fs_for(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         kwargs = {}
-        if uri.startswith("s3://") or uri.startswith("s3a://"):
+        s3 = uri.startswith("s3://") or uri.startswith("s3a://")
+        if s3:
             client_kwargs = {}
             endpoint = self.options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
                 "AWS_ENDPOINT_URL"
@@ -144,12 +179,28 @@ class Storage:
             if self.options.region:
                 client_kwargs["region_name"] = self.options.region
             kwargs["client_kwargs"] = client_kwargs
+            kwargs["config_kwargs"] = {"retries": self.s3_retry_config()}
         fs, path = url_to_fs(strip_file_scheme(uri), **kwargs)
+        if s3:
+            # s3fs retries a failed call up to 5 times around botocore's own attempts; one
+            # attempt leaves botocore's adaptive mode as the only retry layer. (A class
+            # attribute, not a constructor argument.)
+            fs.retries = 1
         return fs, path
+
+    def s3_retry_config(self) -> dict:
+        """botocore's `retries` setting for every S3 client: adaptive mode, `retries` tries
+        after the first (botocore's max_attempts counts retries; the client reads it back
+        as total_max_attempts = retries + 1). Adaptive is standard mode (exponential backoff
+        with jitter over throttles, 5xx, timeouts and dropped connections) plus a
+        client-side rate limit that slows the process's requests once the bucket throttles."""
+        return {"mode": "adaptive", "max_attempts": self.options.retries}
 
     def retry(self, fn: Callable[[], T], what: str) -> T:
         """fn(), again after exponential backoff while it fails transiently (is_transient);
-        permanent errors are raised at once, unchanged."""
+        permanent errors are raised at once, unchanged. A transient S3 request failure
+        that botocore has already retried (retried_by_client) is raised at once too, as an
+        OSError naming `what`: one retry layer, not botocore's attempts times ours."""
         delay = self.options.backoff_s
         for attempt in range(self.options.retries + 1):
             try:
@@ -157,6 +208,8 @@ class Storage:
             except Exception as e:  # noqa: BLE001, PERF203 - classified below, re-raised if final
                 if not is_transient(e):
                     raise
+                if retried_by_client(e):
+                    raise OSError(f"{what}: storage error after the S3 client's retries: {type(e).__name__}: {e}") from e
                 if attempt == self.options.retries:
                     raise OSError(f"{what}: storage error after {attempt + 1} attempts: {type(e).__name__}: {e}") from e
                 # Jitter so that many workers hitting one throttled bucket spread out.
@@ -235,23 +288,15 @@ class Storage:
             yield local
 
     def put_atomic(self, local_path: str, uri: str) -> None:
-        """Copy a finished local file to `uri` so readers only ever see the whole object."""
+        """Copy a finished local file to `uri` so readers only ever see the whole object.
+
+        On an object store this is one upload: a single PUT, or for a large file a multipart
+        upload whose object appears only on completion (s3fs aborts it if a part fails).
+        Either way a crash leaves the old object or none, never a part or a temporary key.
+        A retry re-sends the whole file, which is harmless: the last completed upload wins."""
         fs, path = self.fs_for(uri)
         if is_remote(uri):
-            # An S3 object appears whole on PUT completion; a temporary key + move keeps
-            # the same protocol as local storage and lets a sweeper find leftovers.
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-            self.retry(lambda: fs.put(local_path, tmp), f"upload {uri}")
-            try:
-                # Copy and delete as separate retried steps (not mv): a retried copy is
-                # harmless, a retried mv whose first delete went through finds no source.
-                self.retry(lambda: fs.copy(tmp, path), f"commit {uri}")
-            finally:
-                try:
-                    self.retry(lambda: fs.rm(tmp), f"remove {uri} temporary")
-                except Exception as e:  # noqa: BLE001 - a leftover temporary key never fails a commit
-                    if not isinstance(e, FileNotFoundError):
-                        log.warning("could not remove temporary %s: %s", tmp, e)
+            self.retry(lambda: fs.put_file(local_path, path), f"upload {uri}")
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -263,6 +308,10 @@ class Storage:
                 os.remove(tmp)
 
     def write_bytes_atomic(self, data: bytes, uri: str) -> None:
+        if is_remote(uri):  # one PUT of the bytes in memory: atomic, no local file needed
+            fs, path = self.fs_for(uri)
+            self.retry(lambda: fs.pipe_file(path, data), f"upload {uri}")
+            return
         with tempfile.NamedTemporaryFile(delete=False) as f:
             f.write(data)
             tmp = f.name
