@@ -33,4 +33,4 @@ def hubert_and_cache(config, bundle, storage):
     hubert.chunk_seconds = config.audio.chunk_seconds
     hubert.context_seconds = config.audio.context_seconds
     fs, root = storage.fs_for(config.cache_uri)
-    return hubert, FeatureCache(fs, root)
+    return hubert, FeatureCache(fs, root, retry=storage.retry)

@@ -14,8 +14,10 @@ The key is the dubbed track's content hash and the model id, not its URI, so a r
 a second dub of the same audio (same bytes, any name) computes nothing twice. Model ids
 of the 50 Hz stage end in "-50hz", so files of the former 25 Hz cache are never found;
 a file whose metadata says another feature rate is treated as a miss. Segments read only
-the row groups covering their window. Files are written to a temporary name and moved
-into place, so a reader never sees a partial file.
+the row groups covering their window. A file is committed in one atomic step, so a reader
+never sees a partial one: one PUT on an object store, a temporary name renamed over the
+final one on a local file system. Every storage write goes through the cache's `retry`
+(pipeline.storage.Storage.retry in the jobs), so a transient error is tried again.
 """
 from __future__ import annotations
 
@@ -24,15 +26,23 @@ import io
 import json
 import uuid
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 FEATURE_RATE = 50  # rows per second in a cache file
 ROWS_PER_FRAME = 2  # 50 Hz rows per 25 Hz frame
 ROWS_PER_GROUP = 500  # 10 s; even, so a row group never splits a frame's pair
+
+T = TypeVar("T")
+
+
+def _once(fn: Callable[[], T], what: str) -> T:
+    return fn()
 
 
 def content_hash(data: bytes) -> str:
@@ -52,9 +62,14 @@ class CachedFeatures:
 
 
 class FeatureCache:
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
+    """`retry(fn, what)` runs each storage write (fn) and decides whether to try it again;
+    the default tries once."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str,
+                 retry: Callable[[Callable[[], T], str], T] = _once):
         self.fs = fs
         self.root = root.rstrip("/")
+        self.retry = retry
 
     def path(self, model_id: str, audio_sha256: str) -> str:
         return f"{self.root}/hubert/{model_id}/{audio_sha256}.parquet"
@@ -92,12 +107,24 @@ class FeatureCache:
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=ROWS_PER_GROUP)
         path = self.path(model_id, audio_sha256)
+        data = buf.getvalue()
+        self.retry(lambda: self._commit(path, data), f"store features {path}")
+        return CachedFeatures(path, n_frames, duration_s, dim)
+
+    def _commit(self, path: str, data: bytes) -> None:
+        """Write `data` at `path` whole or not at all; safe to run again after a failure."""
+        if not isinstance(self.fs, LocalFileSystem):
+            self.fs.pipe_file(path, data)  # an object store's PUT is atomic
+            return
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        self.fs.mv(tmp, path)
-        return CachedFeatures(path, n_frames, duration_s, dim)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, path)  # a rename within one file system
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
 
     def read_window(self, cached: CachedFeatures, start: int, stop: int) -> np.ndarray:
         """25 Hz frames [start, stop) clamped to [0, n_frames): their 50 Hz rows
