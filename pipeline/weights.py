@@ -26,11 +26,14 @@ so every bundle made before them stays valid. One so far:
   SyncNet before it is committed (report columns sync_conf / sync_dist / sync_offset, the
   `qc.*` job settings). The project ships no copy: download syncnet_python's released
   file yourself (https://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model,
-  joonson/syncnet_python's download_model.sh) into `<bundle>/syncnet/`. A remote bundle
-  is cached on each node by its bundle.json, so when adding the file to a bundle already
-  in use, also name it in bundle.json's "components" (`"syncnet":
-  "syncnet/syncnet_v2.model"`): the changed bundle.json is a new cache entry, and a
-  component named there is required from then on.
+  joonson/syncnet_python's download_model.sh) into `<bundle>/syncnet/`. To make it
+  required from then on, also name it in bundle.json's "components" (`"syncnet":
+  "syncnet/syncnet_v2.model"`).
+
+A remote bundle is cached on each node under its content identity (`bundle_identity`:
+every file's path, size and ETag), the same identity the dub job's resume key uses, so
+any re-uploaded file (a retrained stage2/, an added syncnet/) is a new cache entry and
+new segment keys, never new keys rendered with old weights.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import hashlib
 import json
 import pickle
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -83,8 +87,36 @@ def _cache_dir() -> str:
     return os.environ.get("IMGTALK_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "imgtalk"))
 
 
+def bundle_identity(uri: str, storage: Storage | None = None) -> str:
+    """A digest of the bundle's content identity: the sorted listing of every file's
+    relative path, size, and ETag (object stores) or modification time in ns (local
+    files). Any file re-uploaded or rewritten changes it, bundle.json or not."""
+    storage = storage or Storage()
+    if is_remote(uri):
+        fs, path = storage.fs_for(uri)
+        root = path.rstrip("/") + "/"
+        listing = storage.retry(lambda: fs.find(root, detail=True), f"list {uri}")
+        entries = sorted(
+            (name[len(root):], int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified") or "").strip('"'))
+            for name, info in listing.items()
+            if info.get("type", "file") == "file"
+        )
+    else:
+        root = strip_file_scheme(uri)
+        entries = []
+        for folder, _, names in os.walk(root):
+            for name in names:
+                st = os.stat(os.path.join(folder, name))
+                entries.append((os.path.relpath(os.path.join(folder, name), root), st.st_size, str(st.st_mtime_ns)))
+        entries.sort()
+    if not any(rel == "bundle.json" for rel, _, _ in entries):
+        raise BundleError(f"{uri.rstrip('/')}/bundle.json: bundle.json not found")
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 def localize_bundle(uri: str, storage: Storage | None = None) -> str:
-    """A local folder with the bundle's files: the folder itself, or a cached download."""
+    """A local folder with the bundle's files: the folder itself, or a cached download
+    keyed by the bundle's URI and content identity (bundle_identity)."""
     if not is_remote(uri):
         path = strip_file_scheme(uri)
         if not os.path.isdir(path):
@@ -92,24 +124,34 @@ def localize_bundle(uri: str, storage: Storage | None = None) -> str:
         return path
     storage = storage or Storage()
     fs, path = storage.fs_for(uri)
-    meta_uri = uri.rstrip("/") + "/bundle.json"
-    try:
-        meta_bytes = storage.read_bytes(meta_uri)
-    except FileNotFoundError as e:
-        raise BundleError(f"{meta_uri}: bundle.json not found") from e
-    key = hashlib.sha256(uri.encode() + meta_bytes).hexdigest()[:16]
-    local = os.path.join(_cache_dir(), "bundles", key)
-    if os.path.exists(os.path.join(local, ".complete")):
-        return local
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f"{key}.", dir=os.path.dirname(local))
-    storage.retry(lambda: fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True), f"download bundle {uri}")
-    open(os.path.join(tmp, ".complete"), "w").close()
-    try:
-        os.replace(tmp, local)
-    except OSError:
-        pass  # another worker on this node finished first; its copy is identical
-    return local
+    identity = bundle_identity(uri, storage)
+    for _ in range(3):
+        key = hashlib.sha256(f"{uri}\0{identity}".encode()).hexdigest()[:16]
+        local = os.path.join(_cache_dir(), "bundles", key)
+        if os.path.exists(os.path.join(local, ".complete")):
+            return local
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{key}.", dir=os.path.dirname(local))
+        try:
+            storage.retry(lambda: fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True), f"download bundle {uri}")
+            # A file re-uploaded while this copy was made would file new bytes under the
+            # old identity: such a copy is thrown away and the new identity fetched.
+            now = bundle_identity(uri, storage)
+            if now != identity:
+                identity = now
+                continue
+            open(os.path.join(tmp, ".complete"), "w").close()
+            try:
+                os.replace(tmp, local)
+            except OSError:
+                # Another worker on this node renamed its copy into place first (a
+                # non-empty folder cannot be replaced); the two are the same files.
+                if not os.path.exists(os.path.join(local, ".complete")):
+                    raise
+            return local
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the loser's copy, or a half download
+    raise BundleError(f"{uri}: the bundle kept changing while it was downloaded; try again once the upload is done")
 
 
 def read_bundle_info(root: str) -> BundleInfo:

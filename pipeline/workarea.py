@@ -45,19 +45,10 @@ def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> s
         for f in files:
             with open(f, "rb") as fh:
                 code.update(os.path.relpath(f, os.path.dirname(roots[0])).encode() + b"\0" + fh.read())
-    if is_remote(weights_uri):
-        fs, path = storage.fs_for(weights_uri)
-        listing = storage.retry(lambda: fs.find(path, detail=True), f"list {weights_uri}")
-        weights = sorted(
-            (k[len(path) :], v.get("size"), str(v.get("ETag") or v.get("LastModified") or "")) for k, v in listing.items()
-        )
-    else:
-        root = weights_uri[len("file://") :] if weights_uri.startswith("file://") else weights_uri
-        weights = sorted(
-            (os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
-            for d, _, names in os.walk(root)
-            for f in names
-        )
+    from pipeline.weights import bundle_identity
+
+    # The identity each node's bundle cache is keyed on too: new keys mean new weights.
+    weights = bundle_identity(weights_uri, storage)
     dumped = config.model_dump(mode="json")
     settings = {}
     for name in PIXEL_SETTINGS:
