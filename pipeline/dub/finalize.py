@@ -1,8 +1,16 @@
 """Finalize, the last step of a dubbed video: its encoded segments joined without
 re-encoding, the dubbed track muxed, the quality checks run, and the result committed
-at the output URI. A Ray task (pipeline.dub.job decides where it runs); no Ray here."""
+at the output URI. A Ray task (pipeline.dub.job decides where it runs, with the
+`finalize` pool's reservation); no Ray here.
+
+One streaming pass: segments and dubbed audio are read straight from storage (ranged
+reads of one segment at a time) into the one local file the output is, which is
+then committed with a single atomic upload. Local disk holds the output once, never
+the segments or the audio."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import tempfile
 import time
@@ -69,36 +77,26 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights
     (the driver drops them once the report row is written) and does not upload an output
     that is already there with the same content."""
     from pipeline.dub.qc import QCError, qc_failure
-    from stages.media import concat_segments, mux_audio, probe_video
+    from pipeline.steps import open_source
+    from stages.media import probe_video
+    from stages.media.mux import mux_segments
 
     config = JobConfig.model_validate(config_dict)
     storage = Storage(config.storage.options())
     start = time.perf_counter()
     segments = sorted(segments, key=lambda r: int(r["seg_idx"]))
     with tempfile.TemporaryDirectory(prefix="imgtalk-final-") as tmp:
-        parts = []
-        for seg in segments:
-            local = os.path.join(tmp, f"seg{int(seg['seg_idx']):05d}.mp4")
-            with storage.open(seg["segment_uri"], "rb") as src, open(local, "wb") as dst:
-                dst.write(src.read())
-            parts.append(local)
-        video_only = os.path.join(tmp, "video.mp4")
-        concat_segments(parts, video_only)
-        audio_local = os.path.join(tmp, "audio" + os.path.splitext(video["audio_uri"])[1])
-        with storage.open(video["audio_uri"], "rb") as src, open(audio_local, "wb") as dst:
-            dst.write(src.read())
         final = os.path.join(tmp, "final.mp4")
-        mux = mux_audio(
-            video_only,
-            audio_local,
-            final,
-            bitrate=config.output.audio_bitrate,
-            sample_rate=config.output.audio_sample_rate,
-            rotation=video.get("rotation") or None,  # keep a phone video's display matrix
-        )
+        with open_source(storage, video["audio_uri"]) as audio:
+            mux = mux_segments(
+                [functools.partial(open_source, storage, seg["segment_uri"]) for seg in segments],
+                audio,
+                final,
+                bitrate=config.output.audio_bitrate,
+                sample_rate=config.output.audio_sample_rate,
+                rotation=video.get("rotation") or None,  # keep a phone video's display matrix
+            )
         info = probe_video(final)
-        import hashlib
-
         h = hashlib.sha256()
         with open(final, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
