@@ -27,12 +27,21 @@ class PoolConfig(_Strict):
         None, gt=0, description="heap memory each actor/task reserves (Ray schedules by it); ~1.5 for CPU stages, more for complete"
     )
 
+    def resources(self) -> dict:
+        """What one actor or task of this pool reserves: Ray's num_cpus, num_gpus, memory."""
+        extra = {"memory": int(self.memory_gb * 2**30)} if self.memory_gb else {}
+        return dict(num_cpus=self.num_cpus, num_gpus=self.num_gpus or None, **extra)
+
     def actor_args(self) -> dict:
         """map() arguments that run a stage as this fixed-size actor pool."""
         from ray.data import ActorPoolStrategy
 
-        extra = {"memory": int(self.memory_gb * 2**30)} if self.memory_gb else {}
-        return dict(compute=ActorPoolStrategy(size=self.size), num_cpus=self.num_cpus, num_gpus=self.num_gpus or None, **extra)
+        return dict(compute=ActorPoolStrategy(size=self.size), **self.resources())
+
+    def task_args(self) -> dict:
+        """ray.remote() options of a task run for this pool (finalize): the same
+        reservation as an actor of it, so Ray schedules it by its memory and GPUs too."""
+        return {k: v for k, v in self.resources().items() if v is not None}
 
 
 def _pools_default() -> dict[str, PoolConfig]:

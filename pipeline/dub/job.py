@@ -315,7 +315,7 @@ def _run_graph(
     ds = ds.map(ops.CompleteOp, fn_constructor_args=(cfg, weights_uri), **actors("complete"))
     ds = ds.map(ops.ComposeOp, fn_constructor_args=(cfg,), **actors("compose"))
 
-    finalize = ray.remote(num_cpus=pools["finalize"].num_cpus, max_retries=2)(finalize_step.finalize_video)
+    finalize = ray.remote(max_retries=2, **pools["finalize"].task_args())(finalize_step.finalize_video)
     pending: dict[str, list[dict]] = {}
     closed: set[str] = set()  # videos whose segments all came back: a late duplicate is ignored
     futures: dict = {}
