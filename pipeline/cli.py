@@ -1,6 +1,6 @@
 """`imgtalk`: the command line.
 
-    imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--metrics-port N]
+    imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--force] [--metrics-port N]
     imgtalk demo [--folder DIR] [--weights URI | --untrained] [--sync-speakers N] [--config job.yaml] [--no-eval]
     imgtalk weights init --size tiny|paper OUT
     imgtalk prepare --corpus URI --weights URI --output URI [--config prepare.yaml] [--address auto]
@@ -40,7 +40,8 @@ def cmd_dub(args) -> int:
     config = load_job_config(args.config)
     if args.max_failed_videos is not None:
         config = config.model_copy(update={"max_failed_videos": args.max_failed_videos})
-    result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address, metrics_export_port=args.metrics_port)
+    result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address,
+                     metrics_export_port=args.metrics_port, force=args.force)
     _print_summary(result)
     if result.segments_reused:
         print(f"resumed: reused {result.segments_reused} encoded segments committed by an earlier run")
@@ -75,9 +76,6 @@ def cmd_demo(args) -> int:
             make_synth_corpus(heldout, speakers=args.sync_speakers, sentences_per_speaker=2, seed=0, heldout=True)
         sync_rows = sync_manifest(heldout, os.path.join(folder, "outputs"))
     paths = make_sample_catalogue(folder, extra_rows=sync_rows)
-    # A demo run always dubs: clear what an earlier demo committed (a real `dub` skips it).
-    for name in os.listdir(paths["outputs"]):
-        os.remove(os.path.join(paths["outputs"], name))
     weights = args.weights
     if weights is None and args.untrained:
         weights = os.path.join(folder, "weights-tiny")
@@ -88,7 +86,8 @@ def cmd_demo(args) -> int:
         weights = DEMO_BUNDLE
         print(f"weights: the trained tiny demo bundle {weights} (scripts/train_demo_bundle.sh reproduces it)")
     config = load_job_config(args.config) if args.config else JobConfig(cache_uri=os.path.join(folder, "cache"))
-    result = run_dub(paths["manifest"], weights, paths["report"], config, address=args.address)
+    # A demo run always dubs, like `dub --force` (a real `dub` skips what is done).
+    result = run_dub(paths["manifest"], weights, paths["report"], config, address=args.address, force=True)
     _print_summary(result)
     print(f"outputs: {paths['outputs']}")
     for r in result.rows:
@@ -246,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="error budget: stop cleanly (report written, exit 4) once more than N videos have failed; overrides the config",
+    )
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="redo every video, even one whose output exists and whose inputs are unchanged since it was made",
     )
     d.add_argument(
         "--metrics-port",

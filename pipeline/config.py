@@ -124,6 +124,15 @@ class StorageConfig(_Strict):
         )
 
 
+class RetryConfig(_Strict):
+    """How often a stage tries a segment again after a transient error (storage
+    throttling, a reset connection, a timeout) before the row fails. Input errors fail
+    the row at once; GPU faults end the actor, which Ray replaces (pipeline/errors.py)."""
+
+    segment_attempts: int = Field(3, ge=1, description="tries of a stage's work on one row, the first included")
+    backoff_s: float = Field(1.0, ge=0, description="pause before the second try; it doubles for each try after")
+
+
 class SecurityConfig(_Strict):
     """Where manifest URIs may point (pipeline/security.py has the matching rules).
     None (the default) admits every URI whose scheme is in `allowed_schemes`: right for a
@@ -165,10 +174,14 @@ class JobConfig(_Strict):
     audio: AudioConfig = AudioConfig()
     motion: MotionConfig = MotionConfig()
     storage: StorageConfig = StorageConfig()
+    retries: RetryConfig = RetryConfig()
     security: SecurityConfig = SecurityConfig()
     qc: QCConfig = QCConfig()
     max_failed_videos: int | None = Field(
         None, ge=0, description="stop the job cleanly once more videos than this have failed (None: never)"
+    )
+    report_interval_s: float = Field(
+        30.0, ge=0, description="rewrite the partial report at most this often while the job runs (0: after every video)"
     )
 
     @field_validator("cache_uri", "work_uri")

@@ -138,7 +138,11 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
 
     out = str(tmp_path / "out")
     manifest = str(tmp_path / "manifest.parquet")
-    write_manifest(_rows(media, out), manifest, Storage())
+    # a25's dub track is this job's own copy: the third run re-records it
+    a25_audio = str(tmp_path / "a25-dub.wav")
+    shutil.copy(media["short"], a25_audio)
+    rows = [dict(r, audio_uri=a25_audio) if r["output_uri"].endswith("/a25.mp4") else r for r in _rows(media, out)]
+    write_manifest(rows, manifest, Storage())
     config = JobConfig(segment_seconds=1.0, cache_uri=str(tmp_path / "cache"))
     result = run_dub(manifest, bundle, str(tmp_path / "report.parquet"), config)
     report = read_report(str(tmp_path / "report.parquet"), Storage())
@@ -167,20 +171,43 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
     assert report[0].segments == 2 and report[1].segments == 2
     # nothing half-written at the output location
     assert sorted(os.listdir(out)) == ["a25.mp4", "b2997.mp4"]
-    # the work area is empty again: reference banks and encoded parts are dropped once settled
+    # the work area keeps only each video's durable result: reference banks and encoded
+    # parts are dropped once settled
     work = tmp_path / "cache" / "work"
-    assert [str(p) for p in work.rglob("*") if p.is_file()] == []
+    kept = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    assert kept == sorted(f"results/{r.video_id}.json" for r in report if r.error_stage != "manifest"), kept
     assert report[0].feature_cache_hit is False
 
-    # Re-run: committed outputs are skipped; a second dub of the same audio hits the cache.
-    rows2 = _rows(media, out) + [{"video_uri": media["b2997"], "audio_uri": media["long"], "output_uri": f"{out}/b2997_again.mp4"}]
+    # Re-run: committed outputs are skipped, and their rows are the first run's (frames,
+    # sha, timings); a second dub of the same audio hits the cache.
+    rows2 = rows + [{"video_uri": media["b2997"], "audio_uri": media["long"], "output_uri": f"{out}/b2997_again.mp4"}]
     write_manifest(rows2, manifest, Storage())
     sha_before = report[0].output_sha256
     run_dub(manifest, bundle, str(tmp_path / "report2.parquet"), config)
     report2 = read_report(str(tmp_path / "report2.parquet"), Storage())
-    assert report2[0].status == "skipped" and report2[1].status == "skipped"
+    for first, again in zip(report[:2], report2[:2]):
+        assert again.status == "skipped" and again.error is None
+        assert again.job_id != first.job_id and again.result_job_id == first.job_id == first.result_job_id
+        for key in ("output_frames", "output_sha256", "output_bytes", "source_frames", "segments", "time_face_s", "time_finalize_s"):
+            assert getattr(again, key) == getattr(first, key) is not None, key
+    assert [r.status for r in report2[2:7]] == ["failed"] * 5  # failures are tried again
     assert report2[7].status == "ok" and report2[7].feature_cache_hit is True
     assert Storage().sha256(f"{out}/a25.mp4") == sha_before
+
+    # A re-recorded dub track is redone; unchanged rows are skipped.
+    shutil.copy(media["long"], a25_audio)
+    write_manifest(rows2[:2], manifest, Storage())
+    run_dub(manifest, bundle, str(tmp_path / "report3.parquet"), config)
+    report3 = read_report(str(tmp_path / "report3.parquet"), Storage())
+    assert [r.status for r in report3] == ["ok", "skipped"], [r.error for r in report3]
+    assert report3[0].output_sha256 != sha_before
+    assert report3[0].audio_trimmed_s > 0 and Storage().sha256(f"{out}/a25.mp4") == report3[0].output_sha256
+    # --force redoes a video whose output is current (the CLI flag is run_dub's force)
+    write_manifest(rows2[1:2], manifest, Storage())
+    run_dub(manifest, bundle, str(tmp_path / "report4.parquet"), config, force=True)
+    report4 = read_report(str(tmp_path / "report4.parquet"), Storage())
+    assert report4[0].status == "ok" and report4[0].result_job_id == report4[0].job_id != report2[1].result_job_id
+    assert report4[0].output_frames == report[1].output_frames
 
 
 def test_dub_against_s3(ray_local, bundle, media, s3_endpoint, tmp_path):

@@ -18,10 +18,12 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
 from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
+from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
 from pipeline.dub.rows import new_row, normalise
 from pipeline.dub.schemas import ManifestRow, ReportRow, read_manifest, write_report
 from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
@@ -143,6 +145,39 @@ def _check_stage2_condition(bundle) -> None:
                           f"cannot take this bundle's HuBERT features ({hidden}-d, {bundle.path('hubert')})")
 
 
+def _alive_nodes(ray) -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def node_local_refusals(config: JobConfig, outputs: list[str]) -> list[str]:
+    """On a cluster of more than one node, what may not be a node-local path: the cache
+    (features and reference banks cross nodes through it), the work area (segments are
+    committed on one node and finalized on another) and outputs (finalize writes them on
+    whichever node runs it, where the operator will never find them)."""
+    from pipeline.storage import is_remote
+
+    found = [f"{name} {uri}" for name, uri in (("cache_uri", config.cache_uri), ("work_uri", config.work_dir())) if not is_remote(uri)]
+    local_outputs = [u for u in outputs if not is_remote(u)]
+    if local_outputs:
+        found.append(f"{len(local_outputs)} output URI(s) such as {redact(local_outputs[0])}")
+    return found
+
+
+class PartialReport:
+    """Rewrites the report while the job runs, at most every `interval_s` (clock injectable),
+    so a job that dies leaves a readable report of every video settled so far."""
+
+    def __init__(self, write: Callable[[], None], interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.write, self.interval_s, self.clock = write, interval_s, clock
+        self.last: float | None = None
+
+    def settled(self) -> None:
+        now = self.clock()
+        if self.last is None or now - self.last >= self.interval_s:
+            self.write()
+            self.last = now
+
+
 def run_dub(
     manifest_uri: str,
     weights_uri: str,
@@ -151,14 +186,17 @@ def run_dub(
     address: str | None = None,
     progress: bool | None = None,
     metrics_export_port: int | None = None,
+    force: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> JobResult:
-    """progress: draw a live progress line on stderr (None: when stderr is a terminal)."""
+    """progress: draw a live progress line on stderr (None: when stderr is a terminal).
+    force: redo every video, even one whose output exists and whose inputs are unchanged."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     from pipeline.dub import finalize as finalize_step
     from pipeline.dub import operators as ops
-    from pipeline.weights import load_syncnet, localize_bundle, read_bundle_info
+    from pipeline.weights import bundle_identity, load_syncnet, localize_bundle, read_bundle_info
 
     config = config or JobConfig()
     storage = Storage(config.storage.options())
@@ -184,11 +222,42 @@ def run_dub(
     for warning in warnings:
         log.warning(warning)
     manifest = read_manifest(manifest_uri, storage)
+    by_index = {i: m for i, m, _ in manifest}
+
+    started_ray = False
+    if on_cluster or ray.is_initialized():
+        # Joined before any work: whether node-local paths are allowed depends on the cluster.
+        started_ray = _init_ray(address, metrics_export_port=metrics_export_port)
+        if _alive_nodes(ray) > 1:
+            refused = node_local_refusals(config, [m.output_uri for m in by_index.values() if m is not None])
+            if refused:
+                raise PolicyError(f"this cluster has {_alive_nodes(ray)} nodes, and every node must reach the job's files: "
+                                  f"node-local {'; '.join(refused)} would be written on one node and looked for on "
+                                  "another; use object storage (deploy/job.cluster.yaml)")
 
     show = sys.stderr.isatty() if progress is None else progress
     tracker = JobTracker(job_id, len(manifest), stream=sys.stderr if show else None)
     report: dict[int, ReportRow] = Report(tracker)
-    todo: list[dict] = []
+
+    def assembled() -> list[ReportRow]:
+        """The report as written: URIs as the manifest wrote them (the job may have used a
+        resolved form), user-info redacted; every ok row's `warnings` built in one place
+        (pipeline/dub/qc.py), the job-level ones first."""
+        rows = [
+            report[i].model_copy(update={k: redact(getattr(by_index[i], k)) for k in ("video_uri", "audio_uri", "output_uri")})
+            if by_index.get(i) is not None else report[i]
+            for i in sorted(report)
+        ]
+
+        def quality_warnings(r: ReportRow) -> str | None:
+            found = qc_warnings(r.model_dump(), config.qc, bundle.trained, weights_uri, sync_expected=bundle.has("syncnet"))
+            return "; ".join(found) or None
+
+        return [r.model_copy(update={"warnings": quality_warnings(r)}) if r.status == "ok" else r for r in rows]
+
+    partial = PartialReport(lambda: write_report(assembled(), report_uri, storage), config.report_interval_s, clock)
+    results = ResultStore(storage, config.work_dir())
+    candidates: list[tuple[int, ManifestRow, tuple[str, str, str]]] = []
     for index, m, error in manifest:
         if m is None:
             report[index] = _report_row(job_id, index, None, {}, status="failed", error=error, error_stage="manifest")
@@ -199,10 +268,30 @@ def run_dub(
         if refused:
             report[index] = _report_row(job_id, index, m, {}, status="failed", error="; ".join(refused), error_stage="security")
             continue
-        video_uri, audio_uri, output_uri = (policy.canonical(u) for u in (m.video_uri, m.audio_uri, m.output_uri))
-        if storage.exists(output_uri):
-            report[index] = _report_row(job_id, index, m, {}, status="skipped", error=None)
+        candidates.append((index, m, tuple(policy.canonical(u) for u in (m.video_uri, m.audio_uri, m.output_uri))))
+
+    bundle_id = bundle_identity(weights_uri, storage)
+    settings = settings_identity(config)
+
+    def decide_one(index: int, m: ManifestRow, uris: tuple[str, str, str]) -> Decision:
+        video_uri, audio_uri, output_uri = uris
+        seconds = m.options.segment_seconds or config.segment_seconds
+        crf = m.options.crf if m.options.crf is not None else -1
+        return decide(storage, results, m.video_id, output_uri,
+                      lambda: input_identity(storage, video_uri, audio_uri, bundle_id, settings, seconds, crf),
+                      force, lambda uri: describe_output(storage, uri))
+
+    todo: list[dict] = []
+    inputs: dict[int, dict | None] = {}
+    for (index, m, (video_uri, audio_uri, output_uri)), decision in zip(candidates, decide_all(candidates, decide_one)):
+        if not decision.redo:
+            # This run skips it; its row is the run's that made the output, when recorded.
+            earlier = decision.earlier.model_dump() if decision.earlier else {}
+            earlier.update(job_id=job_id, row_index=index, status="skipped", error=decision.note, error_stage=None,
+                           warnings=None, result_job_id=earlier.get("result_job_id") or earlier.get("job_id"))
+            report[index] = _report_row(job_id, index, m, {}, **{k: v for k, v in earlier.items() if k not in _IDENTITY_FIELDS})
             continue
+        inputs[index] = decision.inputs
         todo.append(
             new_row(
                 job_id=job_id,
@@ -219,27 +308,25 @@ def run_dub(
     budget = config.max_failed_videos
     failed_early = sum(r.status == "failed" for r in report.values())
     stopped, reused = None, 0
-    if todo and budget is not None and failed_early > budget:
-        stopped = f"{failed_early} videos failed before any work started (max_failed_videos={budget})"
-    elif todo:
-        fingerprint = workarea.work_fingerprint(config, weights_uri, storage)
-        for row in todo:
-            row["work_key"] = fingerprint
-        started_ray = _init_ray(address, metrics_export_port=metrics_export_port)
-        try:
+    try:
+        if todo and budget is not None and failed_early > budget:
+            stopped = f"{failed_early} videos failed before any work started (max_failed_videos={budget})"
+        elif todo:
+            fingerprint = workarea.work_fingerprint(config, weights_uri, storage)
+            for row in todo:
+                row["work_key"] = fingerprint
+            started_ray = _init_ray(address, metrics_export_port=metrics_export_port) or started_ray
             tracker.attach_metrics()
             remaining = None if budget is None else budget - failed_early
-            graph_report, stopped, reused = _run_graph(ray, ActorPoolStrategy, DataContext, ops, finalize_step, config, weights_uri, job_id, todo, tracker, remaining,
-                                                       sync_weights_uri=weights_uri if bundle.has("syncnet") else None)
-            report.update(graph_report)
-        finally:
-            tracker.close()
-            if started_ray:
-                ray.shutdown()
-    tracker.close()
+            sink = GraphSink(report, results, inputs, partial)
+            stopped, reused = _run_graph(ray, ActorPoolStrategy, DataContext, ops, finalize_step, config, weights_uri, job_id, todo,
+                                         sink, remaining, sync_weights_uri=weights_uri if bundle.has("syncnet") else None)
+    finally:
+        tracker.close()
+        if started_ray:
+            ray.shutdown()
     if stopped:
         log.error("job %s stopped early: %s", job_id, stopped)
-    by_index = {i: m for i, m, _ in manifest}
     for row in todo:  # every manifest row gets exactly one report row, even when the job stopped
         index = int(row["row_index"])
         if index not in report:
@@ -250,31 +337,52 @@ def run_dub(
                 error_stage="budget" if stopped and "max_failed_videos" in stopped else "pipeline",
             )
 
-    # The report names URIs as the manifest wrote them (the job may have used a resolved
-    # form), with any user-info redacted.
-    rows = [
-        report[i].model_copy(update={k: redact(getattr(by_index[i], k)) for k in ("video_uri", "audio_uri", "output_uri")})
-        if by_index.get(i) is not None else report[i]
-        for i in sorted(report)
-    ]
-    # One place builds every ok row's `warnings` (pipeline/dub/qc.py), the job-level ones first.
-    def quality_warnings(r: ReportRow) -> str | None:
-        found = qc_warnings(r.model_dump(), config.qc, bundle.trained, weights_uri, sync_expected=bundle.has("syncnet"))
-        return "; ".join(found) or None
-
-    rows = [r.model_copy(update={"warnings": quality_warnings(r)}) if r.status == "ok" else r for r in rows]
+    rows = assembled()
     write_report(rows, report_uri, storage)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "failed", "skipped")}
     frames = sum(r.output_frames or 0 for r in rows if r.status == "ok")
     return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts, stopped, reused, warnings)
 
 
+# A report row's own identity: never taken from an earlier run's row.
+_IDENTITY_FIELDS = ("job_id", "row_index", "video_id", "video_uri", "audio_uri", "output_uri")
+
+
+@dataclass
+class GraphSink:
+    """Where the graph's settled videos go: the report (and its tracker), the work area's
+    durable results, and the partial report."""
+
+    report: dict
+    results: ResultStore
+    inputs: dict  # row_index -> input_identity of the video (what its output is made from)
+    partial: PartialReport
+
+    def finalizing(self, row: ReportRow) -> None:
+        """Before a video's output is committed: if the driver dies during the commit, the
+        next run completes this row from the output itself."""
+        self.results.write(row, self.inputs.get(row.row_index), state="finalizing")
+
+    def settle(self, index: int, row: ReportRow) -> None:
+        if row.status == "ok":
+            row = row.model_copy(update={"result_job_id": row.job_id})
+        self.report[index] = row
+        try:
+            self.results.write(row, self.inputs.get(index))
+        except OSError as e:  # the output and this run's final report still hold it
+            log.warning("could not record the result of %s in the work area: %s", row.output_uri, e)
+        try:
+            self.partial.settled()
+        except OSError as e:  # the final report is written at the end all the same
+            log.warning("could not write the partial report: %s", e)
+
+
 def _run_graph(
     ray, ActorPoolStrategy, DataContext, ops, finalize_step, config: JobConfig, weights_uri: str, job_id: str, todo: list[dict],
-    tracker: JobTracker, max_failures: int | None = None, sync_weights_uri: str | None = None,
-) -> tuple[dict[int, ReportRow], str | None, int]:
-    """Run the graph; (report rows of the videos it settled, why it stopped early or None,
-    how many segments an earlier run had committed).
+    sink: GraphSink, max_failures: int | None = None, sync_weights_uri: str | None = None,
+) -> tuple[str | None, int]:
+    """Run the graph, settling each video into `sink` as it finishes; (why it stopped early
+    or None, how many segments an earlier run had committed).
 
     With `max_failures` the driver stops consuming the stream once more videos than that
     have failed: the executor is shut down (queued and running segment work cancelled),
@@ -319,7 +427,7 @@ def _run_graph(
     pending: dict[str, list[dict]] = {}
     closed: set[str] = set()  # videos whose segments all came back: a late duplicate is ignored
     futures: dict = {}
-    report: dict[int, ReportRow] = Report(tracker)
+    report, tracker = sink.report, sink.report.tracker
     failures = 0
     storage = Storage(config.storage.options())
 
@@ -328,7 +436,7 @@ def _run_graph(
         if index in report:  # never two rows for one manifest row
             log.warning("row %d already settled as %s; ignoring a second %s", index, report[index].status, row.status)
             return
-        report[index] = row
+        sink.settle(index, row)
         failures += row.status == "failed"
 
     def drop(segments: list[dict]) -> None:
@@ -348,6 +456,7 @@ def _run_graph(
             return
         video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")}
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
+        sink.finalizing(_video_report(job_id, head, segments, None, None, None))
         futures[finalize.remote(cfg, video, seg_info, sync_weights_uri)] = segments
 
     def finalized(fut, segments: list[dict]) -> None:
@@ -412,4 +521,4 @@ def _run_graph(
             settle(int(head["row_index"]), _video_report(
                 job_id, head, segments, None, f"only {len(segments)} of {head['n_segments']} segments completed", "pipeline"
             ))
-    return report, stopped, reused
+    return stopped, reused

@@ -102,6 +102,7 @@ class ReportRow(BaseModel):
     sync_dist: float | None = None  # LSE-D: the minimum mean distance
     sync_offset: int | None = None  # the audio-video offset (25 fps frames) with the minimum distance
     warnings: str | None = None  # what an operator should look at ("; "-separated): qc.qc_warnings
+    result_job_id: str | None = None  # the job that made the output: this one, or for a skipped row an earlier one
 
 
 def _arrow_type(annotation) -> pa.DataType:
