@@ -1,14 +1,19 @@
 """What every job's operators do around their stage, written once: open a URI for PyAV,
 and turn a row-level body into an operator that passes failed rows through, times the
-call, and turns an exception into a failed row whose message names the file."""
+call, tries again after a transient error, ends the process after a GPU fault, and turns
+any other exception into a failed row whose message names the file."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
+from pipeline.errors import classify, end_process
 from pipeline.storage import Storage, is_remote
+
+log = logging.getLogger("imgtalk.steps")
 
 
 class ConfiguredOp:
@@ -51,41 +56,92 @@ def open_source(storage: Storage, uri: str):
         yield f
 
 
+class RetryPolicy(Protocol):
+    """What make_row_step reads from an operator's retry settings (config.RetryConfig)."""
+
+    segment_attempts: int
+    backoff_s: float
+
+
+def failure_message(row: dict, subject: Callable[[dict], str], error: BaseException) -> str:
+    """A failed row's message, naming the file: a RowError or MediaError as written (they
+    name it), an AudioError prefixed with the subject unless it names the audio URI
+    already, a missing file as "<subject>: no such file", anything else as
+    "<subject>: Type: message"."""
+    from stages.audio import AudioError
+    from stages.media import MediaError
+
+    if isinstance(error, (RowError, MediaError)):
+        return str(error)
+    if isinstance(error, AudioError):
+        message, audio = str(error), row.get("audio_uri") or ""
+        return message if audio and audio in message else f"{subject(row)}: {message}"
+    if isinstance(error, FileNotFoundError):
+        return f"{subject(row)}: no such file"
+    return f"{subject(row)}: {type(error).__name__}: {error}"
+
+
 def make_row_step(normalise: Callable[[dict], dict], skip: Callable[[dict], bool],
-                  fail: Callable[[dict, str, str], dict], instrumented=None):
+                  fail: Callable[[dict, str, str], dict], instrumented=None, *,
+                  retries: Callable[[object], RetryPolicy] | None = None,
+                  abandoned: Callable[[object, dict, str], str | None] | None = None,
+                  on_failed: Callable[[object, dict], None] | None = None,
+                  sleep: Callable[[float], None] = time.sleep,
+                  exit_process: Callable[[int], None] = end_process):
     """A decorator factory `row_step(stage, subject)` for one job's row format.
 
     The decorated `body(self, row) -> dict of updates` becomes `__call__(self, row) -> row`.
-    Rows for which `skip` is true pass through. An exception fails the row at `stage`: a
-    RowError or MediaError as written (they name the file), an AudioError prefixed with
-    the subject unless it names the audio URI already, a missing file as "<subject>: no
-    such file", anything else as "<subject>: Type: message". The call's seconds add to the
-    row's `time_<stage>_s` when the row has that key; a body that returns
-    `segment_reused=True` found its work done and is not timed."""
-
+    Rows for which `skip` is true pass through; rows for which `abandoned(op, row, stage)`
+    gives a reason fail with it, unworked. What an exception does depends on its class
+    (pipeline.errors.classify):
+    - a transient error runs the body again, up to `retries(op).segment_attempts` tries
+      in all (one without `retries`), after `sleep(backoff_s * 2**k)`; the last one
+      fails the row, saying how many tries it had;
+    - a device fault logs and calls `exit_process(1)` (pipeline.errors.end_process by
+      default): the row is not failed, Ray replaces the actor and resubmits it. Should
+      the exit function return (a test's), the exception is raised again;
+    - anything else fails the row at `stage` with failure_message(), and then
+      `on_failed(op, failed_row)` runs.
+    The call's seconds add to the row's `time_<stage>_s` when the row has that key; a
+    body that returns `segment_reused=True` found its work done and is not timed."""
     def row_step(stage: str, subject: Callable[[dict], str]):
-        from stages.audio import AudioError
-        from stages.media import MediaError
-
         def wrap(body):
             @functools.wraps(body)
             def call(self, row: dict) -> dict:
                 row = normalise(row)
                 if skip(row):
                     return row
+                if abandoned is not None:
+                    reason = abandoned(self, row, stage)
+                    if reason:
+                        return fail(row, stage, f"{subject(row)}: {reason}")
+                policy = retries(self) if retries is not None else None
+                attempts = policy.segment_attempts if policy is not None else 1
                 start = time.perf_counter()
-                try:
-                    updates = body(self, row)
-                except (RowError, MediaError) as e:
-                    return fail(row, stage, str(e))
-                except AudioError as e:
-                    message = str(e)
-                    audio = row.get("audio_uri") or ""
-                    return fail(row, stage, message if audio and audio in message else f"{subject(row)}: {message}")
-                except FileNotFoundError:
-                    return fail(row, stage, f"{subject(row)}: no such file")
-                except Exception as e:  # noqa: BLE001 - any failure is this row's, not the job's
-                    return fail(row, stage, f"{subject(row)}: {type(e).__name__}: {e}")
+                for attempt in range(1, attempts + 1):
+                    try:
+                        updates = body(self, row)
+                        break
+                    except Exception as e:  # noqa: BLE001, PERF203 - classified: retried, the process ended, or this row's
+                        kind = classify(e)
+                        if kind == "device":
+                            log.critical("%s: GPU fault at %s: %s: %s; ending this process so that Ray replaces it "
+                                         "and retries the segment", subject(row), stage, type(e).__name__, e)
+                            exit_process(1)
+                            raise
+                        if kind == "transient" and attempt < attempts:
+                            pause = policy.backoff_s * 2 ** (attempt - 1)
+                            log.warning("%s: %s at %s: %s (try %d of %d, again in %.2f s)",
+                                        subject(row), type(e).__name__, stage, e, attempt, attempts, pause)
+                            sleep(pause)
+                            continue
+                        message = failure_message(row, subject, e)
+                        if kind == "transient" and attempts > 1:
+                            message += f" (after {attempts} tries)"
+                        failed = fail(row, stage, message)
+                        if on_failed is not None:
+                            on_failed(self, failed)
+                        return failed
                 row.update(updates)
                 key = f"time_{stage}_s"
                 if key in row and not updates.get("segment_reused"):
