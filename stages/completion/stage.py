@@ -4,9 +4,14 @@ conditioned on the driving motion and the chosen reference, VAE-decode.
 One forward pass per batch of frames, no diffusion loop. Reference latents are encoded
 once per video and kept in a small per-actor cache, since every segment of a video
 draws from the same reference bank.
+
+A batch that runs the GPU out of memory is retried in halves, down to a single frame:
+the networks work frame by frame, so the halves give the same pixels the whole batch
+would have.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -15,6 +20,16 @@ import torch
 
 from stages.completion.imc_unet import IMCUNet
 from stages.completion.vae import LatentVAE
+
+log = logging.getLogger("imgtalk.completion")
+
+
+def is_cuda_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a RuntimeError worded the way older torch and some
+    extensions word it."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -106,12 +121,37 @@ class CompletionStage:
         refs = self.reference_latents(video_id, ref_crops)
         for start in range(0, len(face), self.batch_frames):
             sel = face[start : start + self.batch_frames]
-            with torch.inference_mode(), autocast_for(self.device, self.precision):
-                images = to_tensor(crops[sel], self.device)  # (b, 3, 256, 256)
-                masked = self.vae.encode(images * self.keep)  # Ĩ_s = I_s ⊙ (1 − M) -> (b, 4, 32, 32)
-                motion = torch.from_numpy(driving[sel]).float().to(self.device)
-                reference = refs[torch.from_numpy(ref_index[sel]).to(self.device)]
-                completed = self.unet(masked, motion, reference)
-                out = self.vae.decode(completed).float()
-            generated[sel] = to_uint8(out)
+            generated[sel] = self._complete_in_halves(sel, crops, driving, ref_index, refs)
         return generated
+
+    def _complete_in_halves(self, sel: np.ndarray, crops: np.ndarray, driving: np.ndarray, ref_index: np.ndarray,
+                            refs: torch.Tensor) -> np.ndarray:
+        """The frames `sel`, completed; on CUDA out-of-memory each half of them on its own,
+        recursively. A single frame that does not fit re-raises: nothing smaller is left."""
+        try:
+            return self._complete_batch(sel, crops, driving, ref_index, refs)
+        except Exception as e:
+            if not is_cuda_out_of_memory(e) or len(sel) == 1:
+                raise
+        # Outside the except block, so the failed batch's tensors (held by the traceback)
+        # are freed before the allocator's cache is emptied and the halves run.
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        half = len(sel) // 2
+        log.warning("CUDA out of memory on %d frames; retrying as %d + %d", len(sel), half, len(sel) - half)
+        return np.concatenate([
+            self._complete_in_halves(sel[:half], crops, driving, ref_index, refs),
+            self._complete_in_halves(sel[half:], crops, driving, ref_index, refs),
+        ])
+
+    def _complete_batch(self, sel: np.ndarray, crops: np.ndarray, driving: np.ndarray, ref_index: np.ndarray,
+                        refs: torch.Tensor) -> np.ndarray:
+        """One forward pass of VAE encode, IMC-UNet and VAE decode over the frames `sel`."""
+        with torch.inference_mode(), autocast_for(self.device, self.precision):
+            images = to_tensor(crops[sel], self.device)  # (b, 3, 256, 256)
+            masked = self.vae.encode(images * self.keep)  # Ĩ_s = I_s ⊙ (1 − M) -> (b, 4, 32, 32)
+            motion = torch.from_numpy(driving[sel]).float().to(self.device)
+            reference = refs[torch.from_numpy(ref_index[sel]).to(self.device)]
+            completed = self.unet(masked, motion, reference)
+            out = self.vae.decode(completed).float()
+        return to_uint8(out)
