@@ -98,3 +98,30 @@ def drop_segments(storage: Storage, segments: list[dict]) -> None:
         if not is_remote(folder):  # the per-video folder above it, when now empty
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(folder[len("file://") :] if folder.startswith("file://") else folder))
+
+
+# A video whose segment failed in this job: its remaining segments are skipped, not
+# computed (its committed ones stay for the rerun). Keyed by the job, so a rerun, with a
+# new job id, is never held back by an earlier run's failure.
+
+
+def failed_video_uri(config: JobConfig, row: dict) -> str:
+    return join_uri(config.work_dir(), "failed", str(row["job_id"]), f"{row['video_id']}.json")
+
+
+def mark_video_failed(storage: Storage, config: JobConfig, row: dict) -> None:
+    """Record that one of this job's segments of the row's video failed, and which."""
+    marker = {"seg_idx": int(row["seg_idx"]), "stage": row["error_stage"], "error": row["error"]}
+    storage.write_bytes_atomic(json.dumps(marker).encode(), failed_video_uri(config, row))
+
+
+def video_failure(storage: Storage, config: JobConfig, row: dict) -> dict | None:
+    """The marker of a failed segment of the row's video in this job ({seg_idx, stage,
+    error}), or None. One read, no separate existence check."""
+    try:
+        marker = json.loads(storage.read_bytes(failed_video_uri(config, row)))
+        return {"seg_idx": int(marker["seg_idx"]), "stage": str(marker["stage"]), "error": str(marker["error"])}
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return {"seg_idx": -1, "stage": "", "error": ""}  # written by this job, if unreadable: still a failure

@@ -12,6 +12,7 @@ load models once per actor.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -29,10 +30,11 @@ from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
 from pipeline.weights import load_motion_extractor, load_stage1, load_stage2, load_vae
-from pipeline.workarea import committed_segment, digest, segment_marker_uri, segment_uri
+from pipeline.workarea import committed_segment, digest, mark_video_failed, segment_marker_uri, segment_uri, video_failure
 
 # Every row an operator fails is counted (imgtalk_errors_total{stage, kind}) where it fails.
 fail = metrics.counting_failures(fail)
+log = logging.getLogger("imgtalk.operators")
 
 
 class _Op(ConfiguredOp):
@@ -52,7 +54,38 @@ def _segment(row: dict) -> str:
     return f"video {row['video_uri']} segment {row['seg_idx']}"
 
 
-row_step = make_row_step(normalise, _skip, fail, metrics.instrumented)
+# Where a segment first looks for a failure of another segment of its video in this job:
+# face, where its work starts, and complete, the GPU's. One small read each; the other
+# stages cost less than the look would save.
+_CHECK_VIDEO_FAILED_AT = ("face", "complete")
+
+
+def _video_failed(op: _Op, row: dict, stage: str) -> str | None:
+    """Why a segment of a video that already failed in this job is not worked on."""
+    if stage not in _CHECK_VIDEO_FAILED_AT or int(row["seg_idx"]) < 0:
+        return None
+    try:
+        failure = video_failure(op.storage, op.config, row)
+    except Exception as e:  # noqa: BLE001 - the look only saves work: without it, do the work
+        log.warning("could not check whether %s failed: %s: %s", row["video_uri"], type(e).__name__, e)
+        return None
+    if failure is None or failure["seg_idx"] == int(row["seg_idx"]):  # the failed segment itself may be tried again
+        return None
+    return f"skipped: segment {failure['seg_idx']} of this video failed"
+
+
+def _record_video_failed(op: _Op, row: dict) -> None:
+    """A segment failed: its video's later segments need not be computed."""
+    if int(row["seg_idx"]) < 0:  # a whole video's row: split_segments already gives it no segments
+        return
+    try:
+        mark_video_failed(op.storage, op.config, row)
+    except Exception as e:  # noqa: BLE001 - without the marker the other segments are merely computed
+        log.warning("could not record that %s failed: %s: %s", row["video_uri"], type(e).__name__, e)
+
+
+row_step = make_row_step(normalise, _skip, fail, metrics.instrumented, retries=lambda op: op.config.retries,
+                         abandoned=_video_failed, on_failed=_record_video_failed)
 
 
 # --------------------------------------------------------------------------- plan
