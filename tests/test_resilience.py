@@ -326,8 +326,9 @@ def reference(ray_local, bundle, media, tmp_path_factory):
     write_manifest(_rows(media, str(tmp / "out")), str(tmp / "manifest.parquet"), Storage())
     result = run_dub(str(tmp / "manifest.parquet"), bundle, str(tmp / "report.parquet"), _config(str(tmp / "cache")))
     assert [r.status for r in result.rows] == ["ok"] * 3, [r.error for r in result.rows]
-    # the work area is emptied as videos settle
-    assert not [f for _, _, files in os.walk(tmp / "cache" / "work") for f in files]
+    # the work area keeps only each video's durable result: segments go as videos settle
+    kept = sorted(os.path.relpath(os.path.join(d, f), tmp / "cache" / "work") for d, _, files in os.walk(tmp / "cache" / "work") for f in files)
+    assert kept == sorted(f"results/{r.video_id}.json" for r in result.rows)
     return {n: (r.output_sha256, r.output_frames) for n, r in zip(NAMES, result.rows)}
 
 
@@ -380,7 +381,7 @@ def test_killed_completion_actor_is_replaced_and_the_job_completes(ray_local, bu
     killed, replacement = None, None
     deadline = time.monotonic() + 300
     while job.is_alive() and time.monotonic() < deadline:
-        if killed is None and _markers(os.path.join(cache, "work")):  # a segment went through completion
+        if killed is None and _markers(os.path.join(cache, "work", "segments")):  # a segment went through completion
             pids = _ray_processes("CompleteOp")
             if pids:
                 killed = pids[0]
@@ -551,7 +552,7 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
     write_manifest(_rows(media, out), manifest, Storage())
     with open(tmp_path / "job.yaml", "w") as f:
         # a job against a cluster address must name where its manifest may read and write
-        yaml.safe_dump({"segment_seconds": 0.5, "cache_uri": cache, "security": {
+        yaml.safe_dump({"segment_seconds": 0.5, "cache_uri": cache, "report_interval_s": 0, "security": {
             "allowed_input_prefixes": [media["root"]], "allowed_output_prefixes": [out]}}, f)
     address = ray_local.get_runtime_context().gcs_address
 
@@ -571,10 +572,14 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
         }
 
     first = dub(str(tmp_path / "report1.parquet"))
-    # Kill it once segments are committed for a video that has no output yet; the best
-    # moment is a video with every segment committed, so wait a little for one.
+    # Kill it once a video has settled (its row is in the partial report) and segments are
+    # committed for a video that has no output yet; the best moment is a video with every
+    # segment committed, so wait a little for one.
     deadline, seen_partial = time.monotonic() + 300, None
     while first.poll() is None and time.monotonic() < deadline:
+        if not os.path.exists(tmp_path / "report1.parquet"):
+            time.sleep(0.02)
+            continue
         counts = committed_segments()
         if any(counts[name] == n for name, n in plan.values() if name in counts):
             break
@@ -586,7 +591,11 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
     first.kill()
     log = first.communicate()[0].decode(errors="replace")
     assert first.returncode == -signal.SIGKILL, f"the driver finished before it could be killed:\n{log[-3000:]}"
-    assert not os.path.exists(tmp_path / "report1.parquet")  # it really died mid-job
+    # It died mid-job and left a readable partial report: each settled video's whole row.
+    partial = read_report(str(tmp_path / "report1.parquet"), Storage())
+    assert 1 <= len(partial) < 3 and all(r.status == "ok" for r in partial), [(r.status, r.error) for r in partial]
+    for r in partial:
+        assert (r.output_sha256, r.output_frames) == reference[NAMES[r.row_index]] and r.result_job_id == r.job_id
     # The dead driver's finalize tasks are killed with it (or finish): let them go first.
     while _ray_processes("finalize_video") and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -600,6 +609,10 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
     report = read_report(str(tmp_path / "report2.parquet"), Storage())
     _check_against_reference(report, reference, media, fetch=lambda u: u, statuses=("ok", "skipped"))
     assert {n for n, r in zip(NAMES, report) if r.status == "skipped"} == committed  # committed videos skipped
+    for name, r in zip(NAMES, report):  # ... each with the row of the run that made it, in full
+        if r.status == "skipped":
+            assert r.error is None and r.result_job_id and r.result_job_id != r.job_id
+            assert (r.output_sha256, r.output_frames) == reference[name] and r.time_face_s is not None
     # committed segments reused, not recomputed
     assert f"resumed: reused {sum(reusable.values())} encoded segments committed by an earlier run" in log, log[-3000:]
     for name, count in reusable.items():
