@@ -6,8 +6,8 @@ once per video and kept in a small per-actor cache, since every segment of a vid
 draws from the same reference bank.
 
 A batch that runs the GPU out of memory is retried in halves, down to a single frame:
-the networks work frame by frame, so the halves give the same pixels the whole batch
-would have.
+the networks work frame by frame, so the halves give the pixels the whole batch would
+have, up to float rounding (at most one level of a uint8, as any batch size).
 """
 from __future__ import annotations
 
