@@ -153,6 +153,34 @@ class SegmentClock:
         return sum(n for _, n in done[1:]), done[-1][0] - done[0][0]
 
 
+class VideoClock:
+    """Wraps `owner.attr`, called once per finished video (the driver's GraphSink.settle
+    on Ray, finalize_video in the loop), to note when the first one finished."""
+
+    def __init__(self, owner, attr: str, start: float, finished=lambda args, result: True):
+        self.owner, self.attr, self.start, self.finished = owner, attr, start, finished
+        self.original = getattr(owner, attr)
+        self.done: list[float] = []
+
+    def __enter__(self) -> VideoClock:
+        original = self.original
+
+        def noting(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if self.finished(args, result):
+                self.done.append(time.perf_counter() - self.start)
+            return result
+
+        setattr(self.owner, self.attr, noting)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.owner, self.attr, self.original)
+
+    def first(self) -> float:
+        return min(self.done) if self.done else float("nan")
+
+
 def fps(frames: int, seconds: float) -> float:
     return frames / seconds if seconds > 0 else float("nan")
 
@@ -160,10 +188,11 @@ def fps(frames: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- throughput
 
 
-def part_throughput(out: str, device: str) -> None:
+def part_throughput(out: str, device: str, window: int | None = None) -> None:
     import ray
 
     from pipeline.dub import operators as ops
+    from pipeline.dub.admission import default_window
     from pipeline.dub.job import run_dub
     from pipeline.dub.local_loop import dub_rows_locally, make_rows
     from pipeline.sample_catalogue import SAMPLES, make_sample_catalogue
@@ -196,8 +225,14 @@ def part_throughput(out: str, device: str) -> None:
     manifest = os.path.join(ray_dir, "manifest.parquet")
     write_manifest(manifest_rows(ray_dir), manifest, Storage())
     config = job_config(device, os.path.join(ray_dir, "cache"), ray_pools=True)
+    if window is not None:  # the backpressure window (pipeline/dub/admission.py); a huge one turns it off
+        config = config.model_copy(update={"max_segments_in_flight": window})
     t0 = time.perf_counter()
-    with SegmentClock(job_module, "normalise", t0) as ray_clock:
+
+    def ray_ok(args, result) -> bool:  # GraphSink.settle(self, index, row)
+        return args[2].status == "ok"
+
+    with SegmentClock(job_module, "normalise", t0) as ray_clock, VideoClock(job_module.GraphSink, "settle", t0, ray_ok) as ray_video:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0
         try:
@@ -217,7 +252,9 @@ def part_throughput(out: str, device: str) -> None:
     loop_config = job_config(device, os.path.join(loop_dir, "cache"))
     rows = make_rows(manifest_rows(loop_dir), loop_config)
     t0 = time.perf_counter()
-    with SegmentClock(ops.ComposeOp, "__call__", t0) as loop_clock:
+    from pipeline.dub import finalize as finalize_step
+
+    with SegmentClock(ops.ComposeOp, "__call__", t0) as loop_clock, VideoClock(finalize_step, "finalize_video", t0) as loop_video:
         results = dub_rows_locally(rows, loop_config, bundle)
     loop_total_s = time.perf_counter() - t0
     loop_ok = 0
@@ -234,7 +271,8 @@ def part_throughput(out: str, device: str) -> None:
     pools = ", ".join(f"{k} {p.size}x{p.num_cpus:g}cpu" + (f"+{p.num_gpus:g}gpu" if p.num_gpus else "")
                       for k, p in config.pools.items())
     print(f"job config: segment_seconds {config.segment_seconds:g}, torch_threads {config.torch_threads}, "
-          f"batch complete {config.batch.complete_frames} / motion {config.batch.motion_frames}")
+          f"batch complete {config.batch.complete_frames} / motion {config.batch.motion_frames}, "
+          f"segments in flight {config.max_segments_in_flight or default_window(config.pools)}")
     print(f"Ray pools: {pools}")
     print(f"videos dubbed: Ray {len(ok)}/{len(SAMPLES)}, loop {loop_ok}/{len(SAMPLES)}; "
           f"source frames: Ray {ray_frames}, loop {loop_frames}")
@@ -251,6 +289,8 @@ def part_throughput(out: str, device: str) -> None:
     print(f"ratio Ray/loop (frames/s): end to end {fps(ray_frames, ray_total_s) / fps(loop_frames, loop_total_s):.2f}, "
           f"excl. ray.init {fps(ray_frames, result.seconds) / fps(loop_frames, loop_total_s):.2f}, "
           f"after the first segment {fps(*ray_steady) / fps(*loop_steady):.2f}")
+    print(f"first finished video: Ray {ray_video.first():.1f} s (incl. ray.init), loop {loop_video.first():.1f} s; "
+          f"ratio Ray/loop {ray_video.first() / loop_video.first():.2f} (the goal: at most 2)")
     print(f"segments finished at (s since start, frames): Ray {ray_clock.timeline()}")
     print(f"  loop {loop_clock.timeline()}")
     print("  'after the first segment' leaves out Ray and actor start-up, model loading and the first segment's way")
@@ -550,6 +590,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "imgtalk-bench"),
                     help="inputs are made here once and reused; run outputs are replaced")
+    ap.add_argument("--max-segments-in-flight", type=int, help="throughput: the Ray job's backpressure window "
+                    "(default: the job's own; 100000 turns backpressure off)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -573,7 +615,7 @@ def main() -> None:
     if args.part in ("all", "memory"):
         part_memory(out, args.device)
     if args.part in ("all", "throughput"):
-        part_throughput(out, args.device)
+        part_throughput(out, args.device, args.max_segments_in_flight)
     if args.part in ("all", "stages"):
         part_stages(out, args.device)
     print(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")

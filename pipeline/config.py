@@ -131,6 +131,9 @@ class RetryConfig(_Strict):
 
     segment_attempts: int = Field(3, ge=1, description="tries of a stage's work on one row, the first included")
     backoff_s: float = Field(1.0, ge=0, description="pause before the second try; it doubles for each try after")
+    device_faults: int = Field(
+        3, ge=1, description="GPU faults one segment may cause in the complete stage (each ends an actor, which Ray "
+        "replaces) before it is failed instead of tried again: a segment that faults every GPU must not loop forever")
 
 
 class SecurityConfig(_Strict):
@@ -179,6 +182,10 @@ class JobConfig(_Strict):
     qc: QCConfig = QCConfig()
     max_failed_videos: int | None = Field(
         None, ge=0, description="stop the job cleanly once more videos than this have failed (None: never)"
+    )
+    max_segments_in_flight: int | None = Field(
+        None, ge=1, description="backpressure: a video starts its per-video work only while fewer segments than this "
+        "are in flight (a longer video alone); None: twice the actors of the face, motion, complete and compose pools"
     )
     report_interval_s: float = Field(
         30.0, ge=0, description="rewrite the partial report at most this often while the job runs (0: after every video)"

@@ -30,7 +30,10 @@ from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
 from pipeline.weights import load_motion_extractor, load_stage1, load_stage2, load_vae
-from pipeline.workarea import committed_segment, digest, mark_video_failed, segment_marker_uri, segment_uri, video_failure
+from pipeline.workarea import (
+    committed_segment, device_faults, digest, mark_video_failed, record_device_fault, segment_marker_uri, segment_uri,
+    video_failure,
+)
 
 # Every row an operator fails is counted (imgtalk_errors_total{stage, kind}) where it fails.
 fail = metrics.counting_failures(fail)
@@ -58,20 +61,31 @@ def _segment(row: dict) -> str:
 # face, where its work starts, and complete, the GPU's. One small read each; the other
 # stages cost less than the look would save.
 _CHECK_VIDEO_FAILED_AT = ("face", "complete")
+# Where a segment's GPU faults are counted and bounded (retries.device_faults): the stage
+# that owns the GPU. One more small read per segment there.
+_COUNT_DEVICE_FAULTS_AT = ("complete",)
 
 
-def _video_failed(op: _Op, row: dict, stage: str) -> str | None:
-    """Why a segment of a video that already failed in this job is not worked on."""
-    if stage not in _CHECK_VIDEO_FAILED_AT or int(row["seg_idx"]) < 0:
+def _abandoned(op: _Op, row: dict, stage: str) -> str | None:
+    """Why a segment is failed without work: another segment of its video failed in this
+    job, or this one faulted the GPU as often as retries.device_faults allows."""
+    if int(row["seg_idx"]) < 0:
         return None
     try:
-        failure = video_failure(op.storage, op.config, row)
+        if stage in _COUNT_DEVICE_FAULTS_AT:
+            faults = device_faults(op.storage, op.config, row, stage)
+            if faults >= op.config.retries.device_faults:
+                reason = f"the GPU faulted {faults} times on this segment; not tried again"
+                _record_video_failed(op, dict(row, error=f"{_segment(row)}: {reason}", error_stage=stage))
+                return reason
+        if stage in _CHECK_VIDEO_FAILED_AT:
+            failure = video_failure(op.storage, op.config, row)
+            # The failed segment itself may be tried again (Ray resubmits it after an actor died).
+            if failure is not None and failure["seg_idx"] != int(row["seg_idx"]):
+                return f"skipped: segment {failure['seg_idx']} of this video failed"
     except Exception as e:  # noqa: BLE001 - the look only saves work: without it, do the work
-        log.warning("could not check whether %s failed: %s: %s", row["video_uri"], type(e).__name__, e)
-        return None
-    if failure is None or failure["seg_idx"] == int(row["seg_idx"]):  # the failed segment itself may be tried again
-        return None
-    return f"skipped: segment {failure['seg_idx']} of this video failed"
+        log.warning("could not check the earlier failures of %s: %s: %s", _segment(row), type(e).__name__, e)
+    return None
 
 
 def _record_video_failed(op: _Op, row: dict) -> None:
@@ -84,8 +98,13 @@ def _record_video_failed(op: _Op, row: dict) -> None:
         log.warning("could not record that %s failed: %s: %s", row["video_uri"], type(e).__name__, e)
 
 
+def _record_device_fault(op: _Op, row: dict, stage: str) -> None:
+    if int(row["seg_idx"]) >= 0 and stage in _COUNT_DEVICE_FAULTS_AT:
+        record_device_fault(op.storage, op.config, row, stage)
+
+
 row_step = make_row_step(normalise, _skip, fail, metrics.instrumented, retries=lambda op: op.config.retries,
-                         abandoned=_video_failed, on_failed=_record_video_failed)
+                         abandoned=_abandoned, on_failed=_record_video_failed, on_device_fault=_record_device_fault)
 
 
 # --------------------------------------------------------------------------- plan
@@ -116,6 +135,26 @@ class PlanOp(_Op):
             rotation=info.rotation,
             work_key=digest(row["work_key"], row["video_uri"], video_identity),
         )
+
+
+# --------------------------------------------------------------------------- admit
+
+
+class AdmitOp:
+    """Holds each planned video back until the segment stages have room for it
+    (pipeline/dub/admission.py): `admit(video_id, segments)` blocks until then. Failed
+    rows pass at once; a video's probe tells how many segments it will weigh."""
+
+    def __init__(self, admit):
+        self.admit = admit
+
+    def __call__(self, row: dict) -> dict:
+        from pipeline.dub.admission import segments_of
+
+        row = normalise(row)
+        if not row["error"]:
+            self.admit(row["video_id"], segments_of(float(row["duration_s"]), float(row["segment_seconds"])))
+        return row
 
 
 # --------------------------------------------------------------------------- analyse
