@@ -86,6 +86,7 @@ def make_row_step(normalise: Callable[[dict], dict], skip: Callable[[dict], bool
                   retries: Callable[[object], RetryPolicy] | None = None,
                   abandoned: Callable[[object, dict, str], str | None] | None = None,
                   on_failed: Callable[[object, dict], None] | None = None,
+                  on_device_fault: Callable[[object, dict, str], None] | None = None,
                   sleep: Callable[[float], None] = time.sleep,
                   exit_process: Callable[[int], None] = end_process):
     """A decorator factory `row_step(stage, subject)` for one job's row format.
@@ -97,9 +98,11 @@ def make_row_step(normalise: Callable[[dict], dict], skip: Callable[[dict], bool
     - a transient error runs the body again, up to `retries(op).segment_attempts` tries
       in all (one without `retries`), after `sleep(backoff_s * 2**k)`; the last one
       fails the row, saying how many tries it had;
-    - a device fault logs and calls `exit_process(1)` (pipeline.errors.end_process by
-      default): the row is not failed, Ray replaces the actor and resubmits it. Should
-      the exit function return (a test's), the exception is raised again;
+    - a device fault logs, runs `on_device_fault(op, row, stage)` (a job may count them,
+      to give up on a segment through `abandoned`) and calls `exit_process(1)`
+      (pipeline.errors.end_process by default): the row is not failed, Ray replaces the
+      actor and resubmits it. Should the exit function return (a test's), the exception
+      is raised again;
     - anything else fails the row at `stage` with failure_message(), and then
       `on_failed(op, failed_row)` runs.
     The call's seconds add to the row's `time_<stage>_s` when the row has that key; a
@@ -127,6 +130,11 @@ def make_row_step(normalise: Callable[[dict], dict], skip: Callable[[dict], bool
                         if kind == "device":
                             log.critical("%s: GPU fault at %s: %s: %s; ending this process so that Ray replaces it "
                                          "and retries the segment", subject(row), stage, type(e).__name__, e)
+                            if on_device_fault is not None:
+                                try:
+                                    on_device_fault(self, row, stage)
+                                except Exception as hook_error:  # noqa: BLE001 - nothing may keep the process alive
+                                    log.error("%s: could not record the GPU fault: %s", subject(row), hook_error)
                             exit_process(1)
                             raise
                         if kind == "transient" and attempt < attempts:

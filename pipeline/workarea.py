@@ -125,3 +125,31 @@ def video_failure(storage: Storage, config: JobConfig, row: dict) -> dict | None
         return None
     except (ValueError, KeyError, TypeError):
         return {"seg_idx": -1, "stage": "", "error": ""}  # written by this job, if unreadable: still a failure
+
+
+# GPU faults per segment and stage in this job. A fault ends the actor and Ray resubmits
+# the segment, without limit; this count lets the stage fail a segment that faults every
+# GPU it meets instead. Only one attempt of a segment runs at a time (the resubmission
+# follows the death), so reading and rewriting the count races with nothing.
+
+
+def device_fault_uri(config: JobConfig, row: dict, stage: str) -> str:
+    name = f"{row['video_id']}-{int(row['seg_idx']):05d}-{stage}.json"
+    return join_uri(config.work_dir(), "failed", str(row["job_id"]), "device", name)
+
+
+def device_faults(storage: Storage, config: JobConfig, row: dict, stage: str) -> int:
+    """How many GPU faults this job's attempts at the segment met at `stage`."""
+    try:
+        return int(json.loads(storage.read_bytes(device_fault_uri(config, row, stage)))["count"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError):
+        return 1  # written, so at least one fault, however unreadable
+
+
+def record_device_fault(storage: Storage, config: JobConfig, row: dict, stage: str) -> int:
+    """Count one more GPU fault of the segment at `stage`; the new count."""
+    count = device_faults(storage, config, row, stage) + 1
+    storage.write_bytes_atomic(json.dumps({"count": count}).encode(), device_fault_uri(config, row, stage))
+    return count

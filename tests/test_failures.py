@@ -274,6 +274,40 @@ def test_a_failed_segment_skips_the_rest_of_its_video_in_this_job_only(tmp_path)
     assert face(_segment_row(seg_idx=2, video_id="other"))["error"] == "" and face.probe.calls == 2
 
 
+def test_a_segment_that_faults_the_gpu_again_and_again_is_failed_at_last(tmp_path):
+    from pipeline.dub import operators
+    from pipeline.dub.operators import _Op, _segment
+
+    config = JobConfig(cache_uri=str(tmp_path), retries={"device_faults": 2})
+    exits = []
+    # The dub job's row step, its exit recorded instead of done.
+    row_step = make_row_step(normalise, operators._skip, fail, retries=lambda op: op.config.retries,
+                             abandoned=operators._abandoned, on_failed=operators._record_video_failed,
+                             on_device_fault=operators._record_device_fault, exit_process=exits.append)
+
+    class Complete(_Op):
+        @row_step("complete", _segment)
+        def __call__(self, row):
+            return self.probe.run(row)
+
+    op = Complete(config.model_dump())
+    op.probe = _Probe(DEVICE_FAULTS[1])
+    for _ in range(2):  # each try ends its actor; Ray would resubmit the segment to a fresh one
+        with pytest.raises(RuntimeError, match="launch failure"):
+            op(_segment_row(seg_idx=1))
+    assert exits == [1, 1] and op.probe.calls == 2
+    out = op(_segment_row(seg_idx=1))
+    assert op.probe.calls == 2  # not tried a third time
+    assert (out["error_stage"], out["error"]) == (
+        "complete", "video /in/v.mp4 segment 1: the GPU faulted 2 times on this segment; not tried again")
+    # and its video's other segments are skipped
+    assert op(_segment_row(seg_idx=2))["error"].endswith("skipped: segment 1 of this video failed")
+    # A new job starts counting afresh.
+    with pytest.raises(RuntimeError):
+        op(_segment_row(seg_idx=1, job_id="job-b"))
+    assert op.probe.calls == 3
+
+
 # --------------------------------------------------------------------------- on Ray: retried, replaced, ok
 
 FAULTS_ENV = "IMGTALK_TEST_FAULTS"
