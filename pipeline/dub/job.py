@@ -28,7 +28,7 @@ from pipeline.dub.results import Decision, ResultStore, decide, decide_all, desc
 from pipeline.dub.rows import new_row, normalise
 from pipeline.dub.schemas import ManifestRow, ReportRow, read_manifest, write_report
 from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
-from pipeline.storage import Storage
+from pipeline.storage import Storage, join_uri
 from pipeline import workarea
 
 log = logging.getLogger("imgtalk")
@@ -526,6 +526,10 @@ def _run_graph(
     for fut, segments in list(futures.items()):
         finalized(fut, segments)
     ray.kill(gate)
+    try:  # this job's failed-video markers (pipeline/workarea.py) only held its own segments back
+        storage.rm(join_uri(config.work_dir(), "failed", job_id), recursive=True)
+    except OSError as e:
+        log.warning("could not remove this job's failure markers: %s", e)
     if stopped is None:
         for vid, segments in pending.items():  # should not happen: a segment never came back
             head = segments[0]
