@@ -240,7 +240,14 @@ class Storage:
 
     def open(self, uri: str, mode: str = "rb", **kwargs):
         fs, path = self.fs_for(uri)
-        return self.retry(lambda: fs.open(path, mode, **kwargs), f"open {uri}")
+        f = self.retry(lambda: fs.open(path, mode, **kwargs), f"open {uri}")
+        fetch = getattr(getattr(f, "cache", None), "fetcher", None)
+        if is_remote(uri) and "r" in mode and fetch is not None:
+            # Every ranged read of the object passes through here: its request is retried
+            # by botocore, and a body cut off mid-read, which nothing below retries once
+            # s3fs tries once, by Storage.retry.
+            f.cache.fetcher = lambda start, end: self.retry(lambda: fetch(start, end), f"read {uri}")
+        return f
 
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.fs_for(uri)

@@ -263,6 +263,31 @@ def test_errors_no_client_retries_are_still_retried_with_injected_backoff():
     assert len(calls) == 1 and pauses == []
 
 
+def test_a_body_cut_off_mid_read_of_an_open_object_is_read_again(s3, monkeypatch):
+    """Streamed reads (PyAV on an fsspec file: finalize, decode) fetch ranges; a range
+    whose body breaks off after botocore's handler is retried by Storage.retry."""
+    import s3fs.core
+    from botocore.exceptions import ResponseStreamingError
+
+    client, storage, bucket = s3
+    data = os.urandom(3 * 2**20)
+    client.put_object(Bucket=bucket, Key="in/v.mp4", Body=data)
+    real, cuts = s3fs.core._inner_fetch, []
+
+    async def cut_once(*args, **kwargs):
+        if not cuts:
+            cuts.append(1)
+            raise ResponseStreamingError(error="connection reset while reading the body")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(s3fs.core, "_inner_fetch", cut_once)
+    pauses = []
+    storage = Storage(storage.options, sleep=pauses.append, jitter=lambda: 1.0)
+    with storage.open(f"s3://{bucket}/in/v.mp4", "rb", block_size=2**20) as f:
+        assert f.read() == data
+    assert cuts == [1] and pauses == [storage.options.backoff_s]
+
+
 # --------------------------------------------------------------------------- feature cache
 
 
