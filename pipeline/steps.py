@@ -107,6 +107,7 @@ def make_row_step(normalise: Callable[[dict], dict], skip: Callable[[dict], bool
       `on_failed(op, failed_row)` runs.
     The call's seconds add to the row's `time_<stage>_s` when the row has that key; a
     body that returns `segment_reused=True` found its work done and is not timed."""
+
     def row_step(stage: str, subject: Callable[[dict], str]):
         def wrap(body):
             @functools.wraps(body)
