@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -434,7 +435,8 @@ def _run_graph(
     finalize = ray.remote(max_retries=2, **pools["finalize"].task_args())(finalize_step.finalize_video)
     pending: dict[str, list[dict]] = {}
     closed: set[str] = set()  # videos whose segments all came back: a late duplicate is ignored
-    futures: dict = {}
+    futures: dict = {}  # finalize tasks in flight -> their video's segment rows
+    waiting: deque = deque()  # videos whose segments are all back, waiting for a finalize slot
     report, tracker = sink.report, sink.report.tracker
     failures = 0
     storage = Storage(config.storage.options())
@@ -465,7 +467,15 @@ def _run_graph(
         video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")}
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
         sink.finalizing(_video_report(job_id, head, segments, None, None, None))
-        futures[finalize.remote(cfg, video, seg_info, sync_weights_uri)] = segments
+        waiting.append((video, seg_info, segments))
+        launch_finalize()
+
+    def launch_finalize() -> None:
+        # pools.finalize.size finalize tasks at a time, like the actor pools' sizes: each
+        # holds a whole output on local disk while it writes it.
+        while waiting and len(futures) < pools["finalize"].size:
+            video, seg_info, segments = waiting.popleft()
+            futures[finalize.remote(cfg, video, seg_info, sync_weights_uri)] = segments
 
     def finalized(fut, segments: list[dict]) -> None:
         head = segments[0]
@@ -511,6 +521,7 @@ def _run_graph(
                 done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0)
                 for fut in done:
                     finalized(fut, futures.pop(fut))
+                launch_finalize()
             if over_budget():
                 total = failures + config.max_failed_videos - max_failures  # with those failed before the graph
                 stopped = f"{total} videos failed, more than max_failed_videos={config.max_failed_videos}"
@@ -523,8 +534,11 @@ def _run_graph(
         if close is not None:
             close()  # shuts the streaming executor down: queued and running work is cancelled
 
-    for fut, segments in list(futures.items()):
-        finalized(fut, segments)
+    # Every video whose segments all came back is finalized, even when the job stopped early.
+    while futures or waiting:
+        launch_finalize()
+        done, _ = ray.wait(list(futures), num_returns=1)
+        finalized(done[0], futures.pop(done[0]))
     ray.kill(gate)
     try:  # this job's failed-video markers (pipeline/workarea.py) only held its own segments back
         storage.rm(join_uri(config.work_dir(), "failed", job_id), recursive=True)
