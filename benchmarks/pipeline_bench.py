@@ -188,11 +188,10 @@ def fps(frames: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- throughput
 
 
-def part_throughput(out: str, device: str, window: int | None = None) -> None:
+def part_throughput(out: str, device: str) -> None:
     import ray
 
     from pipeline.dub import operators as ops
-    from pipeline.dub.admission import default_window
     from pipeline.dub.job import run_dub
     from pipeline.dub.local_loop import dub_rows_locally, make_rows
     from pipeline.sample_catalogue import SAMPLES, make_sample_catalogue
@@ -225,8 +224,6 @@ def part_throughput(out: str, device: str, window: int | None = None) -> None:
     manifest = os.path.join(ray_dir, "manifest.parquet")
     write_manifest(manifest_rows(ray_dir), manifest, Storage())
     config = job_config(device, os.path.join(ray_dir, "cache"), ray_pools=True)
-    if window is not None:  # the backpressure window (pipeline/dub/admission.py); a huge one turns it off
-        config = config.model_copy(update={"max_segments_in_flight": window})
     t0 = time.perf_counter()
 
     def ray_ok(args, result) -> bool:  # GraphSink.settle(self, index, row)
@@ -271,8 +268,7 @@ def part_throughput(out: str, device: str, window: int | None = None) -> None:
     pools = ", ".join(f"{k} {p.size}x{p.num_cpus:g}cpu" + (f"+{p.num_gpus:g}gpu" if p.num_gpus else "")
                       for k, p in config.pools.items())
     print(f"job config: segment_seconds {config.segment_seconds:g}, torch_threads {config.torch_threads}, "
-          f"batch complete {config.batch.complete_frames} / motion {config.batch.motion_frames}, "
-          f"segments in flight {config.max_segments_in_flight or default_window(config.pools)}")
+          f"batch complete {config.batch.complete_frames} / motion {config.batch.motion_frames}")
     print(f"Ray pools: {pools}")
     print(f"videos dubbed: Ray {len(ok)}/{len(SAMPLES)}, loop {loop_ok}/{len(SAMPLES)}; "
           f"source frames: Ray {ray_frames}, loop {loop_frames}")
@@ -590,8 +586,6 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "imgtalk-bench"),
                     help="inputs are made here once and reused; run outputs are replaced")
-    ap.add_argument("--max-segments-in-flight", type=int, help="throughput: the Ray job's backpressure window "
-                    "(default: the job's own; 100000 turns backpressure off)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -615,7 +609,7 @@ def main() -> None:
     if args.part in ("all", "memory"):
         part_memory(out, args.device)
     if args.part in ("all", "throughput"):
-        part_throughput(out, args.device, args.max_segments_in_flight)
+        part_throughput(out, args.device)
     if args.part in ("all", "stages"):
         part_stages(out, args.device)
     print(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")

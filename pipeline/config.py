@@ -183,10 +183,6 @@ class JobConfig(_Strict):
     max_failed_videos: int | None = Field(
         None, ge=0, description="stop the job cleanly once more videos than this have failed (None: never)"
     )
-    max_segments_in_flight: int | None = Field(
-        None, ge=1, description="backpressure: a video starts its per-video work only while fewer segments than this "
-        "are in flight (a longer video alone); None: twice the actors of the face, motion, complete and compose pools"
-    )
     report_interval_s: float = Field(
         30.0, ge=0, description="rewrite the partial report at most this often while the job runs (0: after every video)"
     )

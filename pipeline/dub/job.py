@@ -24,7 +24,6 @@ from typing import Callable
 from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
 from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
-from pipeline.dub.admission import Admission, VideoGate, default_window
 from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
 from pipeline.dub.rows import new_row, normalise
 from pipeline.dub.schemas import ManifestRow, ReportRow, read_manifest, write_report
@@ -412,15 +411,8 @@ def _run_graph(
     def actors(name: str):
         return pools[name].actor_args()
 
-    # Backpressure (pipeline/dub/admission.py): a planned video waits for room in the
-    # segment stages before its per-video work starts. The gate is async: waiting costs it
-    # no thread; restarted if its node dies (it then forgets, and admits, what was in flight).
-    window = config.max_segments_in_flight or default_window(pools)
-    gate = ray.remote(VideoGate).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(window)
-
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map(ops.PlanOp, fn_constructor_args=(cfg,), **actors("plan"))
-    ds = ds.map(ops.AdmitOp, fn_constructor_args=(Admission(gate),), compute=ActorPoolStrategy(size=1), num_cpus=0.01)
     ds = ds.map(ops.AnalyseOp, fn_constructor_args=(cfg, weights_uri), **actors("analyse"))
     ds = ds.map(ops.AudioOp, fn_constructor_args=(cfg, weights_uri), **actors("audio"))
     ds = ds.flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
@@ -504,7 +496,6 @@ def _run_graph(
             row = normalise(raw)
             vid = row["video_id"]
             if int(row["n_segments"]) == 0:  # failed before it was split
-                gate.release.remote(vid)
                 settle(int(row["row_index"]), _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan"))
                 drop([row])  # its reference bank, if analyse got that far
             elif vid in closed or any(s["seg_idx"] == row["seg_idx"] for s in pending.get(vid, [])):
@@ -515,7 +506,6 @@ def _run_graph(
                 reused += bool(row["segment_reused"])
                 if len(pending[vid]) == int(row["n_segments"]):
                     closed.add(vid)
-                    gate.release.remote(vid)  # its segments are done: room for the next video
                     close_video(pending.pop(vid))
             if futures:  # settle finished videos as they finish, for progress and metrics
                 done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0)
@@ -539,7 +529,6 @@ def _run_graph(
         launch_finalize()
         done, _ = ray.wait(list(futures), num_returns=1)
         finalized(done[0], futures.pop(done[0]))
-    ray.kill(gate)
     try:  # this job's failed-video markers (pipeline/workarea.py) only held its own segments back
         storage.rm(join_uri(config.work_dir(), "failed", job_id), recursive=True)
     except OSError as e:

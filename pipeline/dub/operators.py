@@ -137,26 +137,6 @@ class PlanOp(_Op):
         )
 
 
-# --------------------------------------------------------------------------- admit
-
-
-class AdmitOp:
-    """Holds each planned video back until the segment stages have room for it
-    (pipeline/dub/admission.py): `admit(video_id, segments)` blocks until then. Failed
-    rows pass at once; a video's probe tells how many segments it will weigh."""
-
-    def __init__(self, admit):
-        self.admit = admit
-
-    def __call__(self, row: dict) -> dict:
-        from pipeline.dub.admission import segments_of
-
-        row = normalise(row)
-        if not row["error"]:
-            self.admit(row["video_id"], segments_of(float(row["duration_s"]), float(row["segment_seconds"])))
-        return row
-
-
 # --------------------------------------------------------------------------- analyse
 
 
