@@ -20,7 +20,7 @@ import re
 import sys
 from typing import Literal
 
-from pipeline.storage import is_transient
+from pipeline.storage import exception_chain, is_transient
 
 log = logging.getLogger("imgtalk.errors")
 
@@ -52,14 +52,6 @@ _DEVICE_FAULT_MARKS = (
 _XID = re.compile(r"\bxid\b")
 
 
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA out-of-memory, as torch raises it (OutOfMemoryError) or as older code paths
     word it (a RuntimeError saying "CUDA out of memory")."""
@@ -71,7 +63,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def is_device_fault(exc: BaseException) -> bool:
     """True when the exception (or one it was raised from) reports a GPU or driver fault
     after which this process can no longer use the device."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if is_out_of_memory(e):
             return False
         if isinstance(e, RuntimeError):

@@ -96,10 +96,10 @@ def retried_by_client(exc: BaseException) -> bool:
     """True when botocore's own retry handler already had this request's failure (and
     retried it as far as its mode allows), so another try on top would only multiply them."""
     handled, body = _client_retried_types()
-    return any(isinstance(e, handled) and not isinstance(e, body) for e in _chain(exc))
+    return any(isinstance(e, handled) and not isinstance(e, body) for e in exception_chain(exc))
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     while exc is not None and exc not in seen:
         seen.append(exc)
@@ -113,7 +113,7 @@ def is_transient(exc: BaseException) -> bool:
     s3fs turns botocore's ClientError into OSError subclasses (404 -> FileNotFoundError,
     403 -> PermissionError, anything else -> OSError(EIO) with the ClientError as its
     cause), so the whole cause chain is read, the server's own verdict first."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     if any(isinstance(e, _FINAL) for e in chain):
         return False
     for e in chain:
