@@ -135,6 +135,27 @@ def _joined_packets(sources: Iterable, reference: dict, out_stream) -> Iterator[
             timeline += Fraction(n_packets) / fps
 
 
+def _with_dubbed_audio(audio_source, audio_name: str, out_path: str, mux):
+    """mux(audio_in, audio_stream, layout) over the dubbed track's first audio stream; a
+    failure leaves no partial file at out_path and names it."""
+    audio_in = open_media(audio_source, "audio")
+    try:
+        if not audio_in.streams.audio:
+            raise MediaError(f"audio {audio_name!r}: has no audio stream")
+        audio_stream = audio_in.streams.audio[0]
+        layout = "mono" if audio_stream.codec_context.channels == 1 else "stereo"
+        try:
+            return mux(audio_in, audio_stream, layout)
+        except (av.FFmpegError, OSError) as exc:
+            _remove_partial(out_path)
+            raise MediaError(f"output {out_path!r}: muxing failed ({exc})") from exc
+        except BaseException:
+            _remove_partial(out_path)
+            raise
+    finally:
+        audio_in.close()
+
+
 @dataclass(frozen=True)
 class MuxResult:
     audio_duration_s: float  # the dubbed audio as read
@@ -164,23 +185,8 @@ def mux_audio(
     video_duration = Fraction(video_info.n_frames) / video_info.fps
     target_samples = round(video_duration * sample_rate)
 
-    audio_in = open_media(audio_path, "audio")
-    try:
-        if not audio_in.streams.audio:
-            raise MediaError(f"audio {audio_path!r}: has no audio stream")
-        audio_stream = audio_in.streams.audio[0]
-        layout = "mono" if audio_stream.codec_context.channels == 1 else "stereo"
-        try:
-            result = _mux(video_path, audio_in, audio_stream, audio_path, out_path, layout,
-                          bitrate, sample_rate, target_samples, rotation)
-        except (av.FFmpegError, OSError) as exc:
-            _remove_partial(out_path)
-            raise MediaError(f"output {out_path!r}: muxing failed ({exc})") from exc
-        except BaseException:
-            _remove_partial(out_path)
-            raise
-    finally:
-        audio_in.close()
+    result = _with_dubbed_audio(audio_path, audio_path, out_path, lambda audio_in, audio_stream, layout: _mux(
+        video_path, audio_in, audio_stream, audio_path, out_path, layout, bitrate, sample_rate, target_samples, rotation))
     return MuxResult(
         audio_duration_s=result["in_samples"] / sample_rate,
         video_duration_s=float(video_duration),
@@ -334,24 +340,9 @@ def mux_segments(
     segment is in is the video's length known, so only then is the audio cut or padded."""
     if not segment_sources:
         raise MediaError(f"concat {out_path!r}: no segments given")
-    audio_in = open_media(audio_source, "audio")
-    try:
-        audio_name = media_name(audio_source)
-        if not audio_in.streams.audio:
-            raise MediaError(f"audio {audio_name!r}: has no audio stream")
-        audio_stream = audio_in.streams.audio[0]
-        layout = "mono" if audio_stream.codec_context.channels == 1 else "stereo"
-        try:
-            return _mux_segments(segment_sources, audio_in, audio_stream, audio_name, out_path, layout,
-                                 bitrate, sample_rate, rotation)
-        except (av.FFmpegError, OSError) as exc:
-            _remove_partial(out_path)
-            raise MediaError(f"output {out_path!r}: muxing failed ({exc})") from exc
-        except BaseException:
-            _remove_partial(out_path)
-            raise
-    finally:
-        audio_in.close()
+    audio_name = media_name(audio_source)
+    return _with_dubbed_audio(audio_source, audio_name, out_path, lambda audio_in, audio_stream, layout: _mux_segments(
+        segment_sources, audio_in, audio_stream, audio_name, out_path, layout, bitrate, sample_rate, rotation))
 
 
 def _mux_segments(segment_sources, audio_in, audio_stream, audio_name, out_path, layout, bitrate,
