@@ -68,8 +68,15 @@ class OutputConfig(_Strict):
     codec: str = "libx264"
     crf: int = Field(18, ge=0, le=51)
     preset: str = "medium"
-    audio_bitrate: int = Field(128_000, ge=16_000)
-    audio_sample_rate: int = Field(48_000, ge=8_000)
+    # The dub track (stages/media/mux.py AudioOutput; README "Deliverable audio"). None takes
+    # it from the dub file: its sample rate (or the nearest the codec has), its bit rate when
+    # lossy-coded, else 64 kb/s per channel. Its channel layout is always the dub's.
+    audio_codec: Literal["aac", "ac3", "eac3", "libopus"] = "aac"
+    audio_bitrate: int | None = Field(None, ge=16_000)
+    audio_sample_rate: int | None = Field(None, ge=8_000)
+    keep_source_streams: bool = Field(
+        False, description="carry the source video's subtitle and data streams, chapters, metadata, timecode and "
+        "language tags into the output (packet copy); its audio tracks: the manifest's audio_mode")
 
 
 class FaceConfig(_Strict):

@@ -64,9 +64,22 @@ def sync_check(local_video: str, weights_uri: str | None, config: JobConfig, sto
     return sync_fields(sync_score_video(local_video, local_video, scorer, tracker))
 
 
+def output_extension(output_uri: str) -> str:
+    """The container the output is written in: Matroska or QuickTime when its URI says so
+    (an .mkv keeps srt/ass subtitles), else mp4."""
+    ext = os.path.splitext(output_uri.split("?", 1)[0])[1].lower()
+    return ext if ext in (".mkv", ".mov") else ".mp4"
+
+
 def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights_uri: str | None = None) -> dict:
-    """Concatenate a video's segments (no re-encode), mux the dubbed audio (AAC), probe
-    the result, run the quality checks, and commit it atomically. Returns report fields.
+    """Concatenate a video's segments (no re-encode), mux the dubbed audio (config.output's
+    codec; the dub's layout), probe the result, run the quality checks, and commit it
+    atomically. Returns report fields.
+
+    `video`: video_uri, audio_uri, output_uri, rotation, and optionally the row's
+    audio_mode ("replace", the default, or "add": the source's audio tracks are kept after
+    the dub) and audio_language (the dub track's tag). With output.keep_source_streams the
+    source's subtitles, data streams, chapters and tags are kept too (stages.media.mux.KeepSource).
 
     Quality checks (pipeline/dub/qc.py): with `weights_uri` naming a bundle that holds
     SyncNet weights, the local result is scored (sync_conf / sync_dist / sync_offset)
@@ -79,14 +92,17 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights
     from pipeline.dub.qc import QCError, qc_failure
     from pipeline.steps import open_source
     from stages.media import probe_video
-    from stages.media.mux import mux_segments
+    from stages.media.mux import KeepSource, mux_segments
 
     config = JobConfig.model_validate(config_dict)
     storage = Storage(config.storage.options())
     start = time.perf_counter()
     segments = sorted(segments, key=lambda r: int(r["seg_idx"]))
     with tempfile.TemporaryDirectory(prefix="imgtalk-final-") as tmp:
-        final = os.path.join(tmp, "final.mp4")
+        final = os.path.join(tmp, "final" + output_extension(video["output_uri"]))
+        # The source is read only for streams it keeps ("add", keep_source_streams), in the same pass.
+        keep = KeepSource(functools.partial(open_source, storage, video["video_uri"]),
+                          audio=video.get("audio_mode", "replace") == "add", other=config.output.keep_source_streams)
         with open_source(storage, video["audio_uri"]) as audio:
             mux = mux_segments(
                 [functools.partial(open_source, storage, seg["segment_uri"]) for seg in segments],
@@ -95,6 +111,9 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights
                 bitrate=config.output.audio_bitrate,
                 sample_rate=config.output.audio_sample_rate,
                 rotation=video.get("rotation") or None,  # keep a phone video's display matrix
+                codec=config.output.audio_codec,
+                language=video.get("audio_language") or None,
+                keep=keep,
             )
         info = probe_video(final)
         h = hashlib.sha256()

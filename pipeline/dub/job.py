@@ -279,7 +279,7 @@ def run_dub(
         seconds = m.options.segment_seconds or config.segment_seconds
         crf = m.options.crf if m.options.crf is not None else -1
         return decide(storage, results, m.video_id, output_uri,
-                      lambda: input_identity(storage, video_uri, audio_uri, bundle_id, settings, seconds, crf),
+                      lambda: input_identity(storage, video_uri, audio_uri, bundle_id, m.options.output_settings(settings), seconds, crf),
                       force, lambda uri: describe_output(storage, uri))
 
     todo: list[dict] = []
@@ -302,6 +302,8 @@ def run_dub(
                 audio_uri=audio_uri,
                 output_uri=output_uri,
                 crf=m.options.crf if m.options.crf is not None else -1,
+                audio_mode=m.options.audio_mode,
+                audio_language=m.options.audio_language or "",
                 segment_seconds=m.options.segment_seconds or config.segment_seconds,
             )
         )
@@ -456,7 +458,7 @@ def _run_graph(
             # Its committed segments stay in the work area: a rerun (with the input fixed)
             # reuses them instead of redoing an hour of video for one bad segment.
             return
-        video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")}
+        video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation", "audio_mode", "audio_language")}
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
         sink.finalizing(_video_report(job_id, head, segments, None, None, None))
         waiting.append((video, seg_info, segments))

@@ -23,7 +23,7 @@ from pipeline.workarea import PIXEL_SETTINGS
 
 # Settings that change a committed output's bytes besides the segments' pixels: the muxed
 # audio. Together with PIXEL_SETTINGS they decide whether an existing output is current.
-OUTPUT_SETTINGS = ("output.audio_bitrate", "output.audio_sample_rate")
+OUTPUT_SETTINGS = ("output.audio_codec", "output.audio_bitrate", "output.audio_sample_rate", "output.keep_source_streams")
 
 
 def settings_identity(config: JobConfig) -> dict:

@@ -26,6 +26,8 @@ ROW_DEFAULTS: dict = {
     "output_uri": "",
     "crf": -1,  # -1: job default
     "segment_seconds": 0.0,
+    "audio_mode": "replace",  # RowOptions.audio_mode
+    "audio_language": "",  # RowOptions.audio_language; "": the dub file's own tag
     # failure, if any
     "error": "",
     "error_stage": "",

@@ -24,6 +24,17 @@ class RowOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     crf: int | None = Field(None, ge=0, le=51)
     segment_seconds: float | None = Field(None, gt=0.2, le=120)
+    # The source's audio tracks: "replace" drops them (the dub is the only audio), "add"
+    # keeps them after the dub (README "Deliverable audio").
+    audio_mode: Literal["replace", "add"] = "replace"
+    audio_language: str | None = Field(None, pattern=r"^[a-z]{3}$", description="ISO 639-2 tag of the dub track")
+
+    def output_settings(self, settings: dict) -> dict:
+        """settings (results.settings_identity) with this row's audio options, when chosen:
+        outputs made before the options existed keep matching."""
+        chosen = {k: v for k, v in (("audio_mode", self.audio_mode), ("audio_language", self.audio_language))
+                  if v != RowOptions.model_fields[k].default}
+        return {**settings, "row_audio": chosen} if chosen else settings
 
 
 class ManifestRow(BaseModel):

@@ -90,6 +90,17 @@ def _container_start(container) -> float:
     return container.start_time / av.time_base if container.start_time is not None else 0.0
 
 
+def lead_seconds(container, first_frame_time: float | None) -> float:
+    """Silence before a stream's first decoded sample on the container's clock: how far
+    it starts after the container does (the earliest stream, e.g. a video at 0 with its
+    audio at 0.5 s). Never negative: a stream that starts before the container's start is
+    not cut. The mux (stages.media.mux) pads the dub by the same amount, so the output's
+    audio lines up with these features."""
+    if first_frame_time is None:
+        return 0.0
+    return max(0.0, first_frame_time - _container_start(container))
+
+
 def _declared_end(container, stream) -> float | None:
     """Where the audio stream says it ends, on the container's clock, or None."""
     duration = _seconds(stream.duration, stream.time_base)
@@ -126,8 +137,7 @@ def _decode(container, stream, name: str, sample_rate: int) -> np.ndarray:
         raise AudioError(f"{name}: audio stream holds no samples")
     waveform = np.concatenate(pieces).astype(np.float32, copy=False)
 
-    lead = (first_time - _container_start(container)) if first_time is not None else 0.0
-    lead_samples = int(round(lead * sample_rate))
+    lead_samples = int(round(lead_seconds(container, first_time) * sample_rate))
     if lead_samples > 0:
         waveform = np.concatenate([np.zeros(lead_samples, np.float32), waveform])
 

@@ -1,0 +1,73 @@
+"""The fused stage layout (pipeline/dub/fused.py): which layout a job takes, what a fused
+actor reserves, and that a fused actor passes each row through its operators in order
+with each operator's own failure handling. tests/test_resilience.py shows that the two
+layouts give the same bytes (its reference run uses pools, its other runs fused)."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import JobConfig, PoolConfig
+from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, fused_pool
+from pipeline.dub.job import stage_layout
+
+
+class FakeRay:
+    def __init__(self, nodes: int, cpus: float, gpus: float = 0):
+        self._nodes, self._resources = nodes, {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    def nodes(self):
+        return [{"Alive": True}] * self._nodes + [{"Alive": False}]  # a dead node does not count
+
+    def cluster_resources(self):
+        return dict(self._resources)
+
+
+@pytest.mark.parametrize("nodes, cpus, gpus, expected", [
+    (1, 2, 0, "fused"),  # a laptop
+    (1, 4, 0, "fused"),
+    (1, 8, 0, "pools"),  # enough cores for a pool per stage
+    (1, 2, 1, "pools"),  # a GPU wants its own completion actor
+    (2, 4, 0, "pools"),  # a cluster
+])
+def test_auto_fuses_only_on_one_small_cpu_node(nodes, cpus, gpus, expected):
+    assert stage_layout(FakeRay(nodes, cpus, gpus), JobConfig()) == expected
+
+
+@pytest.mark.parametrize("chosen", ["pools", "fused"])
+def test_a_chosen_layout_is_kept_whatever_the_cluster(chosen):
+    for ray in (FakeRay(1, 2), FakeRay(3, 64, 8)):
+        assert stage_layout(ray, JobConfig(stage_layout=chosen)) == chosen
+
+
+def test_a_fused_actor_reserves_the_largest_share_and_all_the_memory():
+    pools = JobConfig(pools={
+        "face": PoolConfig(num_cpus=1.0, memory_gb=1.5),
+        "motion": PoolConfig(num_cpus=0.5, memory_gb=1.0),
+        "complete": PoolConfig(num_cpus=0.25, num_gpus=1.0, memory_gb=6.0),
+        "compose": PoolConfig(num_cpus=2.0),
+    }).pools
+    pool = fused_pool(pools, SEGMENT_STAGES, size=3)
+    assert (pool.size, pool.num_cpus, pool.num_gpus, pool.memory_gb) == (3, 2.0, 1.0, 8.5)
+    assert fused_pool(JobConfig().pools, VIDEO_STAGES, size=1).memory_gb is None  # nothing reserved, nothing summed
+
+
+class Stamp:
+    """An operator stand-in: appends its name, or fails the row when told to."""
+
+    def __init__(self, name: str, fail_on: str | None = None):
+        self.name, self.fail_on = name, fail_on
+
+    def __call__(self, row: dict) -> dict:
+        if row.get("error"):  # what pipeline.steps' row_step does with a failed row
+            return row
+        if row["id"] == self.fail_on:
+            return dict(row, error=f"{self.name} failed", error_stage=self.name)
+        return dict(row, trail=row["trail"] + [self.name])
+
+
+def test_a_fused_actor_runs_its_operators_in_order_and_a_failed_row_skips_the_rest():
+    op = FusedOp([(Stamp, ("face",)), (Stamp, ("motion", "b")), (Stamp, ("compose",))])
+    assert [s.name for s in op.ops] == ["face", "motion", "compose"]  # each built once, with its arguments
+    assert op({"id": "a", "trail": []})["trail"] == ["face", "motion", "compose"]
+    failed = op({"id": "b", "trail": []})
+    assert (failed["trail"], failed["error_stage"]) == (["face"], "motion")
