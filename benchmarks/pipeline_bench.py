@@ -232,6 +232,7 @@ def part_throughput(out: str, device: str) -> None:
     with SegmentClock(job_module, "normalise", t0) as ray_clock, VideoClock(job_module.GraphSink, "settle", t0, ray_ok) as ray_video:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0
+        layout = job_module.stage_layout(ray, config)
         try:
             result = run_dub(manifest, bundle, os.path.join(ray_dir, "report.parquet"), config, progress=False)
         finally:
@@ -270,6 +271,8 @@ def part_throughput(out: str, device: str) -> None:
     print(f"job config: segment_seconds {config.segment_seconds:g}, torch_threads {config.torch_threads}, "
           f"batch complete {config.batch.complete_frames} / motion {config.batch.motion_frames}")
     print(f"Ray pools: {pools}")
+    print(f"Ray stage layout: {layout} (config {config.stage_layout}; fused: plan+analyse+audio in one actor, "
+          "face..compose in one actor per CPU)")
     print(f"videos dubbed: Ray {len(ok)}/{len(SAMPLES)}, loop {loop_ok}/{len(SAMPLES)}; "
           f"source frames: Ray {ray_frames}, loop {loop_frames}")
     print(f"{'':58s}{'frames':>7s}{'seconds':>10s}{'frames/s':>10s}")
