@@ -65,9 +65,19 @@ class BatchConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    codec: str = "libx264"
-    crf: int = Field(18, ge=0, le=51)
-    preset: str = "medium"
+    """The output video's encoding. The pixel format, bit depth and colour tags are always
+    the source's (stages/media/colour.py); these choose the encoder and its quality. The
+    container is the output_uri's extension: .mov, .mkv, else mp4."""
+
+    codec: str = Field("libx264", description="libx264, libx265, libsvtav1, libvpx-vp9, prores_ks, mpeg4, or "
+                       "match-source: the encoder of the source's codec family at its bitrate and GOP")
+    crf: int = Field(18, ge=0, le=51, description="constant quality for libx264/libx265/libsvtav1/libvpx-vp9")
+    preset: str = Field("medium", description="x264/x265 preset name; mapped to SVT-AV1 and libvpx speeds")
+    bitrate: int | None = Field(None, gt=0, description="video bits/s instead of crf/qscale (None: constant quality)")
+    gop: int | None = Field(None, ge=1, description="keyframe interval in frames (None: encoder default; match-source: the source's)")
+    qscale: int = Field(4, ge=1, le=31, description="quantiser for prores_ks and mpeg4 (lower is better)")
+    prores_profile: Literal["auto", "proxy", "lt", "standard", "hq", "4444", "4444xq"] = Field(
+        "auto", description="auto: hq for 4:2:2 sources, 4444 for 4:4:4")
     # The dub track (stages/media/mux.py AudioOutput; README "Deliverable audio"). None takes
     # it from the dub file: its sample rate (or the nearest the codec has), its bit rate when
     # lossy-coded, else 64 kb/s per channel. Its channel layout is always the dub's.

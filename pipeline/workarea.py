@@ -26,7 +26,8 @@ def digest(*parts) -> str:
 # policy; batch sizes and torch threads (the networks are per-frame, so batching changes no
 # pixel: the usual fix after an out-of-memory error must not throw the committed work away);
 # the output's audio settings (the dubbed track is muxed in finalize, not in segments).
-PIXEL_SETTINGS = ("device", "precision", "output.codec", "output.crf", "output.preset", "face", "analyse", "audio", "motion")
+PIXEL_SETTINGS = ("device", "precision", "output.codec", "output.crf", "output.preset", "output.bitrate", "output.gop",
+                  "output.qscale", "output.prores_profile", "face", "analyse", "audio", "motion")
 
 
 def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> str:

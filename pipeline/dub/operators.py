@@ -118,12 +118,17 @@ class PlanOp(_Op):
 
     @row_step("plan", video_subject)
     def __call__(self, row: dict) -> dict:
-        from stages.media import probe_video
+        from stages.media import deliverable_format, probe_video
+        from stages.media.encode import check_container, container_for
 
         if not self.storage.exists(row["audio_uri"]):
             raise RowError(f"audio {row['audio_uri']}: no such file")
         with open_source(self.storage, row["video_uri"]) as src:
-            info = probe_video(src)
+            info = probe_video(src, measure_gop=self.config.output.codec == "match-source")
+        # A format the output cannot keep fails here, before any face or GPU work.
+        codec = encoder_settings(self.config.output).for_source(info).codec
+        deliverable_format(info, codec, row["video_uri"])
+        check_container(codec, container_for(row["output_uri"]), row["output_uri"])
         video_identity = self.storage.identity(row["video_uri"])
         return dict(
             width=info.width,
@@ -133,8 +138,42 @@ class PlanOp(_Op):
             n_frames=info.n_frames,
             duration_s=info.duration_s,
             rotation=info.rotation,
+            # What compose writes the output in: the source's format and colour, its codec family.
+            pix_fmt=info.pix_fmt,
+            color_primaries=info.color_primaries,
+            color_trc=info.color_trc,
+            colorspace=info.colorspace,
+            color_range=info.color_range,
+            bit_depth=info.bit_depth,
+            source_codec=info.codec,
+            source_bit_rate=info.bit_rate,
+            source_gop=info.gop,
             work_key=digest(row["work_key"], row["video_uri"], video_identity),
         )
+
+
+def encoder_settings(out):
+    """stages.media.EncoderSettings of an OutputConfig."""
+    from stages.media import EncoderSettings
+
+    return EncoderSettings(codec=out.codec, crf=out.crf, preset=out.preset, bitrate=out.bitrate, gop=out.gop,
+                           qscale=out.qscale, prores_profile=out.prores_profile)
+
+
+def source_video(row: dict):
+    """The source's VideoInfo as PlanOp put it in the row (compose writes in its format);
+    None for a row PlanOp did not fill (compose then probes the source itself)."""
+    from stages.media import VideoInfo
+
+    if not row["pix_fmt"]:
+        return None
+    return VideoInfo(
+        width=int(row["width"]), height=int(row["height"]), rotation=int(row["rotation"]), fps=fps_of(row),
+        n_frames=int(row["n_frames"]), duration_s=float(row["duration_s"]), codec=row["source_codec"],
+        pix_fmt=row["pix_fmt"], has_audio=False, color_primaries=int(row["color_primaries"]),
+        color_trc=int(row["color_trc"]), colorspace=int(row["colorspace"]), color_range=int(row["color_range"]),
+        bit_depth=int(row["bit_depth"]), bit_rate=int(row["source_bit_rate"]), gop=int(row["source_gop"]),
+    )
 
 
 # --------------------------------------------------------------------------- analyse
@@ -424,15 +463,19 @@ class ComposeOp(_Op):
         out = self.config.output
         self.stage = ComposeStage(
             MouthMask().feathered(self.config.face.feather_px), codec=out.codec, crf=out.crf, preset=out.preset,
+            bitrate=out.bitrate, gop=out.gop, qscale=out.qscale, prores_profile=out.prores_profile,
             # Decoder and x264 threads follow the cores the pool reserved, not the node's.
             threads=codec_threads(self.config.pools["compose"].num_cpus),
         )
 
     @row_step("compose", _segment)
     def __call__(self, row: dict) -> dict:
+        from stages.media.encode import container_for
+
         uri = segment_uri(self.config, row)
         with tempfile.TemporaryDirectory(prefix="imgtalk-seg-") as tmp:
-            local = os.path.join(tmp, "segment.mp4")
+            # The output's container (its extension), so the segment's packets stream-copy into it.
+            local = os.path.join(tmp, "segment." + container_for(row["output_uri"]))
             with open_source(self.storage, row["video_uri"]) as src:
                 written = self.stage(
                     src,
@@ -446,6 +489,7 @@ class ComposeOp(_Op):
                     unpack(row["affines"]),
                     unpack(row["has_face"]),
                     crf=None if int(row["crf"]) < 0 else int(row["crf"]),
+                    video=source_video(row),
                 )
             self.storage.put_atomic(local, uri)
         marker = {"frames": int(written), "face_frames": int(row["face_frames"])}

@@ -39,6 +39,17 @@ ROW_DEFAULTS: dict = {
     "n_frames": 0,
     "duration_s": 0.0,
     "rotation": 0,
+    # plan: the source's pixel format and colour coding (AVColor* values; 2/2/2/0 untagged),
+    # which the output keeps, and its codec, bit rate and GOP (for codec: match-source)
+    "pix_fmt": "",
+    "color_primaries": 2,
+    "color_trc": 2,
+    "colorspace": 2,
+    "color_range": 0,
+    "bit_depth": 8,
+    "source_codec": "",
+    "source_bit_rate": 0,
+    "source_gop": 0,
     # analyse
     "neutral_frame": -1,
     "neutral_x_c": b"",

@@ -8,19 +8,23 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from .colour import RANGE_JPEG, RANGE_MPEG, SWS_MATRIX, UNSPECIFIED_MATRIX, guessed_matrix
 from .probe import MediaError, frame_rate_of, media_name, open_media, video_stream_of
-
-_UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
 
 
 def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """HxWx3 uint8 RGB. An untagged stream is converted with the matrix a player would
-    assume (BT.709 from 720 lines up, BT.601 below), so the re-encoded output, which
-    SegmentWriter tags BT.709, looks like the source did."""
-    if frame.colorspace == _UNSPECIFIED_COLORSPACE:
-        guess = "itu709" if frame.height >= 720 else "itu601"
-        return frame.to_ndarray(format="rgb24", src_colorspace=guess)
-    return frame.to_ndarray(format="rgb24")
+    """HxWx3 uint8 R'G'B' code values, at any source bit depth. The matrix and range are
+    the frame's own, named to swscale explicitly (PyAV leaves the range unspecified, which
+    swscale reads as limited): compose converts the generated mouth back with the same
+    ones (colour.rgb_to_ycbcr). An untagged matrix is the one a player would assume
+    (BT.709 from 720 lines up, BT.601 below). The transfer function is not converted: an
+    HDR source gives its PQ/HLG code values."""
+    matrix = guessed_matrix(frame.height) if frame.colorspace == UNSPECIFIED_MATRIX else int(frame.colorspace)
+    full = frame.color_range == RANGE_JPEG or frame.format.name.startswith("yuvj")
+    if frame.format.is_rgb or matrix not in SWS_MATRIX:
+        return frame.to_ndarray(format="rgb24")  # nothing better to name; compose refuses these formats
+    return frame.to_ndarray(format="rgb24", src_colorspace=SWS_MATRIX[matrix],
+                            src_color_range=RANGE_JPEG if full else RANGE_MPEG)
 
 
 def decode_frames(path: str, frame_start: int, frame_end: int, threads: int | None = None
@@ -35,6 +39,19 @@ def decode_frames(path: str, frame_start: int, frame_end: int, threads: int | No
     frame_end raises MediaError. `threads` caps the decoder's threads (None: FFmpeg's
     automatic count from the node's cores); the frames are the same either way.
     """
+    return _decode_frames(path, frame_start, frame_end, threads, frame_to_rgb)
+
+
+def decode_native_frames(path: str, frame_start: int, frame_end: int, threads: int | None = None
+                         ) -> Iterator[tuple[int, av.VideoFrame]]:
+    """decode_frames' frames as the decoder gives them: the source's own pixel format,
+    bit depth and colour tags, nothing converted. A repeated frame (a timestamp gap) is
+    the same VideoFrame object again: treat them as read-only."""
+    return _decode_frames(path, frame_start, frame_end, threads, lambda frame: frame)
+
+
+def _decode_frames(path, frame_start: int, frame_end: int, threads: int | None, convert
+                   ) -> Iterator[tuple[int, np.ndarray]]:
     if frame_start < 0 or frame_end < frame_start:
         raise ValueError(f"bad frame range [{frame_start}, {frame_end}) for {media_name(path)!r}")
     if frame_end == frame_start:
@@ -44,7 +61,7 @@ def decode_frames(path: str, frame_start: int, frame_end: int, threads: int | No
     # as a last resort decode from the start.
     backoffs_s = (0.0, 2.0, 8.0, None) if frame_start > 0 else (None,)
     for backoff_s in backoffs_s:
-        frames = _decode_range(path, frame_start, frame_end, backoff_s, threads)
+        frames = _decode_range(path, frame_start, frame_end, backoff_s, threads, convert)
         first = next(frames, None)  # None: the seek landed past the last frame
         if first is not None and (first[0] == frame_start or backoff_s is None):
             break
@@ -53,7 +70,7 @@ def decode_frames(path: str, frame_start: int, frame_end: int, threads: int | No
     yield from frames
 
 
-def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float | None, threads: int | None):
+def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float | None, threads: int | None, convert):
     """Decode from a seek `backoff_s` seconds before frame_start (None: from the start)."""
     with open_media(path, "video", threads) as container:
         stream = video_stream_of(container, path)
@@ -79,12 +96,12 @@ def _decode_range(path: str, frame_start: int, frame_end: int, backoff_s: float 
                     continue
                 if index > expected and previous is None and backoff_s is not None:
                     # Overshot the seek: report the first index so the caller retries.
-                    yield index, frame_to_rgb(frame)
+                    yield index, convert(frame)
                     return
-                current = frame_to_rgb(frame) if index < frame_end or previous is None else None
+                current = convert(frame) if index < frame_end or previous is None else None
                 fill = previous if previous is not None else current
                 while expected < min(index, frame_end):
-                    yield expected, fill.copy()
+                    yield expected, fill.copy() if isinstance(fill, np.ndarray) else fill
                     expected += 1
                 if index >= frame_end:
                     return

@@ -2,29 +2,166 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import av
 import numpy as np
 
-from .probe import MediaError
+from .colour import FULL_CHROMA, NON_J, PLANAR_YUV, RANGE_JPEG, SWS_MATRIX, Coding
+from .probe import MediaError, VideoInfo, media_name
 
 log = logging.getLogger(__name__)
 
-# 4:2:0 subsamples chroma by two both ways, so H.264 can only code (and crop to) even
-# sizes. The output must keep the source's exact size, so an odd size switches to 4:4:4,
-# which crops by one pixel. The price: High 4:4:4 Predictive profile, which some hardware
-# decoders and browsers refuse; even sizes (nearly all real video) keep yuv420p.
-_SUBSAMPLED_420 = {"yuv420p", "yuvj420p", "nv12"}
+# 4:2:0 subsamples chroma by two both ways (4:2:2 across), so H.264 can only code (and
+# crop to) even sizes. The output must keep the source's exact size, so an odd size
+# switches to the 4:4:4 format of the same depth, which crops by one pixel. The price:
+# High 4:4:4 Predictive profile, which some hardware decoders and browsers refuse; even
+# sizes (nearly all real video) keep the source's format.
+_SUBSAMPLED_420 = {"yuv420p", "yuvj420p", "nv12", "yuv420p10le"}
+_SUBSAMPLED_422 = {"yuv422p", "yuvj422p", "yuv422p10le"}
 _CRF_CODECS = {"libx264", "libx265"}
+# x264's preset names as SVT-AV1 (0 slowest .. 13) and libvpx (cpu-used 0 slowest .. 8) speeds.
+_SPEED = {"ultrafast": (12, 8), "superfast": (11, 7), "veryfast": (10, 6), "faster": (9, 5), "fast": (8, 5),
+          "medium": (6, 4), "slow": (5, 3), "slower": (4, 2), "veryslow": (2, 1), "placebo": (0, 0)}
+_PRORES_PROFILES = {"proxy": 0, "lt": 1, "standard": 2, "hq": 3, "4444": 4, "4444xq": 5}
+_QP2LAMBDA = 118  # FF_QP2LAMBDA: global_quality is a qscale in lambda units
+# codec: match-source: the encoder of the source's codec family.
+MATCH_SOURCE_ENCODERS = {"h264": "libx264", "hevc": "libx265", "av1": "libsvtav1", "vp9": "libvpx-vp9",
+                         "prores": "prores_ks", "mpeg4": "mpeg4"}
+# Containers an output (and its segments) can be written in: extension -> FFmpeg muxer.
+CONTAINER_FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska"}
+_EXTENSIONS = {".mov": "mov", ".mkv": "mkv"}
 
 
 def pix_fmt_for_size(pix_fmt: str, width: int, height: int) -> str:
-    if pix_fmt in _SUBSAMPLED_420 and (width % 2 or height % 2):
-        return "yuv444p"
+    if (pix_fmt in _SUBSAMPLED_420 and (width % 2 or height % 2)) or (pix_fmt in _SUBSAMPLED_422 and width % 2):
+        return FULL_CHROMA.get(pix_fmt, "yuv444p")
+    return pix_fmt
+
+
+def container_for(output_uri: str) -> str:
+    """'mp4', 'mov' or 'mkv': the container an output (and so each of its segments, which
+    are stream-copied into it) is written in, from its extension (.mov, .mkv; else mp4, as
+    finalize names it)."""
+    _, ext = os.path.splitext(output_uri.split("?", 1)[0].lower())
+    return _EXTENSIONS.get(ext, "mp4")
+
+
+def check_container(codec: str, container: str, name) -> None:
+    """MediaError naming the output when `container` cannot hold `codec`'s stream (ProRes
+    in mp4, say), found by asking the muxer, before any work is done."""
+    out = av.open(io.BytesIO(), "w", format=CONTAINER_FORMATS[container])
+    try:
+        out.add_stream(codec)
+    except (av.FFmpegError, ValueError) as exc:
+        raise MediaError(
+            f"output {media_name(name)!r}: {container} cannot hold {codec} ({exc}); name the output .mov or .mkv"
+        ) from None
+    finally:
+        out.close()
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """What an encoded segment's quality depends on, for every supported encoder:
+    libx264/libx265 crf + preset, libsvtav1 crf + preset (x264 names map to its speeds),
+    libvpx-vp9 crf with b=0 (constant quality), prores_ks profile + qscale, mpeg4 qscale;
+    or an explicit `bitrate` (bits/s) instead of crf/qscale (not prores_ks, which has none).
+    `gop`: keyframe interval in frames (None: the encoder's default; every segment starts
+    with a keyframe anyway)."""
+
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "medium"
+    bitrate: int | None = None
+    gop: int | None = None
+    qscale: int = 4
+    prores_profile: str = "auto"
+
+    def for_source(self, video: VideoInfo) -> EncoderSettings:
+        """codec 'match-source' made concrete: the encoder of the source's codec family,
+        its bitrate (when the container states one and no bitrate is set; else crf /
+        qscale) and its keyframe interval (when measured and no gop is set)."""
+        if self.codec != "match-source":
+            return self
+        encoder = MATCH_SOURCE_ENCODERS.get(video.codec)
+        if encoder is None:
+            raise MediaError(
+                f"codec match-source: no encoder for the source codec {video.codec!r} "
+                f"(known: {', '.join(sorted(MATCH_SOURCE_ENCODERS))}); set output.codec"
+            )
+        bitrate = self.bitrate
+        if bitrate is None and encoder != "prores_ks" and video.bit_rate > 0:
+            bitrate = video.bit_rate
+        gop = self.gop if self.gop is not None else (video.gop or None)
+        return replace(self, codec=encoder, bitrate=bitrate, gop=gop)
+
+    def options(self, pix_fmt: str) -> tuple[dict, int | None]:
+        """(encoder options, codec bit_rate or None) for writing `pix_fmt`."""
+        speed = _SPEED.get(self.preset)
+        if self.codec == "prores_ks":
+            if self.bitrate is not None:
+                raise ValueError("prores_ks has no bitrate control: set qscale (and prores_profile) instead")
+            profile = self.prores_profile
+            if profile == "auto":  # HQ for 4:2:2, 4444 for 4:4:4 sources
+                profile = "4444" if pix_fmt.startswith("yuv444") else "hq"
+            if profile not in _PRORES_PROFILES:
+                raise ValueError(f"prores_profile {profile!r} is not one of auto, {', '.join(_PRORES_PROFILES)}")
+            return {"profile": str(_PRORES_PROFILES[profile]), "flags": "+qscale",
+                    "global_quality": str(self.qscale * _QP2LAMBDA)}, None
+        if self.codec == "mpeg4":
+            if self.bitrate is not None:
+                return {}, self.bitrate
+            return {"flags": "+qscale", "global_quality": str(self.qscale * _QP2LAMBDA)}, None
+        options: dict = {}
+        if self.codec in _CRF_CODECS:
+            options["preset"] = self.preset
+            if self.codec == "libx265":
+                options["x265-params"] = "log-level=warning"
+        elif self.codec == "libsvtav1":
+            options["preset"] = self.preset if self.preset.isdigit() else str(speed[0] if speed else 8)
+        elif self.codec == "libvpx-vp9":
+            options.update({"deadline": "good", "cpu-used": str(speed[1] if speed else 4), "row-mt": "1"})
+        if self.bitrate is not None:
+            return options, self.bitrate
+        if self.codec in _CRF_CODECS | {"libsvtav1", "libvpx-vp9"}:
+            options["crf"] = str(self.crf)
+            if self.codec == "libvpx-vp9":
+                options["b"] = "0"  # constant quality: crf alone would be a cap on a default bitrate
+        return options, None
+
+
+def deliverable_format(video: VideoInfo, codec: str, name) -> str:
+    """The pixel format compose writes for `video` with encoder `codec` (the source's own,
+    or its 4:4:4 twin at odd sizes, or its non-"j" twin tagged full range); MediaError
+    naming the file and the format when the source's format, matrix or depth cannot be
+    kept: 12-bit, alpha, RGB, packed or semi-planar formats, matrices other than
+    BT.709/601/240M/FCC/2020-NCL, or an encoder that cannot write the format."""
+    try:
+        Coding.of(video.pix_fmt, video.colorspace, video.color_range, video.height)
+    except ValueError as exc:
+        raise MediaError(
+            f"video {media_name(name)!r}: {video.describe_colour()}: {exc}; the output would not keep the source's "
+            f"colour, so it is not made"
+        ) from None
+    pix_fmt = pix_fmt_for_size(video.pix_fmt, video.width, video.height)
+    try:
+        writable = {f.name for f in (av.codec.Codec(codec, "w").video_formats or [])}
+    except (av.FFmpegError, ValueError) as exc:  # unknown encoder
+        raise MediaError(f"video {media_name(name)!r}: encoder {codec!r} is not available ({exc})") from None
+    if pix_fmt not in writable and NON_J.get(pix_fmt) in writable:
+        pix_fmt = NON_J[pix_fmt]  # the same samples; the full range is in the tags
+    if pix_fmt not in writable:
+        bits, sx, sy = PLANAR_YUV[video.pix_fmt]
+        raise MediaError(
+            f"video {media_name(name)!r}: {video.describe_colour()} ({bits}-bit) cannot be written by {codec} "
+            f"(it writes {', '.join(sorted(writable))}); choose an encoder that can, e.g. codec: match-source"
+        )
     return pix_fmt
 
 
@@ -37,7 +174,13 @@ class SegmentWriter:
     dts and the decode delay would have to match across independently encoded segments
     for the concatenated dts to stay monotonic; without them dts == pts and stream-copy
     concatenation is trivially valid, at some cost in compression efficiency.
-    Colours are converted with BT.709 and tagged so.
+    The stream is tagged with the given colour primaries, transfer, matrix and range
+    (AVColor* values; default BT.709, limited range). write() converts RGB frames with
+    that matrix and range; write_frame() takes frames already in `pix_fmt` (compose's
+    native path) and converts nothing.
+    `settings` (EncoderSettings) replaces codec/crf/preset when given and adds bitrate,
+    GOP, qscale and ProRes profile. `container` ('mp4', 'mov', 'mkv'; None: from the
+    path's extension) picks the muxer.
     `threads` caps the encoder's threads (None: x264's automatic count, about 1.5 per core
     of the node, whatever the worker reserved); each x264 frame thread holds its own
     frames, so the cap bounds memory as well as CPU.
@@ -56,6 +199,12 @@ class SegmentWriter:
         preset: str = "medium",
         pix_fmt: str = "yuv420p",
         threads: int | None = None,
+        settings: EncoderSettings | None = None,
+        color_primaries: int = 1,
+        color_trc: int = 1,
+        colorspace: int = 1,
+        color_range: int = 1,
+        container: str | None = None,
     ):
         if width <= 0 or height <= 0:
             raise ValueError(f"segment {path!r}: bad size {width}x{height}")
@@ -64,6 +213,8 @@ class SegmentWriter:
         fps = Fraction(fps)
         if fps <= 0:
             raise ValueError(f"segment {path!r}: bad frame rate {fps}")
+        settings = settings or EncoderSettings(codec=codec, crf=crf, preset=preset)
+        self.settings = settings
         self.path = path
         self.width, self.height = width, height
         self.frame_start = frame_start
@@ -72,28 +223,37 @@ class SegmentWriter:
         if self.pix_fmt != pix_fmt:
             log.warning("segment %s: odd size %dx%d, encoding %s instead of %s",
                         path, width, height, self.pix_fmt, pix_fmt)
+        self.colour = (int(color_primaries), int(color_trc), int(colorspace), int(color_range))
 
         self.time_base = Fraction(fps.denominator, fps.numerator)  # one tick per frame
-        options = {"crf": str(crf), "preset": preset} if codec in _CRF_CODECS else {}
         try:
-            self._container = av.open(path, "w")
+            options, bit_rate = settings.options(self.pix_fmt)
+        except ValueError as exc:
+            raise MediaError(f"segment {path!r}: {exc}") from None
+        try:
+            self._container = av.open(path, "w", format=CONTAINER_FORMATS[container] if container else None)
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise MediaError(f"segment {path!r}: cannot be created ({exc})") from exc
         try:
-            self._stream = self._container.add_stream(codec, rate=fps, options=options)
+            self._stream = self._container.add_stream(settings.codec, rate=fps, options=options)
         except (av.FFmpegError, ValueError) as exc:
             self._container.close()
-            raise MediaError(f"segment {path!r}: cannot encode with {codec!r} ({exc})") from exc
+            raise MediaError(f"segment {path!r}: cannot encode with {settings.codec!r} ({exc})") from exc
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = self.pix_fmt
         self._stream.time_base = self.time_base
         ctx = self._stream.codec_context
         ctx.time_base = self.time_base
         ctx.max_b_frames = 0
+        if bit_rate is not None:
+            ctx.bit_rate = int(bit_rate)
+        elif settings.codec == "libvpx-vp9":
+            ctx.bit_rate = 0  # b=0: constant quality
+        if settings.gop:
+            ctx.gop_size = int(settings.gop)
         if threads is not None:
             ctx.thread_count = threads  # read when the encoder opens, at the first frame
-        ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1  # BT.709
-        ctx.color_range = 1  # limited ("tv") range
+        ctx.color_primaries, ctx.color_trc, ctx.colorspace, ctx.color_range = self.colour
         self._closed = False
 
     @property
@@ -110,7 +270,27 @@ class SegmentWriter:
                 f"expected ({self.height}, {self.width}, 3) uint8"
             )
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_rgb), format="rgb24")
-        frame = frame.reformat(format=self.pix_fmt, dst_colorspace="itu709", dst_color_range=1)
+        _, _, colorspace, color_range = self.colour
+        full = color_range == RANGE_JPEG or self.pix_fmt.startswith("yuvj")
+        frame = frame.reformat(format=self.pix_fmt, dst_colorspace=SWS_MATRIX.get(colorspace, 1),
+                               dst_color_range=RANGE_JPEG if full else 1)
+        self._encode(frame)
+
+    def write_frame(self, frame: av.VideoFrame) -> None:
+        """Encode a frame already in this segment's pixel format and colour coding (its
+        samples go to the encoder as they are). Its pts is set here."""
+        if self._closed:
+            raise MediaError(f"segment {self.path!r}: write after close")
+        if (frame.width, frame.height, frame.format.name) != (self.width, self.height, self.pix_fmt):
+            raise ValueError(
+                f"segment {self.path!r}: frame is {frame.width}x{frame.height} {frame.format.name}, "
+                f"expected {self.width}x{self.height} {self.pix_fmt}"
+            )
+        self._encode(frame)
+
+    def _encode(self, frame: av.VideoFrame) -> None:
+        # Some encoders (prores_ks) write the frame's tags, not the stream's, into each frame.
+        frame.color_primaries, frame.color_trc, frame.colorspace, frame.color_range = self.colour
         frame.pts = self.frame_start + self.frames_written
         frame.time_base = self.time_base
         self._mux(frame)

@@ -36,6 +36,24 @@ class VideoInfo:
     codec: str
     pix_fmt: str
     has_audio: bool
+    # Colour coding, as AVColorPrimaries / AVColorTransferCharacteristic / AVColorSpace /
+    # AVColorRange values (2, 2, 2, 0: untagged): the output is tagged the same.
+    color_primaries: int = 2
+    color_trc: int = 2
+    colorspace: int = 2
+    color_range: int = 0
+    bit_depth: int = 8  # bits per luma sample
+    bit_rate: int = 0  # the video stream's bits per second as the container states it (0: unknown)
+    gop: int = 0  # frames from the first keyframe to the second (0: not measured, or one keyframe)
+
+    def describe_colour(self) -> str:
+        """'yuv420p10le, bt2020/smpte2084/bt2020nc, tv range' for messages."""
+        from .colour import MATRIX_NAMES, PRIMARIES_NAMES, TRC_NAMES
+
+        ranges = {0: "unspecified range", 1: "tv range", 2: "pc range"}
+        return (f"{self.pix_fmt}, {PRIMARIES_NAMES.get(self.color_primaries, self.color_primaries)}/"
+                f"{TRC_NAMES.get(self.color_trc, self.color_trc)}/{MATRIX_NAMES.get(self.colorspace, self.colorspace)}, "
+                f"{ranges.get(self.color_range, self.color_range)}")
 
 
 def media_name(source) -> str:
@@ -107,15 +125,51 @@ def _count_packets(container, stream) -> int:
     return count
 
 
+# AVFieldOrder: anything but progressive (1) or unknown (0) is interlaced, named for messages.
+_INTERLACED = {2: "top field first", 3: "bottom field first", 4: "top coded first, bottom shown first",
+               5: "bottom coded first, top shown first"}
+_UNSPECIFIED = 2  # AVCOL_PRI/TRC/SPC_UNSPECIFIED
+
+
+def _measure_gop(container, stream, fps: Fraction, max_packets: int = 600) -> int:
+    """Frames from the first keyframe to the second, by their presentation times, within
+    the first `max_packets` (demuxing only: no decode); 0 when fewer than two keyframes
+    are there. Decode order would miscount with B-frames (a keyframe is sent early)."""
+    keyframes = []
+    container.seek(0, stream=stream, backward=True, any_frame=True)
+    for n, packet in enumerate(container.demux(stream)):
+        if n >= max_packets or len(keyframes) == 2:
+            break
+        if packet.size > 0 and packet.is_keyframe and packet.pts is not None:
+            keyframes.append(packet.pts)
+    container.seek(0, stream=stream, backward=True, any_frame=False)
+    if len(keyframes) < 2:
+        return 0
+    return round(abs(keyframes[1] - keyframes[0]) * Fraction(stream.time_base) * fps)
+
+
+def _video_bit_rate(container, stream) -> int:
+    """The stream's own rate, else the container's less its audio streams' (0: unknown)."""
+    if stream.bit_rate:
+        return int(stream.bit_rate)
+    if container.bit_rate:
+        audio = sum(int(a.bit_rate or 0) for a in container.streams.audio)
+        return max(0, int(container.bit_rate) - audio)
+    return 0
+
+
 def _normalise_rotation(degrees: float) -> int:
     return int(round(degrees / 90.0)) * 90 % 360
 
 
-def probe_video(path: str, threads: int | None = None) -> VideoInfo:
+def probe_video(path: str, threads: int | None = None, measure_gop: bool = False) -> VideoInfo:
     """Describe `path`. Corrupt files, files without a video stream or without frames raise
-    MediaError. Cost: opening the container, decoding its first frame (for the display
-    matrix and to prove it decodes), and a packet-counting pass only when the container's
-    frame count is missing or inconsistent with its duration (e.g. some mkv/ts/avi).
+    MediaError, and so do interlaced ones (the pipeline works on whole progressive frames;
+    a deinterlaced output would not be the source's). Cost: opening the container,
+    decoding its first frame (for the display matrix, the colour tags, and to prove it
+    decodes), and a packet-counting pass only when the container's frame count is missing
+    or inconsistent with its duration (e.g. some mkv/ts/avi). `measure_gop` also demuxes
+    up to the second keyframe (VideoInfo.gop, for codec: match-source).
     `threads`: decoder threads, as for open_media."""
     with open_media(path, "video", threads) as container:
         stream = video_stream_of(container, path)
@@ -137,12 +191,30 @@ def probe_video(path: str, threads: int | None = None) -> VideoInfo:
         if n_frames <= 0:
             raise MediaError(f"video {media_name(path)!r}: video stream has no frames")
 
+        # The container's colour tags (mov colr, mkv Colour), read before decoding: a
+        # decoder overwrites them with its bitstream's, which may leave them unspecified.
+        stream_colour = (ctx.color_primaries, ctx.color_trc, ctx.colorspace, ctx.color_range)
         try:
             first = next(container.decode(stream), None)
         except av.FFmpegError as exc:
             raise MediaError(f"video {media_name(path)!r}: video stream does not decode ({exc})") from exc
         if first is None:
             raise MediaError(f"video {media_name(path)!r}: video stream has no decodable frames")
+        field_order = int(ctx.field_order)
+        if field_order in _INTERLACED or first.interlaced_frame:
+            order = _INTERLACED.get(field_order, "interlaced frames")
+            raise MediaError(
+                f"video {media_name(path)!r}: interlaced ({order}); only progressive video is supported, "
+                f"deinterlace it first"
+            )
+        gop = _measure_gop(container, stream, fps) if measure_gop else 0
+
+        def tag(frame_value: int, stream_value: int, unspecified: int) -> int:
+            # The decoded frame carries the bitstream's tags; the container may add them.
+            return int(frame_value) if int(frame_value) != unspecified else int(stream_value)
+
+        pix_fmt = ctx.pix_fmt or first.format.name
+        luma = [c for c in first.format.components if c.is_luma] or list(first.format.components)
 
         return VideoInfo(
             width=int(ctx.width),
@@ -152,6 +224,13 @@ def probe_video(path: str, threads: int | None = None) -> VideoInfo:
             n_frames=int(n_frames),
             duration_s=float(n_frames / fps),
             codec=ctx.name,
-            pix_fmt=ctx.pix_fmt or first.format.name,
+            pix_fmt=pix_fmt,
             has_audio=len(container.streams.audio) > 0,
+            color_primaries=tag(first.color_primaries, stream_colour[0], _UNSPECIFIED),
+            color_trc=tag(first.color_trc, stream_colour[1], _UNSPECIFIED),
+            colorspace=tag(first.colorspace, stream_colour[2], _UNSPECIFIED),
+            color_range=tag(first.color_range, stream_colour[3], 0),
+            bit_depth=int(luma[0].bits),
+            bit_rate=_video_bit_rate(container, stream),
+            gop=gop,
         )
