@@ -94,6 +94,9 @@ class FaceConfig(_Strict):
     smoothing_sigma_frames: float = Field(1.5, ge=0)
     max_gap_frames: int = Field(2, ge=0)
     feather_px: float = Field(6.0, ge=0)
+    identity_max_distance: float = Field(
+        1.0, gt=0, description="a face is the dubbed person when its signature is this close to theirs "
+        "(stages/face/identity.py; 1.0 is the boundary its scales were set to)")
 
 
 class AnalyseConfig(_Strict):

@@ -63,10 +63,11 @@ def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> s
 def segment_uri(config: JobConfig, row: dict) -> str:
     """Where a segment's encoded part goes. Keyed by everything that decides its bytes
     (work_key: stage code, weights, settings, the video's identity; the dubbed audio's
-    content hash; per-row segment length and crf; the frame range) and never by the job:
+    content hash; per-row segment length, crf and face choice; the frame range) and never by the job:
     a restarted job finds what a crashed one committed, and changed inputs never meet a
     stale part."""
-    key = digest(row["work_key"], row["audio_sha256"], row["segment_seconds"], row["crf"])
+    key = digest(row["work_key"], row["audio_sha256"], row["segment_seconds"], row["crf"],
+                 *([] if row.get("face", "largest") == "largest" else [row["face"]]))
     name = f"{int(row['seg_idx']):05d}-{int(row['frame_start'])}-{int(row['frame_end'])}.mp4"
     return join_uri(config.work_dir(), "segments", row["video_id"], key, name)
 

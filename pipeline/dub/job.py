@@ -279,7 +279,8 @@ def run_dub(
         seconds = m.options.segment_seconds or config.segment_seconds
         crf = m.options.crf if m.options.crf is not None else -1
         return decide(storage, results, m.video_id, output_uri,
-                      lambda: input_identity(storage, video_uri, audio_uri, bundle_id, m.options.output_settings(settings), seconds, crf),
+                      lambda: input_identity(storage, video_uri, audio_uri, bundle_id, m.options.output_settings(settings), seconds, crf,
+                                             face=m.options.face_key()),
                       force, lambda uri: describe_output(storage, uri))
 
     todo: list[dict] = []
@@ -305,6 +306,7 @@ def run_dub(
                 audio_mode=m.options.audio_mode,
                 audio_language=m.options.audio_language or "",
                 segment_seconds=m.options.segment_seconds or config.segment_seconds,
+                face=m.options.face_key(),
             )
         )
 

@@ -55,6 +55,7 @@ def make_rows(manifest_rows: list[dict], config: JobConfig) -> list[dict]:
                 audio_uri=m.audio_uri,
                 output_uri=m.output_uri,
                 segment_seconds=m.options.segment_seconds or config.segment_seconds,
+                face=m.options.face_key(),
             )
         )
     return out

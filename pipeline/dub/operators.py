@@ -180,7 +180,8 @@ def source_video(row: dict):
 
 
 class AnalyseOp(_Op):
-    """Per video: sample frames, pick the neutral frame and the reference bank."""
+    """Per video: sample frames, decide who is dubbed (the row's `face` option), and pick
+    the neutral frame and the reference bank from that person's faces only."""
 
     def __init__(self, config: dict, weights_uri: str):
         from stages.face import FaceTracker
@@ -189,7 +190,8 @@ class AnalyseOp(_Op):
         super().__init__(config, weights_uri)
         self.extractor = load_motion_extractor(self.bundle)
         # Each call of a FaceTracker starts a fresh clip, so one tracker serves every video.
-        self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0)
+        self.tracker = FaceTracker(min_detection_confidence=self.config.face.min_detection_confidence, smoothing_sigma_frames=0.0,
+                                   identity_max_distance=self.config.face.identity_max_distance)
         # Decoder threads follow the cores the pool reserved, not the node's.
         self.threads = codec_threads(self.config.pools["analyse"].num_cpus)
 
@@ -202,37 +204,76 @@ class AnalyseOp(_Op):
 
     @row_step("analyse", video_subject)
     def __call__(self, row: dict) -> dict:
-        from stages.face import FaceTrack, crop_faces
+        from stages.face import crop_faces, FaceTrack
+        from stages.face.identity import (
+            FaceChoice, SampledFace, best_match, choose_person, face_in_box, face_signature, group_people, mean_signature,
+        )
         from stages.media import decode_frames
         from stages.motion.extractor import extract_motion
         from stages.motion.selection import NoFaceError, mouth_opening, select_neutral_and_references
 
         n = int(row["n_frames"])
+        choice = FaceChoice.parse(row["face"])
+        max_distance = self.config.face.identity_max_distance
         count = min(self.config.analyse.sample_frames, n)
         indices = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
-        # Sampled frames are far apart in time: each one is tracked as its own clip and
-        # cropped at once, so only its crop and landmarks outlive it (24 sampled 4K frames
-        # held together would be 0.6 GB).
-        singles, single_crops = [], []
+
+        def crop_of(frame, landmarks):  # (256, 256, 3) uint8 aligned crop of one face
+            return crop_faces([frame], FaceTrack(landmarks[None].astype(np.float32), np.ones(1, bool)))[0][0]
+
+        # Every face of every sampled frame, with its crop: who is dubbed is decided from
+        # all of them. Sampled frames are far apart in time and each is dropped once its
+        # faces are cropped (24 sampled 4K frames held together would be 0.6 GB).
+        sampled: list[SampledFace] = []
+        sampled_crops: list[np.ndarray] = []
+        anchor = None  # the box option's face: its signature
         with open_source(self.storage, row["video_uri"]) as src:
-            for i in indices:
+            for k, i in enumerate(indices):
                 for _, frame in decode_frames(src, int(i), int(i) + 1, threads=self.threads):
-                    single = self.tracker([frame])
-                    singles.append(single)
-                    single_crops.append(crop_faces([frame], single)[0])
-        track = FaceTrack(
-            landmarks=np.concatenate([t.landmarks for t in singles]),
-            has_face=np.concatenate([t.has_face for t in singles]),
-        )
-        crops = np.concatenate(single_crops)
+                    for landmarks in self.tracker.faces(frame):
+                        sampled.append(SampledFace(k, landmarks, face_signature(frame, landmarks)))
+                        sampled_crops.append(crop_of(frame, landmarks))
+            if choice.mode == "box":
+                at = min(n - 1, max(0, int(round(choice.t * float(fps_of(row))))))
+                for _, frame in decode_frames(src, at, at + 1, threads=self.threads):
+                    faces = self.tracker.faces(frame)
+                    picked = face_in_box(faces, choice.box)
+                    if picked is None:
+                        raise RowError(f"video {row['video_uri']}: no face centre inside the face box {list(choice.box)} "
+                                       f"at {choice.t:g} s (frame {at}); {len(faces)} face(s) there")
+                    anchor = face_signature(frame, faces[picked])
+        if anchor is not None:
+            identity = anchor
+        else:
+            person = choose_person(group_people(sampled, max_distance), choice, (int(row["width"]), int(row["height"])))
+            if person is None:
+                raise RowError(
+                    f"video {row['video_uri']}: no face found in any of {len(indices)} frames sampled across the video")
+            identity = mean_signature([f.signature for f in person])
+        # The chosen person's face in each sampled frame (at most one; none where absent).
+        landmarks = np.full((len(indices), 478, 2), np.nan, np.float32)  # (S, 478, 2)
+        crops = np.zeros((len(indices), 256, 256, 3), np.uint8)  # (S, 256, 256, 3)
+        has_face = np.zeros(len(indices), bool)
+        chosen = []
+        for k in range(len(indices)):
+            here = [j for j, f in enumerate(sampled) if f.frame == k]
+            match = best_match([sampled[j].signature for j in here], identity, max_distance)
+            if match is not None:
+                j = here[match]
+                landmarks[k], crops[k], has_face[k] = sampled[j].landmarks, sampled_crops[j], True
+                chosen.append(sampled[j].signature)
+        if anchor is not None and chosen:
+            # The box names one look; the person's average over the video matches their other looks better.
+            identity = mean_signature([anchor] + chosen)
         motion = extract_motion(self.extractor, crops, batch_size=self.config.batch.motion_frames)
         try:
             analysis = select_neutral_and_references(
-                indices, crops, track.has_face, mouth_opening(track.landmarks), motion, self.config.analyse.reference_bank
+                indices, crops, has_face, mouth_opening(landmarks), motion, self.config.analyse.reference_bank
             )
         except NoFaceError:
             raise RowError(
-                f"video {row['video_uri']}: no face found in any of {len(indices)} frames sampled across the video"
+                f"video {row['video_uri']}: the chosen face ({row['face']}) is in none of {len(indices)} frames sampled "
+                "across the video"
             ) from None
         return dict(
             neutral_frame=analysis.neutral_frame,
@@ -242,6 +283,7 @@ class AnalyseOp(_Op):
             ref_crops_uri=self._store_references(row, analysis.ref_crops),
             ref_pose=pack(analysis.ref_pose),
             sampled_face_fraction=analysis.sampled_face_fraction,
+            face_identity=pack(identity.astype(np.float32)),
         )
 
 
@@ -293,7 +335,8 @@ def split_segments(row: dict) -> list[dict]:
 
 
 class FaceOp(_Op):
-    """Detect/track/smooth the face of a segment, aligned 256² crops + affines. The segment
+    """Detect/track/smooth the dubbed person's face in a segment, aligned 256² crops +
+    affines; frames without that person have no face (they pass through). The segment
     is decoded twice (landmarks, then crops) so that one frame is in memory at a time,
     never the whole segment."""
 
@@ -307,6 +350,7 @@ class FaceOp(_Op):
             min_detection_confidence=self.config.face.min_detection_confidence,
             smoothing_sigma_frames=self.config.face.smoothing_sigma_frames,
             max_gap_frames=self.config.face.max_gap_frames,
+            identity_max_distance=self.config.face.identity_max_distance,
         )
         # Decoder threads follow the cores the pool reserved, not the node's.
         self.threads = codec_threads(self.config.pools["face"].num_cpus)
@@ -326,7 +370,10 @@ class FaceOp(_Op):
                 for _, frame in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]), threads=self.threads):
                     yield frame
 
-        track, crops, affines = track_and_crop(self.tracker, segment_frames)
+        # The video's person (decided once, in analyse), re-found by signature at every
+        # (re)acquisition; a row without one (analyse not run) takes the largest face.
+        identity = unpack(row["face_identity"]) if row["face_identity"] else None
+        track, crops, affines = track_and_crop(self.tracker, segment_frames, identity=identity)
         return dict(
             crops=pack(crops),
             affines=pack(affines),

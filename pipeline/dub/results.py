@@ -39,7 +39,7 @@ def settings_identity(config: JobConfig) -> dict:
 
 
 def input_identity(storage: Storage, video_uri: str, audio_uri: str, bundle_id: str, settings: dict,
-                   segment_seconds: float, crf: int) -> dict:
+                   segment_seconds: float, crf: int, face: str = "largest") -> dict:
     """What an output is made from: both inputs' identities (size + ETag, or size + mtime),
     the weights bundle's identity and the settings that change its bytes."""
     return {
@@ -49,6 +49,8 @@ def input_identity(storage: Storage, video_uri: str, audio_uri: str, bundle_id: 
         "settings": settings,
         "segment_seconds": float(segment_seconds),
         "crf": int(crf),
+        # Only when chosen: outputs made before the option existed keep matching.
+        **({} if face == "largest" else {"face": face}),
     }
 
 

@@ -26,6 +26,7 @@ ROW_DEFAULTS: dict = {
     "output_uri": "",
     "crf": -1,  # -1: job default
     "segment_seconds": 0.0,
+    "face": "largest",  # who is dubbed: RowOptions.face_key()
     "audio_mode": "replace",  # RowOptions.audio_mode
     "audio_language": "",  # RowOptions.audio_language; "": the dub file's own tag
     # failure, if any
@@ -58,6 +59,7 @@ ROW_DEFAULTS: dict = {
     "ref_crops_uri": "",  # the reference bank (R, 256, 256, 3) uint8 as .npy in the work area
     "ref_pose": b"",
     "sampled_face_fraction": 0.0,
+    "face_identity": b"",  # the dubbed person's signature (stages.face.identity), for every segment
     # audio
     "audio_sha256": "",
     "features_path": "",

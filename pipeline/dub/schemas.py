@@ -18,12 +18,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.storage import Storage
 
 
+class FaceBox(BaseModel):
+    """Dub the face inside this box (source-frame pixels of the stored frames, x0 < x1,
+    y0 < y1) at `t` seconds into the video."""
+
+    model_config = ConfigDict(extra="forbid")
+    box: tuple[float, float, float, float]
+    t: float = Field(0.0, ge=0)
+
+    @field_validator("box")
+    @classmethod
+    def _ordered(cls, v):
+        if not (v[0] < v[2] and v[1] < v[3]):
+            raise ValueError(f"box must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {list(v)}")
+        return v
+
+
 class RowOptions(BaseModel):
     """Per-row overrides a manifest may carry."""
 
     model_config = ConfigDict(extra="forbid")
     crf: int | None = Field(None, ge=0, le=51)
     segment_seconds: float | None = Field(None, gt=0.2, le=120)
+
+    # Who is dubbed (stages/face/identity.py): the largest face over the video, the face
+    # nearest the centre, or the face in a box at a time.
+    face: Literal["largest", "center"] | FaceBox = "largest"
+
+    def face_key(self) -> str:
+        """The face option as the row carries it: "largest", "center" or the box's JSON."""
+        return self.face if isinstance(self.face, str) else json.dumps(self.face.model_dump(), sort_keys=True)
     # The source's audio tracks: "replace" drops them (the dub is the only audio), "add"
     # keeps them after the dub (README "Deliverable audio").
     audio_mode: Literal["replace", "add"] = "replace"

@@ -17,14 +17,15 @@ from .align import crop_faces
 from .tracker import FaceTrack
 
 
-def track_and_crop(tracker, open_frames: Callable[[], Iterable[np.ndarray]], dsize: int = 256
-                   ) -> tuple[FaceTrack, np.ndarray, np.ndarray]:
+def track_and_crop(tracker, open_frames: Callable[[], Iterable[np.ndarray]], dsize: int = 256,
+                   identity: np.ndarray | None = None) -> tuple[FaceTrack, np.ndarray, np.ndarray]:
     """(track, crops (N, dsize, dsize, 3) uint8, affines (N, 2, 3) float64) of a clip.
 
     `tracker` is a FaceTracker; `open_frames()` starts a fresh pass over the clip's HxWx3
     uint8 RGB frames (e.g. a new decode of the segment) and is called twice. A second pass
-    that yields a different number of frames raises ValueError.
+    that yields a different number of frames raises ValueError. `identity`: the signature of
+    the person to track (the video's, from the analyse stage); None takes the largest face.
     """
-    track = tracker(open_frames())
+    track = tracker(open_frames(), identity=identity)
     crops, affines = crop_faces(open_frames(), track, dsize)
     return track, crops, affines

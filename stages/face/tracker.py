@@ -10,6 +10,7 @@ frame to frame. The region stays put while the face stays near its centre; when 
 drifts or changes size we re-centre it and reset FaceMesh, because mediapipe's tracked
 rectangle is in region coordinates and would point at the wrong place after a move.
 When tracking loses the face we detect again on the same frame, so a cut costs no frame.
+Which face is tracked when there are several is the FaceTracker docstring's subject.
 """
 from __future__ import annotations
 
@@ -123,12 +124,23 @@ def smooth_landmarks(landmarks: np.ndarray, has_face: np.ndarray, sigma: float) 
 class FaceTracker:
     """Landmarks for a clip of RGB frames. Builds mediapipe graphs once; not thread-safe,
     one per worker. Each call is a new clip: tracking state starts fresh, so one tracker
-    serves any number of segments or videos (building the graphs costs ~1 s here)."""
+    serves any number of segments or videos (building the graphs costs ~1 s here).
+
+    Which face: without an identity, the largest detection (the single-face behaviour).
+    With one (a signature from stages.face.identity, decided once per video), every
+    (re)acquisition -- the clip's first frame, after a lost track, after a jump -- meshes
+    each detected face and takes the one whose signature matches it, never simply the
+    largest; when none matches, the frame has no face (it passes through undubbed).
+    Between acquisitions the track's continuity keeps the person: FaceMesh may see several
+    faces in the region (MAX_MESH_FACES) and we follow the one nearest where ours was, and
+    a mesh that jumps by more than the face's size is dropped and the face re-acquired."""
+
+    MAX_MESH_FACES = 3  # faces FaceMesh reports in a region: a neighbour must not displace ours
 
     def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5,
                  smoothing_sigma_frames: float = 1.5, max_gap_frames: int = 2,
                  min_face_px: float = 40.0, roi_px: int = 512, roi_face_widths: float = 3.0,
-                 tiled_detection: bool = True):
+                 tiled_detection: bool = True, identity_max_distance: float = 1.0):
         import mediapipe as mp
 
         self.smoothing_sigma_frames = smoothing_sigma_frames
@@ -137,14 +149,17 @@ class FaceTracker:
         self.roi_px = roi_px
         self.roi_face_widths = roi_face_widths
         self.tiled_detection = tiled_detection
+        self.identity_max_distance = identity_max_distance
         # model_selection=1: full-range BlazeFace, the one that still sees small faces in HD.
         self._detector = mp.solutions.face_detection.FaceDetection(
             model_selection=1, min_detection_confidence=min_detection_confidence)
         self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False, max_num_faces=1, refine_landmarks=True,
+            static_image_mode=False, max_num_faces=self.MAX_MESH_FACES, refine_landmarks=True,
             min_detection_confidence=min_detection_confidence,
             min_tracking_confidence=min_tracking_confidence)
         self._roi = None  # (centre x, centre y, side) in frame pixels
+        self._prev = None  # (478, 2) landmarks of the last tracked frame, None after a loss
+        self._identity = None  # (SIGNATURE_SIZE,) signature of the person to follow, or None
 
     def close(self):
         for graph in (self._detector, self._mesh):
@@ -158,15 +173,17 @@ class FaceTracker:
     def __exit__(self, *exc):
         self.close()
 
-    def __call__(self, frames) -> FaceTrack:
+    def __call__(self, frames, identity: np.ndarray | None = None) -> FaceTrack:
         """Track a clip: `frames` is any iterable of HxWx3 uint8 RGB frames (a list, or a
         decoder's generator). Frames are consumed one at a time and only their landmarks
         are kept, so a streamed clip costs one frame of memory, not the clip; smoothing
-        then runs over the whole clip's landmarks."""
+        then runs over the whole clip's landmarks. `identity`: the signature of the person
+        to track (stages.face.identity.face_signature); None takes the largest face."""
         if self._mesh is None:
             raise RuntimeError("face/tracker.py: FaceTracker used after close()")
         empty = np.full((NUM_LANDMARKS, 2), np.nan, dtype=np.float64)
         rows = []
+        self._identity = None if identity is None else np.asarray(identity, dtype=np.float32)
         self._lose_track()
         for i, frame in enumerate(frames):
             frame = np.asarray(frame)
@@ -182,12 +199,32 @@ class FaceTracker:
         return FaceTrack(landmarks=smooth.astype(np.float32), has_face=has_face,
                          filled=has_face & ~detected)
 
+    def faces(self, frame: np.ndarray) -> list[np.ndarray]:
+        """Every face in one frame: (478, 2) frame-pixel landmarks each, one per person
+        (the analyse stage's view of a sampled frame, which then decides who is dubbed)."""
+        if self._mesh is None:
+            raise RuntimeError("face/tracker.py: FaceTracker used after close()")
+        frame = np.ascontiguousarray(frame)
+        found = []
+        for cx, cy, side in self._detections(frame):
+            pts = self._mesh_of_detection(frame, cx, cy, side)
+            if pts is None:
+                continue
+            centre, extent = pts[:MESH_POINTS].mean(0), np.ptp(pts[:MESH_POINTS], axis=0).max()
+            # Overlapping detections (tiles, or two boxes on one face) mesh the same face.
+            if all(np.linalg.norm(centre - f[:MESH_POINTS].mean(0)) > 0.5 * extent for f in found):
+                found.append(pts)
+        self._lose_track()
+        return found
+
     def _lose_track(self):
         self._roi = None
+        self._prev = None
         self._mesh.reset()
 
-    def _detect(self, frame: np.ndarray):
-        """ROI around the largest BlazeFace detection, or None.
+    def _detections(self, frame: np.ndarray) -> list[tuple[float, float, float]]:
+        """(centre x, centre y, box side) of every BlazeFace detection of at least
+        min_face_px, largest first.
 
         The full-range model sees the frame at 192 px, so faces under ~100 px in 1080p or
         ~70 px in 720p are missed on the whole frame; when that finds nothing we look again
@@ -203,10 +240,7 @@ class FaceTracker:
                 y0, x0 = (start, 0) if h > w else (0, start)
                 faces += self._faces_in(frame[y0:y0 + tile, x0:x0 + tile], x0, y0)
         faces = [f for f in faces if f[2] >= self.min_face_px]
-        if not faces:
-            return None
-        cx, cy, side = max(faces, key=lambda f: f[2])  # LivePortrait also takes the largest
-        return cx, cy, side * self.roi_face_widths
+        return sorted(faces, key=lambda f: -f[2])
 
     def _faces_in(self, image: np.ndarray, x0: int, y0: int) -> list[tuple[float, float, float]]:
         """(centre x, centre y, box side) in frame pixels of every detection in image."""
@@ -219,33 +253,89 @@ class FaceTracker:
                           max(box.width * w, box.height * h)))
         return faces
 
-    def _track_frame(self, frame: np.ndarray):
-        # A tracked face that is lost (a cut, a jump) gets one fresh detection on the same
-        # frame, so a cut costs no frame.
-        for _ in range(2):
-            fresh = self._roi is None
-            if fresh:
-                self._roi = self._detect(frame)
-                if self._roi is None:
-                    return None
-            pts = self._mesh_in_roi(frame)
-            if pts is not None or fresh:
-                return pts
-        return None
+    def _mesh_of_detection(self, frame: np.ndarray, cx: float, cy: float, side: float):
+        """Fresh mesh of the face detected at (cx, cy), or None when the mesh found in its
+        region is somebody else (its centre off the detection box) or nothing."""
+        self._mesh.reset()
+        roi = (cx, cy, side * self.roi_face_widths)
+        pts = self._mesh_at(frame, roi, np.array([cx, cy]))
+        if pts is None or np.abs(pts[:MESH_POINTS].mean(0) - (cx, cy)).max() > 0.5 * side:
+            return None
+        return pts
 
-    def _mesh_in_roi(self, frame: np.ndarray):
+    def _acquire(self, frame: np.ndarray):
+        """Start a track on this frame: the largest face, or the face matching the identity."""
+        from .identity import face_signature, signature_distance
+
+        detections = self._detections(frame)
+        if self._identity is None:
+            if not detections:
+                return None
+            cx, cy, side = detections[0]  # LivePortrait also takes the largest
+            self._roi = (cx, cy, side * self.roi_face_widths)
+            self._mesh.reset()
+            return self._follow(frame)
+        best, best_d = None, self.identity_max_distance
+        for cx, cy, side in detections:
+            pts = self._mesh_of_detection(frame, cx, cy, side)
+            if pts is None:
+                continue
+            d = signature_distance(face_signature(frame, pts), self._identity)
+            if d < best_d:
+                best, best_d = pts, d
+        self._lose_track()  # the mesh graph's state is that of the last face tried
+        if best is None:
+            return None
+        mesh = best[:MESH_POINTS]
+        centre = mesh.mean(0)
+        self._roi = (centre[0], centre[1], float(np.ptp(mesh, axis=0).max()) * self.roi_face_widths)
+        self._prev = best
+        return best
+
+    def _track_frame(self, frame: np.ndarray):
+        # A tracked face that is lost (a cut, a jump) gets one fresh acquisition on the same
+        # frame, so a cut costs no frame.
+        if self._roi is not None:
+            pts = self._follow(frame)
+            if pts is not None:
+                return pts
+        return self._acquire(frame)
+
+    def _follow(self, frame: np.ndarray):
+        """Mesh of the tracked face in the current region; None (and the track lost) when
+        it is gone or jumped (a cut, or FaceMesh settling on someone else)."""
         cx, cy, side = self._roi
+        expect = self._prev[:MESH_POINTS].mean(0) if self._prev is not None else np.array([cx, cy])
+        pts = self._mesh_at(frame, self._roi, expect)
+        if pts is None or (self._prev is not None and jumped(self._prev, pts)):
+            self._lose_track()
+            return None
+        mesh = pts[:MESH_POINTS]
+        extent = float(np.ptp(mesh, axis=0).max())
+        centre = mesh.mean(0)
+        # Keep the region while the face sits near its centre at about 1/3 of its width.
+        ratio = extent / side
+        if np.abs(centre - (cx, cy)).max() > 0.12 * side or not 0.22 <= ratio <= 0.5:
+            self._roi = (centre[0], centre[1], extent * self.roi_face_widths)
+            self._mesh.reset()
+        self._prev = pts
+        return pts
+
+    def _mesh_at(self, frame: np.ndarray, roi: tuple[float, float, float], expect: np.ndarray):
+        """(478, 2) frame-pixel landmarks of the mesh face nearest `expect` in the region,
+        or None when there is none or it is not a usable face."""
+        cx, cy, side = roi
         scale = self.roi_px / side
         to_roi = np.array([[scale, 0, self.roi_px / 2 - scale * cx],
                            [0, scale, self.roi_px / 2 - scale * cy]])
-        roi = warp_crop(frame, to_roi, self.roi_px)
-        result = self._mesh.process(roi)
+        result = self._mesh.process(warp_crop(frame, to_roi, self.roi_px))
         if not result.multi_face_landmarks:
-            self._lose_track()
             return None
-        lm = result.multi_face_landmarks[0].landmark
-        pts = np.array([(p.x, p.y) for p in lm], dtype=np.float64) * self.roi_px
-        pts = (pts - to_roi[:, 2]) / scale  # region -> frame pixels
+        candidates = []
+        for face in result.multi_face_landmarks:
+            pts = np.array([(p.x, p.y) for p in face.landmark], dtype=np.float64) * self.roi_px
+            candidates.append((pts - to_roi[:, 2]) / scale)  # region -> frame pixels
+        pts = min(candidates, key=lambda c: np.linalg.norm(c[:MESH_POINTS].mean(0) - expect))
 
         h, w = frame.shape[:2]
         mesh = pts[:MESH_POINTS]
@@ -254,11 +344,5 @@ class FaceTracker:
         inside = 0 <= centre[0] < w and 0 <= centre[1] < h
         if pts.shape != (NUM_LANDMARKS, 2) or not np.all(np.isfinite(pts)) or not inside \
                 or extent < self.min_face_px:
-            self._lose_track()
             return None
-        # Keep the region while the face sits near its centre at about 1/3 of its width.
-        ratio = extent / side
-        if np.abs(centre - (cx, cy)).max() > 0.12 * side or not 0.22 <= ratio <= 0.5:
-            self._roi = (centre[0], centre[1], extent * self.roi_face_widths)
-            self._mesh.reset()
         return pts

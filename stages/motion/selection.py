@@ -9,6 +9,13 @@ mesh (inner-lip gap over mouth width), which is an explicit, detector-independen
 Reference frames: MuseTalk uses the target frame itself as its reference at inference,
 so the original mouth leaks into the output. We pick references from *other* frames with
 a similar head pose, and never one within `min_gap_frames` of the target.
+
+Whose frames: only the dubbed person's. With two people in the video, a neutral frame of
+the other one would give Stage 1 their x_c, and farthest-point sampling in pose space
+favours exactly the other person's faces (they are the most different poses), so RSCA
+would copy their lips and teeth. The caller (the analyse stage) passes the crops of the
+chosen person (stages/face/identity.py) and `has_face` False for every sampled frame that
+person is not in, even when somebody else is.
 """
 from __future__ import annotations
 
@@ -60,10 +67,12 @@ def select_neutral_and_references(
     motion: dict[str, np.ndarray],
     bank_size: int,
 ) -> VideoAnalysis:
-    """Choose from sampled frames. `motion` is extract_motion's output for `crops`."""
+    """Choose from sampled frames. `crops` (S, 256, 256, 3) are the dubbed person's faces,
+    `has_face` (S,) True only where that person is present (never another person's face);
+    `motion` is extract_motion's output for `crops`."""
     idx = np.flatnonzero(has_face)
     if len(idx) == 0:
-        raise NoFaceError("no face found in any sampled frame")
+        raise NoFaceError("the dubbed person's face is in no sampled frame")
     pose = np.stack([motion["pitch"], motion["yaw"], motion["roll"]], axis=-1)  # (S, 3)
     neutral = idx[int(np.argmin(neutral_score(pose[idx], opening[idx])))]
 
