@@ -88,10 +88,13 @@ def classify(exc: BaseException) -> ErrorClass:
     # Device faults first: a CUDA error says nothing about the row, whatever wraps it.
     if is_device_fault(exc):
         return "device"
-    if is_input_error(exc):
-        return "input"
+    # Transient before input: a decoder that failed because the connection under it dropped
+    # raises a MediaError from the network error, and another try reads the same file whole.
+    # is_transient reads the whole cause chain, and a missing file in it is never transient.
     if is_transient(exc):
         return "transient"
+    if is_input_error(exc):
+        return "input"
     return "other"
 
 

@@ -112,6 +112,28 @@ def test_input_errors_fail_the_row_on_the_first_try():
         assert (op.calls, pauses, out["error"]) == (1, [], message), error
 
 
+def test_an_input_error_caused_by_a_dropped_connection_is_tried_again():
+    from stages.media import MediaError
+
+    def media_error_from(cause):
+        try:
+            try:
+                raise cause
+            except OSError as e:
+                raise MediaError("video /in/v.mp4: decoding failed near frame 12") from e
+        except MediaError as wrapped:
+            return wrapped
+
+    dropped = media_error_from(ConnectionResetError(errno.ECONNRESET, "connection reset by peer"))
+    assert classify(dropped) == "transient"
+    assert classify(media_error_from(FileNotFoundError("/in/v.mp4"))) == "input"  # gone is gone
+    assert classify(MediaError("video /in/v.mp4: not a video")) == "input"
+    Op, pauses, _ = _step()
+    op = Op(dropped, {"driving": b"d"})  # the second try reads the file whole
+    out = op(_segment_row())
+    assert (op.calls, pauses, out["error"], out["driving"]) == (2, [0.5], "", b"d")
+
+
 def test_the_dub_job_tries_a_segment_the_configured_number_of_times(tmp_path, monkeypatch):
     from pipeline.dub.operators import CompleteOp
     from pipeline.storage import Storage
