@@ -110,6 +110,32 @@ def test_signature_matches_one_person_at_other_sizes_and_tells_the_two_apart(vid
         assert signature_distance(sig, looks[other]) > 1.0
 
 
+def test_a_small_chosen_face_beside_a_large_one_is_found_and_tracked(tracker, looks):
+    """720p: A at ~55 px beside B at ~300 px. The whole-frame detector sees only B; the
+    tracker, looking for A, searches the tiles too, and never settles for B."""
+    w, h = 1280, 720
+
+    def place(image, scale, centre, distortion=np.eye(2)):
+        M = np.zeros((2, 3))
+        M[:, :2] = scale * distortion
+        M[:, 2] = np.asarray(centre) - M[:, :2] @ FACE_CENTRE
+        return cv2.warpAffine(image, M, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=(40, 60, 90))
+
+    frames = []
+    for i in range(4):
+        frame = place(B_LOOK, 3.0, (900, 360), B_SHAPE)
+        frame[:, :560] = place(ASTRONAUT, 0.6, (300 + 2 * i, 360))[:, :560]
+        frames.append(frame)
+    assert [round(x) for x, _, _ in tracker._faces_in(frames[0], 0, 0)] == [903]  # the premise: B only
+    assert sorted(round(lm[:468, 0].mean() / 100) for lm in tracker.faces(frames[0])) == [3, 9]
+    track = tracker(frames, identity=looks["A"])
+    assert track.has_face.all()
+    assert np.abs(track.landmarks[:, :468, 0].mean(1) - (300 + 2 * np.arange(4))).max() < 10
+    track = tracker(frames, identity=looks["B"])
+    assert track.has_face.all() and (track.landmarks[:, :468, 0].mean(1) > 800).all()
+
+
 def test_face_option_validates_and_reaches_the_row():
     ok = ManifestRow(video_uri="v", audio_uri="a", output_uri="o", options='{"face": {"box": [1, 2, 30, 40], "t": 1.5}}')
     choice = FaceChoice.parse(ok.options.face_key())

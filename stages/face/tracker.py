@@ -205,16 +205,25 @@ class FaceTracker:
         if self._mesh is None:
             raise RuntimeError("face/tracker.py: FaceTracker used after close()")
         frame = np.ascontiguousarray(frame)
-        found = []
-        for cx, cy, side in self._detections(frame):
+        found = self._meshes(frame, self._detections(frame, tiles=True))
+        self._lose_track()
+        return found
+
+    def _meshes(self, frame: np.ndarray, detections, skip=()) -> list[np.ndarray]:
+        """A fresh mesh per distinct face among `detections`, none for a face in `skip`
+        (landmarks of faces already meshed). Overlapping detections (tiles, or two boxes on
+        one face) are meshed once."""
+        found, seen = [], list(skip)
+        for cx, cy, side in detections:
+            if any(np.linalg.norm(np.array([cx, cy]) - f[:MESH_POINTS].mean(0)) < 0.5 * side for f in seen):
+                continue
             pts = self._mesh_of_detection(frame, cx, cy, side)
             if pts is None:
                 continue
             centre, extent = pts[:MESH_POINTS].mean(0), np.ptp(pts[:MESH_POINTS], axis=0).max()
-            # Overlapping detections (tiles, or two boxes on one face) mesh the same face.
-            if all(np.linalg.norm(centre - f[:MESH_POINTS].mean(0)) > 0.5 * extent for f in found):
+            if all(np.linalg.norm(centre - f[:MESH_POINTS].mean(0)) > 0.5 * extent for f in seen):
                 found.append(pts)
-        self._lose_track()
+                seen.append(pts)
         return found
 
     def _lose_track(self):
@@ -222,9 +231,11 @@ class FaceTracker:
         self._prev = None
         self._mesh.reset()
 
-    def _detections(self, frame: np.ndarray) -> list[tuple[float, float, float]]:
+    def _detections(self, frame: np.ndarray, tiles: bool = False) -> list[tuple[float, float, float]]:
         """(centre x, centre y, box side) of every BlazeFace detection of at least
-        min_face_px, largest first.
+        min_face_px, largest first; `tiles`: search the tiles even when the whole frame
+        found a face (a small face beside a large one, e.g. 60 px next to 300 px in 720p,
+        is missed on the whole frame). Overlapping tiles may report one face twice.
 
         The full-range model sees the frame at 192 px, so faces under ~100 px in 1080p or
         ~70 px in 720p are missed on the whole frame; when that finds nothing we look again
@@ -232,7 +243,7 @@ class FaceTracker:
         face is 1.5-2x larger to the model.
         """
         faces = self._faces_in(frame, 0, 0)
-        if not faces and self.tiled_detection:
+        if (tiles or not faces) and self.tiled_detection:
             h, w = frame.shape[:2]
             tile = min(h, w)
             count = int(np.ceil((max(h, w) - tile) / (0.75 * tile))) + 1
@@ -276,13 +287,17 @@ class FaceTracker:
             self._mesh.reset()
             return self._follow(frame)
         best, best_d = None, self.identity_max_distance
-        for cx, cy, side in detections:
-            pts = self._mesh_of_detection(frame, cx, cy, side)
-            if pts is None:
-                continue
+        tried = self._meshes(frame, detections)
+        for pts in tried:
             d = signature_distance(face_signature(frame, pts), self._identity)
             if d < best_d:
                 best, best_d = pts, d
+        if best is None and detections and self.tiled_detection:
+            # Our person may be a small face the whole-frame search missed beside larger ones.
+            for pts in self._meshes(frame, self._detections(frame, tiles=True), skip=tried):
+                d = signature_distance(face_signature(frame, pts), self._identity)
+                if d < best_d:
+                    best, best_d = pts, d
         self._lose_track()  # the mesh graph's state is that of the last face tried
         if best is None:
             return None
