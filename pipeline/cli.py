@@ -1,7 +1,8 @@
 """`imgtalk`: the command line.
 
-    imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--force] [--metrics-port N]
-    imgtalk demo [--folder DIR] [--weights URI | --untrained] [--sync-speakers N] [--config job.yaml] [--no-eval]
+    imgtalk dub --manifest URI --weights URI --output-report URI [--config job.yaml] [--address auto|ray://…] [--force] [--metrics-port N] [--verbose]
+    imgtalk demo [--folder DIR] [--weights URI | --untrained] [--sync-speakers N] [--config job.yaml] [--no-eval] [--verbose]
+    imgtalk validate MANIFEST [--config job.yaml] [--weights URI] [--report OUT.parquet] [--address auto] [--face-frames N] [--verbose]
     imgtalk weights init --size tiny|paper OUT
     imgtalk prepare --corpus URI --weights URI --output URI [--config prepare.yaml] [--address auto]
     imgtalk train extractor|vae|stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
@@ -35,11 +36,20 @@ def _print_summary(result) -> None:
 
 def cmd_dub(args) -> int:
     from pipeline.config import load_job_config
-    from pipeline.dub.job import run_dub
+    from pipeline.logs import job_log, log_path_for
 
     config = load_job_config(args.config)
     if args.max_failed_videos is not None:
         config = config.model_copy(update={"max_failed_videos": args.max_failed_videos})
+    with job_log(log_path_for(args.output_report), args.verbose) as logged:
+        code = _dub(args, config)
+    print(f"log: {logged.path}")
+    return code
+
+
+def _dub(args, config) -> int:
+    from pipeline.dub.job import run_dub
+
     result = run_dub(args.manifest, args.weights, args.output_report, config, address=args.address,
                      metrics_export_port=args.metrics_port, force=args.force)
     _print_summary(result)
@@ -58,6 +68,16 @@ DEMO_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def cmd_demo(args) -> int:
+    from pipeline.logs import job_log
+
+    folder = os.path.abspath(args.folder)
+    with job_log(os.path.join(folder, "report.log"), args.verbose) as logged:
+        code = _demo(args)
+    print(f"log: {logged.path}")
+    return code
+
+
+def _demo(args) -> int:
     from pipeline.config import JobConfig, load_job_config
     from pipeline.dub.job import run_dub
     from pipeline.lipsync_eval import sync_manifest
@@ -130,6 +150,51 @@ def _print_sync_figures(sync_rows: list[dict], status: dict) -> None:
                   f"{1 + f['silent_relative_to_neutral']:>15.3f} {f['jitter']:>8.4f} {f['truth_video_jitter']:>13.4f}")
     print("  r: Pearson r of the measured inner-lip opening with the true jaw opening, per frame;")
     print("  silent/neutral: the mouth's opening in silent frames over the speaker's closed-mouth opening (1 = closed).")
+
+
+def cmd_validate(args) -> int:
+    from pipeline.config import load_job_config
+    from pipeline.logs import job_log, log_path_for
+    from pipeline.storage import is_remote
+
+    config = load_job_config(args.config)
+    if args.face_frames < 0:
+        raise UserError("--face-frames must be 0 or more")
+    if args.report:
+        path = log_path_for(args.report)
+    else:  # no report to sit beside: the cache folder when it is local
+        base = config.cache_uri if not is_remote(config.cache_uri) else "."
+        path = os.path.join(os.path.abspath(base), "logs", "validate.log")
+    with job_log(path, args.verbose) as logged:
+        code = _validate(args, config)
+    print(f"log: {logged.path}")
+    return code
+
+
+def _validate(args, config) -> int:
+    from pipeline.validate.estimate import format_estimate
+    from pipeline.validate.job import run_validate
+
+    if args.weights:
+        # The bundle a dub would load: a broken one is a job-level mistake (exit 2), found now.
+        from pipeline.dub.job import _check_stage2_condition
+        from pipeline.storage import Storage
+        from pipeline.weights import load_syncnet, localize_bundle, read_bundle_info
+
+        bundle = read_bundle_info(localize_bundle(args.weights, Storage(config.storage.options())))
+        _check_stage2_condition(bundle)
+        load_syncnet(bundle)
+        print(f"weights: {args.weights} ({'trained' if bundle.trained else 'UNTRAINED: a dub would re-render, not lip-sync'})")
+    result = run_validate(args.manifest, config, report_uri=args.report, address=args.address, face_frames=args.face_frames)
+    problems = result.problems
+    print(f"validated {len(result.rows)} rows: {len(result.rows) - len(problems)} ok, {len(problems)} with problems")
+    for r in problems:
+        for p in r.problems:
+            print(f"  row {r.row_index} {p}")
+    print(format_estimate(result.estimate, config))
+    if args.report:
+        print(f"report: {args.report}")
+    return 3 if problems else 0
 
 
 def cmd_prepare(args) -> int:
@@ -230,6 +295,10 @@ def cmd_synth_corpus(args) -> int:
     return 0
 
 
+_VERBOSE_HELP = ("show Ray's, mediapipe's and the workers' own log lines in the terminal too "
+                 "(they always go to the job's log file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgtalk", description="Catalogue-scale lip-sync dubbing with IMGTalk on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -257,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local Ray only: export Prometheus metrics on this port (and write Ray's service-discovery file); "
         "a cluster sets it at `ray start --metrics-export-port`",
     )
+    d.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     d.set_defaults(func=cmd_dub)
 
     m = sub.add_parser("demo", help="make a sample catalogue and dub it end to end on a local Ray")
@@ -267,7 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="job config YAML")
     m.add_argument("--address", help="Ray address; default: a local Ray")
     m.add_argument("--no-eval", dest="eval", action="store_false", help="skip imgtalk eval on the outputs at the end")
+    m.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     m.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("validate", help="dry run: probe every manifest row, report problems and estimate the job's cost")
+    v.add_argument("manifest", metavar="MANIFEST", help="Parquet manifest URI, as for dub")
+    v.add_argument("--config", help="job config YAML (security prefixes, qc.max_audio_fit_s, pools and the `cost` table)")
+    v.add_argument("--weights", help="also check that this weights bundle loads")
+    v.add_argument("--report", metavar="OUT.parquet", help="write the findings as Parquet, one row per manifest row")
+    v.add_argument("--address", help="Ray address; default: a local Ray")
+    v.add_argument("--face-frames", type=int, default=3, metavar="N",
+                   help="frames per video sampled for a face (0: skip the face check)")
+    v.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
+    v.set_defaults(func=cmd_validate)
 
     pr = sub.add_parser("prepare", help="turn a talking-head corpus into training shards")
     pr.add_argument("--corpus", required=True, help="Parquet manifest (video_uri[, audio_uri, speaker_id, split]) or a folder/prefix of videos")

@@ -132,6 +132,29 @@ class QCConfig(_Strict):
     min_face_fraction: float = Field(0.5, ge=0, le=1, description="warn when a face was found on fewer than this fraction of frames")
 
 
+class CostConfig(_Strict):
+    """Seconds each stage spends per unit of work: what `imgtalk validate` multiplies by a
+    manifest's frames and seconds to estimate a job before it runs (pipeline/validate/estimate.py).
+
+    The defaults are CPU figures from this project's 2-core machine, except `complete`:
+    face and compose are `benchmarks/pipeline_bench.py --part stages` at 1080p (README,
+    "Sizing actor pools to GPUs": decode + tracking 25 ms, decode + paste + x264 medium
+    128 ms per frame); complete is the README's planning figure of 100 frames/s per GPU at
+    paper size (the FLOP bound on an H100 is about 750); the per-video and audio figures
+    are rough CPU figures of the same machine. Re-measure on your own cluster: dub a sample
+    of the catalogue and divide each report column time_<stage>_s by source_frames (or, for
+    plan/analyse/audio, take it per video and per second of dubbed audio)."""
+
+    plan_s_per_video: float = Field(0.5, ge=0, description="probe a video and check its audio")
+    analyse_s_per_video: float = Field(3.0, ge=0, description="sample frames, neutral frame and reference bank")
+    audio_s_per_audio_s: float = Field(0.5, ge=0, description="HuBERT features per second of dubbed audio")
+    face_s_per_frame: float = Field(0.025, ge=0, description="decode + face tracking + aligned crops")
+    motion_s_per_frame: float = Field(0.005, ge=0, description="motion extractor + Stage 1")
+    complete_s_per_frame: float = Field(0.01, ge=0, description="VAE encode + IMC-UNet + VAE decode, on one GPU")
+    compose_s_per_frame: float = Field(0.128, ge=0, description="decode + paste-back + encode")
+    finalize_s_per_frame: float = Field(0.002, ge=0, description="stream-copy concat + audio mux + commit")
+
+
 class StorageConfig(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
@@ -200,6 +223,7 @@ class JobConfig(_Strict):
     retries: RetryConfig = RetryConfig()
     security: SecurityConfig = SecurityConfig()
     qc: QCConfig = QCConfig()
+    cost: CostConfig = CostConfig()  # imgtalk validate's estimate: seconds per frame / video per stage
     max_failed_videos: int | None = Field(
         None, ge=0, description="stop the job cleanly once more videos than this have failed (None: never)"
     )

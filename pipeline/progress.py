@@ -1,17 +1,25 @@
-"""What the person at the terminal sees: a live progress line on stderr while `imgtalk dub`
-runs (videos and frames done, frames/s, ETA) and a summary table at the end.
+"""What the person at the terminal sees: a live progress display on stderr while `imgtalk dub`
+runs (videos and frames done, frames/s, ETA), drawn with rich, and a summary table at the end.
 
 The driver tells a JobTracker what settles (a video's report row) and what comes back
 (a composed segment); the tracker keeps the counts, feeds the driver's metrics
-(pipeline.metrics.JobMetrics) and, when given a stream, redraws one line on it.
-Formatting is pure (Snapshot in, text out) so it is tested with known numbers.
+(pipeline.metrics.JobMetrics) and, when given a stream, redraws the display on it in place
+(rich's Live). The content is pure (Snapshot in, text or a rich renderable out) so it is
+tested with known numbers.
 """
 from __future__ import annotations
 
+import io
 import threading
 import time
 from dataclasses import dataclass
 from typing import TextIO
+
+from rich import box
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
 
 
 @dataclass(frozen=True)
@@ -52,38 +60,66 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def format_progress(snap: Snapshot, width: int = 20) -> str:
-    """One line, e.g. `[#####---------------] 1/4 videos (1 failed)  52 frames  4.3 frames/s  0:12 elapsed  ETA 0:36`."""
-    filled = min(width, int(snap.fraction * width))
-    bar = "[" + "#" * filled + "-" * (width - filled) + "]"
+def format_progress(snap: Snapshot) -> str:
+    """The figures of the progress display, e.g.
+    `50%  2/4 videos (1 failed)  52 frames  4.0 frames/s  0:13 elapsed  ETA 0:13`."""
     failed = f" ({snap.failed} failed)" if snap.failed else ""
     return (
-        f"{bar} {snap.videos_done}/{snap.videos_total} videos{failed}  {snap.frames_done} frames  "
+        f"{int(snap.fraction * 100):>3d}%  {snap.videos_done}/{snap.videos_total} videos{failed}  {snap.frames_done} frames  "
         f"{snap.frames_per_second:.1f} frames/s  {format_duration(snap.elapsed_s)} elapsed  ETA {format_duration(snap.eta_s)}"
     )
 
 
-def format_summary(counts: dict[str, int], seconds: float, frames: int) -> str:
+def progress_display(snap: Snapshot, bar_width: int = 20) -> RenderableType:
+    """One line: rich's bar for the fraction of the work done, then format_progress."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True, overflow="ellipsis")  # one line, even on a narrow terminal
+    grid.add_row(ProgressBar(total=1.0, completed=snap.fraction, width=bar_width), format_progress(snap))
+    return grid
+
+
+def summary_table(counts: dict[str, int], seconds: float, frames: int) -> Table:
     """The table `imgtalk dub` ends with: videos by status, total time, frames/s."""
     fps = frames / seconds if seconds > 0 else 0.0
-    statuses = [(s, str(counts.get(s, 0))) for s in ("ok", "failed", "skipped")]
-    statuses.append(("total", str(sum(counts.get(s, 0) for s in ("ok", "failed", "skipped")))))
-    figures = [("time", f"{seconds:.1f} s"), ("frames", str(frames)), ("frames/s", f"{fps:.2f}")]
-    header = ("status", "videos")
-    key_w = max(len(k) for k, _ in [header, *statuses, *figures])
-    val_w = max(len(v) for _, v in [header, *statuses, *figures])
-    rule = "-" * key_w + "  " + "-" * val_w
-    line = lambda k, v: f"{k:<{key_w}}  {v:>{val_w}}"  # noqa: E731
-    return "\n".join([line(*header), rule, *(line(*r) for r in statuses), rule, *(line(*r) for r in figures)])
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("status")
+    table.add_column("videos", justify="right")
+    for status in ("ok", "failed", "skipped"):
+        table.add_row(status, str(counts.get(status, 0)))
+    table.add_row("total", str(sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))), end_section=True)
+    table.add_row("time", f"{seconds:.1f} s")
+    table.add_row("frames", str(frames))
+    table.add_row("frames/s", f"{fps:.2f}")
+    return table
+
+
+def render_text(renderable: RenderableType, width: int = 100) -> str:
+    """A renderable as plain text (no colour, no control codes), lines right-stripped."""
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False).print(renderable)
+    return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines())
+
+
+def format_summary(counts: dict[str, int], seconds: float, frames: int) -> str:
+    return render_text(summary_table(counts, seconds, frames))
 
 
 class JobTracker:
-    """Counts of one job as its videos settle; redraws a progress line on `stream`."""
+    """Counts of one job as its videos settle; redraws the progress display on `stream`
+    (in place on a terminal; elsewhere rich prints only the final display).
+    force_terminal: draw as on a terminal whatever the stream is (None: ask the stream);
+    width: columns to draw in (None: the terminal's, 80 for a file)."""
 
-    def __init__(self, job_id: str, videos_total: int, stream: TextIO | None = None, clock=time.monotonic, redraw_s: float = 0.5):
+    def __init__(self, job_id: str, videos_total: int, stream: TextIO | None = None, clock=time.monotonic, redraw_s: float = 0.5,
+                 force_terminal: bool | None = None, width: int | None = None):
         self.job_id = job_id
         self.videos_total = videos_total
         self.stream = stream
+        # The job's own log routing owns stdout/stderr (pipeline/logs.py): Live must not redirect them.
+        self._live = None if stream is None else Live(
+            console=Console(file=stream, force_terminal=force_terminal, width=width, highlight=False),
+            auto_refresh=False, redirect_stdout=False, redirect_stderr=False, transient=False)
         self.clock = clock
         self.redraw_s = redraw_s
         self.started = clock()
@@ -134,15 +170,16 @@ class JobTracker:
         self._ticker.start()
 
     def close(self) -> None:
-        """Stop the ticker and end the line. Safe to call twice."""
+        """Stop the ticker and leave the final display in place. Safe to call twice."""
         if self._stop.is_set():
             return
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
-        if self.stream is not None:
+        if self._live is not None:
             self._draw(force=True)
-            self.stream.write("\n")
+            with self._draw_lock:
+                self._live.stop()
             self.stream.flush()
 
     # ---------------------------------------------------------------- state
@@ -173,17 +210,16 @@ class JobTracker:
             self._draw()
 
     def _draw(self, force: bool = False) -> None:
-        if self.stream is None or (self._stop.is_set() and not force):
-            return  # the line has ended; rows settled after close() show in the summary
+        if self._live is None or (self._stop.is_set() and not force):
+            return  # the display has ended; rows settled after close() show in the summary
         with self._draw_lock:
             now = self.clock()
             if not force and now - self._last_draw < self.redraw_s:
                 return
             self._last_draw = now
-            line = format_progress(self.snapshot())
-            # \r and clear-to-end-of-line: one line, redrawn in place.
-            self.stream.write("\r" + line + "\x1b[K")
-            self.stream.flush()
+            if not self._live.is_started:
+                self._live.start()
+            self._live.update(progress_display(self.snapshot()), refresh=True)
 
 
 class Report(dict):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything IMGTalk-dub needs on a fresh Debian machine: system packages
-# (apt) and a pinned Python environment in .venv. Safe to run again: it skips what
-# is already installed for the current requirements.txt.
+# Installs everything IMGTalk-dub's tests, demo and jobs need on a fresh Debian machine:
+# system packages (apt) and a pinned Python environment in .venv (requirements.txt: the
+# runtime pins of requirements-runtime.txt plus the test pins). Safe to run again: it skips
+# what is already installed for the current requirements files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,13 +20,13 @@ fi
 
 PY=${PYTHON:-python3}
 stamp=.venv/.install-stamp
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-runtime.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first, pinned, so nothing later pulls the CUDA build.
-.venv/bin/pip install -q --disable-pip-version-check "$(grep '^torch==' requirements.txt)"
+.venv/bin/pip install -q --disable-pip-version-check "$(grep '^torch==' requirements-runtime.txt)"
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 echo "$want" > "$stamp"

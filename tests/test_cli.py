@@ -1,8 +1,16 @@
-"""`imgtalk` command line, in process: exit codes and the messages users see. No Ray job
-runs here (tests/test_e2e.py does that); every `dub` below fails before Ray is started."""
+"""`imgtalk` command line: exit codes and the messages users see, in process (every `dub`
+there fails before Ray is started; tests/test_e2e.py runs the job itself). One small `dub`
+runs as a subprocess, to see its terminal as a user does: Ray's and mediapipe's own log
+lines stay out of it and in the job's log file (pipeline/logs.py)."""
 import json
 import os
+import re
+import subprocess
+import sys
+import wave
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +159,46 @@ def test_prepare_and_train_name_what_is_wrong_before_any_work(bundle, tmp_path, 
     code = main(["train", "stage2", "--shards", str(shards), "--weights", bundle, "--output-bundle", str(tmp_path / "b"),
                  "--config", str(tmp_path / "train.yaml")])
     assert code == 2 and "steps" in capsys.readouterr().err
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dub_keeps_library_log_lines_out_of_the_terminal_and_in_the_job_log(bundle, tmp_path):
+    from pipeline.dub.schemas import ManifestRow, write_manifest
+    from pipeline.sample_catalogue import SampleVideo, write_video
+    from pipeline.storage import Storage
+
+    video, audio, output = str(tmp_path / "v.mp4"), str(tmp_path / "a.wav"), str(tmp_path / "out" / "v.mp4")
+    write_video(video, SampleVideo("v", Fraction(25), 1.0, "", size=(320, 240)))
+    with wave.open(audio, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000) * 32767).astype(np.int16).tobytes())
+    row = {"video_uri": video, "audio_uri": audio, "output_uri": output}
+    write_manifest([row], str(tmp_path / "m.parquet"), Storage())
+    report = str(tmp_path / "report.parquet")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GLOG_minloglevel", "TF_CPP_MIN_LOG_LEVEL")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "dub", "--manifest", str(tmp_path / "m.parquet"), "--weights", bundle,
+         "--output-report", report],
+        cwd=ROOT, env=dict(env, RAY_USAGE_STATS_ENABLED="0"), capture_output=True, text=True, timeout=900,
+    )
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 0, terminal
+    # glog/absl lines (mediapipe, TensorFlow Lite), Ray's C++ and Python log lines: none
+    assert not re.search(r"^[WIEF]\d{4} ", terminal, re.M), terminal
+    assert not re.search(r"^\[?\d{4}-\d\d-\d\d[ ,\d:.]+\s*(WARNING|INFO|[WIE] \d+)", terminal, re.M), terminal
+    assert "Token authentication is enabled" not in terminal  # Ray's notice at every ray.init
+    log_path = str(tmp_path / "report.log")
+    assert f"log: {log_path}" in terminal and f"output: {output}" in terminal
+    with open(log_path) as f:
+        text = f.read()
+    # ... they are kept in the log file, with one line per settled video giving its stage timings
+    assert "Token authentication is enabled" in text
+    video_id = ManifestRow.model_validate(row).video_id
+    line = re.search(rf"INFO imgtalk: video {video_id} row 0 ok: 25 frames; (.*)$", text, re.M)
+    assert line, text[-3000:]
+    timings = dict(re.findall(r"(\w+) ([\d.]+) s", line.group(1)))
+    assert list(timings) == ["plan", "analyse", "audio", "face", "motion", "complete", "compose", "finalize"]
+    assert float(timings["complete"]) > 0
+    assert "===== Ray worker output:" in text  # the workers' own files, copied from Ray's session folder

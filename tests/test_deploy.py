@@ -38,11 +38,11 @@ IMAGE = f"ghcr.io/imgtalk-dub/imgtalk:{_version()}"
 
 
 def _ray_pin() -> str:
-    for line in _read("requirements.txt").splitlines():
+    for line in _read("requirements-runtime.txt").splitlines():
         m = re.fullmatch(r"ray(\[[^\]]*\])?==(\S+)", line.strip())
         if m:
             return m.group(2)
-    raise AssertionError("requirements.txt does not pin ray")
+    raise AssertionError("requirements-runtime.txt does not pin ray")
 
 
 # --------------------------------------------------------------------------- ray_cluster.yaml
@@ -179,14 +179,16 @@ def _dockerfile_copies() -> list[tuple[str, str]]:
     return copies
 
 
+# Requirements files of exact pins only (test_requirements_files_pin_exactly checks them).
+_PINNED_FILES = ("requirements.txt", "requirements-runtime.txt")
 _PINNED = re.compile(r"[A-Za-z0-9_.\-]+(\[[A-Za-z0-9_,.\-]+\])?==[A-Za-z0-9_.+!\-]+")
 _OPTIONS_WITH_VALUE = {"-c", "--constraint", "-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--target", "--prefix"}
 
 
 def unpinned_pip_args(command: str) -> list[str]:
     """What a `pip install` command would resolve without an exact pin: package arguments that
-    are not `name==version`, a pin read from requirements.txt, requirements.txt itself, or the
-    local project installed with --no-deps."""
+    are not `name==version`, a pin read from a pinned requirements file, such a file itself, or
+    the local project installed with --no-deps."""
     tokens = shlex.split(command)
     i = tokens.index("install") + 1
     no_deps = "--no-deps" in tokens
@@ -194,7 +196,7 @@ def unpinned_pip_args(command: str) -> list[str]:
     while i < len(tokens):
         t = tokens[i]
         if t in ("-r", "--requirement"):
-            if tokens[i + 1] != "requirements.txt":
+            if tokens[i + 1] not in _PINNED_FILES:
                 bad.append(f"-r {tokens[i + 1]}")
             i += 2
             continue
@@ -202,7 +204,7 @@ def unpinned_pip_args(command: str) -> list[str]:
             i += 2
             continue
         if not t.startswith("-"):
-            from_requirements = t.startswith("$(") and "requirements.txt" in t
+            from_requirements = t.startswith("$(") and any(f in t for f in _PINNED_FILES)
             local_project = t == "." and no_deps
             if not (_PINNED.fullmatch(t) or from_requirements or local_project):
                 bad.append(t)
@@ -247,16 +249,12 @@ def test_dockerfile():
 
     runs = [a for w, a in instructions if w == "RUN"]
     apt = [r for r in runs if "apt-get install" in r]
-    assert apt and "espeak-ng" in apt[0].split() and "python3.11" in apt[0].split()
+    assert apt and "python3.11" in apt[0].split()
 
     pips = _pip_installs()
-    assert any("-r requirements.txt" in p for p in pips), "requirements.txt is not installed"
+    assert any("-r requirements-runtime.txt" in p for p in pips), "requirements-runtime.txt is not installed"
     for p in pips:
         assert unpinned_pip_args(p) == [], f"deploy/Dockerfile: unpinned `{p}`"
-    # Every requirement the image installs is an exact pin.
-    for line in _read("requirements.txt").splitlines():
-        if line.strip() and not line.startswith("#"):
-            assert _PINNED.fullmatch(line.strip()), f"requirements.txt: {line!r} is not an exact pin"
     # The CUDA build of torch, or no image.
     assert any("torch.version.cuda" in r for r in runs)
 
@@ -272,6 +270,59 @@ def test_dockerfile():
     text = _read("deploy", "Dockerfile")
     assert f"docker build -f deploy/Dockerfile -t {IMAGE} ." in text
     assert f'org.opencontainers.image.version="{_version()}"' in text
+
+
+def _requirement_lines(name: str, seen: tuple = ()) -> list[str]:
+    """The requirement lines of a requirements file, `-r` includes expanded."""
+    assert name not in seen, f"{name} includes itself"
+    out = []
+    for line in _read(name).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith(("-r ", "--requirement ")):
+            out += _requirement_lines(line.split(None, 1)[1], (*seen, name))
+        elif line:
+            out.append(line)
+    return out
+
+
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[\[=<>!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_requirements_files_pin_exactly():
+    for name in _PINNED_FILES:
+        for line in _requirement_lines(name):
+            assert _PINNED.fullmatch(line), f"{name}: {line!r} is not an exact pin"
+    # CI installs the image's set and the test pins on top, never another version of one.
+    runtime = {_dist_name(r): r for r in _requirement_lines("requirements-runtime.txt")}
+    everything = {_dist_name(r): r for r in _requirement_lines("requirements.txt")}
+    assert runtime.items() <= everything.items()
+
+
+def test_image_installs_no_test_packages():
+    """The production image ships the runtime set only: none of pyproject's `test` extra
+    (pytest, moto, prometheus-client), and no espeak-ng (only the demo speaks)."""
+    with open(_path("pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    test_only = {_dist_name(r) for r in project["optional-dependencies"]["test"]}
+    assert {"pytest", "moto"} <= test_only
+    runtime = {_dist_name(r) for r in project["dependencies"]}
+    assert not test_only & runtime, "a test package is also a runtime dependency in pyproject.toml"
+
+    installed = set()
+    for command in _pip_installs():
+        tokens = shlex.split(command)
+        for i, t in enumerate(tokens):
+            if t in ("-r", "--requirement"):
+                installed |= {_dist_name(r) for r in _requirement_lines(tokens[i + 1])}
+            elif _PINNED.fullmatch(t):
+                installed.add(_dist_name(t))
+    assert "torch" in installed and "ray" in installed  # the parse found the real installs
+    assert not installed & test_only, f"deploy/Dockerfile installs test packages {sorted(installed & test_only)}"
+    apt = " ".join(a for w, a in _dockerfile() if w == "RUN" and "apt-get install" in a).split()
+    assert "espeak-ng" not in apt
+    # nothing that is not the project's code either: no tests folder copied in
+    assert not [src for src, _ in _dockerfile_copies() if src.startswith("tests") or src == "requirements.txt"]
 
 
 def test_no_credentials_in_deployment_files():

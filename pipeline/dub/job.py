@@ -60,20 +60,26 @@ def _init_ray(address: str | None, num_cpus: int | None = None, metrics_export_p
     cluster sets its ports at `ray start --metrics-export-port`."""
     import ray
 
+    from pipeline import logs
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
     # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster, never start one.
     address = address or os.environ.get("RAY_ADDRESS")
+    # Worker output reaches the terminal only with --verbose; else Ray's logs folder and the job log (pipeline/logs.py).
+    logs.before_ray_init()
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=logs.log_to_driver())
+        logs.after_ray_init(started=False)
         return False
     exporting = (
         dict(include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=metrics_export_port)
         if metrics_export_port
         else dict(include_dashboard=False)
     )
-    ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=False, logging_level=logging.WARNING, **exporting)
+    ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=logs.log_to_driver(), logging_level=logging.WARNING, **exporting)
+    logs.after_ray_init(started=True)
     return True
 
 
@@ -349,6 +355,9 @@ def run_dub(
     return JobResult(job_id, report_uri, rows, time.perf_counter() - started, frames, counts, stopped, reused, warnings)
 
 
+# The stages a report row times (time_<stage>_s), in graph order: the per-video log line.
+_TIMED_STAGES = ("plan", "analyse", "audio", "face", "motion", "complete", "compose", "finalize")
+
 # A report row's own identity: never taken from an earlier run's row.
 _IDENTITY_FIELDS = ("job_id", "row_index", "video_id", "video_uri", "audio_uri", "output_uri")
 
@@ -369,6 +378,9 @@ class GraphSink:
         self.results.write(row, self.inputs.get(row.row_index), state="finalizing")
 
     def settle(self, index: int, row: ReportRow) -> None:
+        log.info("video %s row %d %s%s: %s frames; %s", row.video_id, index, row.status,
+                 f" [{row.error_stage}] {row.error}" if row.status == "failed" else "", row.source_frames,
+                 ", ".join(f"{stage} {getattr(row, f'time_{stage}_s') or 0.0:.2f} s" for stage in _TIMED_STAGES))
         if row.status == "ok":
             row = row.model_copy(update={"result_job_id": row.job_id})
         self.report[index] = row

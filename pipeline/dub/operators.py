@@ -126,7 +126,7 @@ class PlanOp(_Op):
         with open_source(self.storage, row["video_uri"]) as src:
             info = probe_video(src, measure_gop=self.config.output.codec == "match-source")
         # A format the output cannot keep fails here, before any face or GPU work.
-        codec = encoder_settings(self.config.output).for_source(info).codec
+        codec = encoder_settings(self.config.output).for_source(info, row["video_uri"]).codec
         deliverable_format(info, codec, row["video_uri"])
         check_container(codec, container_for(row["output_uri"]), row["output_uri"])
         video_identity = self.storage.identity(row["video_uri"])

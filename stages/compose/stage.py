@@ -61,7 +61,7 @@ class ComposeStage:
         if video is None:
             video = probe_video(source, threads=self.threads, measure_gop=self.codec == "match-source")
         settings = self.settings if crf is None else replace(self.settings, crf=crf)
-        settings = settings.for_source(video)
+        settings = settings.for_source(video, source)
         pix_fmt = deliverable_format(video, settings.codec, source)
         coding = Coding.of(pix_fmt, video.colorspace, video.color_range, height)
         color_range = RANGE_JPEG if pix_fmt != video.pix_fmt and video.pix_fmt.startswith("yuvj") else video.color_range

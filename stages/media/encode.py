@@ -83,7 +83,7 @@ class EncoderSettings:
     qscale: int = 4
     prores_profile: str = "auto"
 
-    def for_source(self, video: VideoInfo) -> EncoderSettings:
+    def for_source(self, video: VideoInfo, name="") -> EncoderSettings:
         """codec 'match-source' made concrete: the encoder of the source's codec family,
         its bitrate (when the container states one and no bitrate is set; else crf /
         qscale) and its keyframe interval (when measured and no gop is set)."""
@@ -92,7 +92,7 @@ class EncoderSettings:
         encoder = MATCH_SOURCE_ENCODERS.get(video.codec)
         if encoder is None:
             raise MediaError(
-                f"codec match-source: no encoder for the source codec {video.codec!r} "
+                f"video {media_name(name)!r}: codec match-source: no encoder for the source codec {video.codec!r} "
                 f"(known: {', '.join(sorted(MATCH_SOURCE_ENCODERS))}); set output.codec"
             )
         bitrate = self.bitrate
@@ -117,7 +117,9 @@ class EncoderSettings:
         if self.codec == "mpeg4":
             if self.bitrate is not None:
                 return {}, self.bitrate
-            return {"flags": "+qscale", "global_quality": str(self.qscale * _QP2LAMBDA)}, None
+            # mpegvideo takes a fixed qscale from each frame's quality, which PyAV cannot
+            # set; pinning the rate control's quantiser range to it does the same.
+            return {"qmin": str(self.qscale), "qmax": str(self.qscale)}, None
         options: dict = {}
         if self.codec in _CRF_CODECS:
             options["preset"] = self.preset
