@@ -136,6 +136,18 @@ def test_a_small_chosen_face_beside_a_large_one_is_found_and_tracked(tracker, lo
     assert track.has_face.all() and (track.landmarks[:, :468, 0].mean(1) > 800).all()
 
 
+def test_a_cut_to_the_other_person_framed_alike_is_not_followed(tracker, looks):
+    """Shot/reverse-shot: A, then B at the same place and size, then A again. FaceMesh
+    tracks straight across the cut (no jump), so only the per-frame signature check keeps
+    B undubbed; without an identity B is tracked."""
+    frames = ([_place(ASTRONAUT, 0.9, (W / 2 + i, H / 2)) for i in range(4)]
+              + [_place(B_LOOK, 0.8, (W / 2 + 4 + i, H / 2), B_SHAPE) for i in range(4)]
+              + [_place(ASTRONAUT, 0.9, (W / 2 + 8 + i, H / 2)) for i in range(2)])
+    assert tracker(frames, identity=looks["A"]).has_face.tolist() == [True] * 4 + [False] * 4 + [True] * 2
+    assert tracker(frames, identity=looks["B"]).has_face.tolist() == [False] * 4 + [True] * 4 + [False] * 2
+    assert tracker(frames).has_face.all()
+
+
 def test_face_option_validates_and_reaches_the_row():
     ok = ManifestRow(video_uri="v", audio_uri="a", output_uri="o", options='{"face": {"box": [1, 2, 30, 40], "t": 1.5}}')
     choice = FaceChoice.parse(ok.options.face_key())

@@ -132,10 +132,13 @@ class FaceTracker:
     each detected face and takes the one whose signature matches it, never simply the
     largest; when none matches, the frame has no face (it passes through undubbed).
     Between acquisitions the track's continuity keeps the person: FaceMesh may see several
-    faces in the region (MAX_MESH_FACES) and we follow the one nearest where ours was, and
-    a mesh that jumps by more than the face's size is dropped and the face re-acquired."""
+    faces in the region (MAX_MESH_FACES) and we follow the one nearest where ours was; a
+    mesh that jumps by more than the face's size, or whose signature has drifted beyond
+    IDENTITY_KEEP_FACTOR times the bound (a cut to someone framed alike), is dropped and
+    the face re-acquired."""
 
     MAX_MESH_FACES = 3  # faces FaceMesh reports in a region: a neighbour must not displace ours
+    IDENTITY_KEEP_FACTOR = 1.5  # a tracked face stays ours up to this times the acquisition bound
 
     def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5,
                  smoothing_sigma_frames: float = 1.5, max_gap_frames: int = 2,
@@ -322,7 +325,7 @@ class FaceTracker:
         cx, cy, side = self._roi
         expect = self._prev[:MESH_POINTS].mean(0) if self._prev is not None else np.array([cx, cy])
         pts = self._mesh_at(frame, self._roi, expect)
-        if pts is None or (self._prev is not None and jumped(self._prev, pts)):
+        if pts is None or (self._prev is not None and jumped(self._prev, pts)) or not self._still_ours(frame, pts):
             self._lose_track()
             return None
         mesh = pts[:MESH_POINTS]
@@ -335,6 +338,21 @@ class FaceTracker:
             self._mesh.reset()
         self._prev = pts
         return pts
+
+    def _still_ours(self, frame: np.ndarray, pts: np.ndarray) -> bool:
+        """Whether a tracked face is still the identity's (always, without one).
+
+        Continuity alone misses a cut between two people framed alike (shot/reverse-shot):
+        FaceMesh keeps tracking at the same place and size. So every tracked frame is
+        checked too (~1 ms against ~20 ms of mesh), with a looser bound than acquisition's
+        (IDENTITY_KEEP_FACTOR) so that blur or a turn of the head does not drop our person
+        while another person, far beyond it, is dropped at once."""
+        if self._identity is None:
+            return True
+        from .identity import face_signature, signature_distance
+
+        limit = self.identity_max_distance * self.IDENTITY_KEEP_FACTOR
+        return signature_distance(face_signature(frame, pts), self._identity) < limit
 
     def _mesh_at(self, frame: np.ndarray, roi: tuple[float, float, float], expect: np.ndarray):
         """(478, 2) frame-pixel landmarks of the mesh face nearest `expect` in the region,
