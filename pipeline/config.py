@@ -214,6 +214,12 @@ class JobConfig(_Strict):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per worker (avoid oversubscription)")
     batch: BatchConfig = BatchConfig()
     pools: dict[str, PoolConfig] = Field(default_factory=_pools_default)
+    stage_layout: Literal["auto", "pools", "fused"] = Field(
+        "auto",
+        description="pools: one actor pool per stage (a cluster); fused: the per-video stages in one actor and the "
+        "per-segment stages in another, copied per CPU (a laptop, where every actor's start-up costs seconds of the "
+        "only cores there are); auto: fused on a single node with at most 4 CPUs and no GPU, else pools",
+    )
     output: OutputConfig = OutputConfig()
     face: FaceConfig = FaceConfig()
     analyse: AnalyseConfig = AnalyseConfig()

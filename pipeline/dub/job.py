@@ -8,6 +8,8 @@
 One streaming Ray Data graph over videos; a video becomes its segments inside the graph
 (flat_map), so segments of the first videos reach the GPU while later videos are still
 being planned. Nothing is shuffled: the driver regroups segments by (video_id, seg_idx).
+On one small machine (`stage_layout`, pipeline/dub/fused.py) the same operators run
+fused: plan, analyse and audio in one actor, face to compose in one actor per CPU.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Callable
 
 from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
+from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, fused_pool
 from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
 from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
 from pipeline.dub.rows import new_row, normalise
@@ -154,6 +157,16 @@ def _check_stage2_condition(bundle) -> None:
 
 def _alive_nodes(ray) -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def stage_layout(ray, config: JobConfig) -> str:
+    """"pools" or "fused" (pipeline/dub/fused.py): config.stage_layout, with "auto" fused
+    on one node of at most 4 CPUs and no GPU, where actor start-up dominates a job."""
+    if config.stage_layout != "auto":
+        return config.stage_layout
+    resources = ray.cluster_resources()
+    small = _alive_nodes(ray) == 1 and resources.get("CPU", 0) <= 4 and not resources.get("GPU")
+    return "fused" if small else "pools"
 
 
 def node_local_refusals(config: JobConfig, outputs: list[str]) -> list[str]:
@@ -427,18 +440,35 @@ def _run_graph(
     def actors(name: str):
         return pools[name].actor_args()
 
+    steps = {
+        "plan": (ops.PlanOp, (cfg,)),
+        "analyse": (ops.AnalyseOp, (cfg, weights_uri)),
+        "audio": (ops.AudioOp, (cfg, weights_uri)),
+        "face": (ops.FaceOp, (cfg,)),
+        "motion": (ops.MotionOp, (cfg, weights_uri)),
+        "complete": (ops.CompleteOp, (cfg, weights_uri)),
+        "compose": (ops.ComposeOp, (cfg,)),
+    }
+    layout = stage_layout(ray, config)
+
+    def stages(names: tuple[str, ...], fused_size: int):
+        nonlocal ds
+        if layout == "fused":
+            pool = fused_pool(pools, names, fused_size)
+            ds = ds.map(FusedOp, fn_constructor_args=([steps[n] for n in names],), **pool.actor_args())
+            return
+        for n in names:
+            op, args = steps[n]
+            ds = ds.map(op, fn_constructor_args=args, **actors(n))
+
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map(ops.PlanOp, fn_constructor_args=(cfg,), **actors("plan"))
-    ds = ds.map(ops.AnalyseOp, fn_constructor_args=(cfg, weights_uri), **actors("analyse"))
-    ds = ds.map(ops.AudioOp, fn_constructor_args=(cfg, weights_uri), **actors("audio"))
+    stages(VIDEO_STAGES, 1)
     ds = ds.flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
     # One segment per block: a video's segments then spread over the actor pools instead
     # of travelling (and being processed) together, and no block grows with video length.
     ds = ds.repartition(target_num_rows_per_block=1)
-    ds = ds.map(ops.FaceOp, fn_constructor_args=(cfg,), **actors("face"))
-    ds = ds.map(ops.MotionOp, fn_constructor_args=(cfg, weights_uri), **actors("motion"))
-    ds = ds.map(ops.CompleteOp, fn_constructor_args=(cfg, weights_uri), **actors("complete"))
-    ds = ds.map(ops.ComposeOp, fn_constructor_args=(cfg,), **actors("compose"))
+    # Fused, one segment actor per CPU: the segment stages are where the time goes.
+    stages(SEGMENT_STAGES, max(1, int(ray.cluster_resources().get("CPU", 1))))
 
     finalize = ray.remote(max_retries=2, **pools["finalize"].task_args())(finalize_step.finalize_video)
     pending: dict[str, list[dict]] = {}
