@@ -7,7 +7,7 @@ appearance half below does by hand, in a form we can average and compare in one 
 So a signature is built from what mediapipe already gives us, and only from parts of the
 face the dub never changes (no lips, no jaw, no chin):
 
-- geometry (GEOMETRY_POINTS, 2 x 16 numbers): the eye corners, eyebrows, nose bridge, nose
+- geometry (GEOMETRY_POINTS, 2 x 19 numbers): the eye corners, eyebrows, nose bridge, nose
   tip and nostril wings, and the face outline at cheek/temple level, in a frame where the
   eye centres sit at (-0.5, 0) and (0.5, 0) (translation, roll and scale removed). Ratios
   such as brow height, nose length and face width over eye distance differ between people.
@@ -27,12 +27,13 @@ calibration, not a measured operating point on real footage.
 Limits (why this is a stopgap, not a recogniser): yaw and pitch move the 2-D geometry (a
 profile does not match its frontal look), lighting and grading move the colour histogram,
 relatives and look-alikes may match, and a face seen only in profile or smaller than ~40 px
-carries little signal. The tracker therefore leans on track continuity inside a clip and
-consults the signature only when it (re)acquires a face. A real embedding plugs in at
+carries little signal. The tracker therefore chooses by signature only when it (re)acquires
+a face; while tracking, continuity decides and the signature is held to a looser bound
+(FaceTracker.IDENTITY_KEEP_FACTOR) that only a different person exceeds. A real embedding plugs in at
 `face_signature` / `signature_distance`: an ArcFace or SFace ONNX model run (cv2.dnn or
 onnxruntime) on `crop_transform`'s aligned crop gives a 512-d vector whose cosine
-distance replaces this one; nothing else changes (the row carries whatever array
-`face_signature` returns, and the threshold moves to the model's own).
+distance replaces this one (and SIGNATURE_SIZE its size); nothing else changes (the row
+carries whatever array `face_signature` returns, and the threshold moves to the model's own).
 """
 from __future__ import annotations
 
