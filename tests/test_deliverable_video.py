@@ -313,3 +313,40 @@ def test_each_encoder_takes_its_quality_setting(tmp_path, codec, pix_fmt, better
         assert (info.pix_fmt, info.n_frames) == (pix_fmt, N)
         sizes.append(path.stat().st_size)
     assert sizes[0] > 1.5 * sizes[1], sizes
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_a_face_found_upright_is_pasted_in_coded_orientation(tmp_path, blend_mask, rotation):
+    """Phone video: the frames are coded turned; the face is found in the upright view and
+    its affine mapped back (coded_affine), so compose pastes in coded orientation and the
+    upright view of the output has the mouth where the upright affine put it."""
+    from stages.face.paste import coded_affine
+
+    k = rotation // 90
+    coded = [np.ascontiguousarray(np.rot90(rgb, -k)) for rgb in source_frames()]  # np.rot90(coded, k) is upright
+    ch, cw = coded[0].shape[:2]
+    path = str(tmp_path / f"turned{rotation}.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"crf": "10", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = cw, ch, "yuv420p"
+        for i, rgb in enumerate(coded):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p", dst_colorspace=6,
+                                                                              dst_color_range=1)
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    M = coded_affine(AFFINE, rotation, cw, ch)
+    output = str(tmp_path / f"out{rotation}.mp4")
+    ComposeStage(blend_mask, preset="ultrafast", crf=10, threads=1)(
+        path, output, 0, N, cw, ch, FPS, np.broadcast_to(RED, (N, 256, 256, 3)).copy(), np.repeat(M[None], N, 0),
+        np.ones(N, bool))
+    with av.open(output) as container:
+        upright = np.rot90(frame_to_rgb(next(container.decode(video=0))), k).astype(np.float32)
+    assert upright.shape == (H, W, 3)
+    alpha = mouth_alpha(blend_mask)  # where the upright affine puts the mouth
+    inside = cv2.erode((alpha > 0.99).astype(np.uint8), np.ones((5, 5))).astype(bool)
+    far = cv2.dilate((alpha > 0).astype(np.uint8), np.ones((9, 9))) == 0
+    assert upright[inside][:, 0].mean() > 220 and upright[inside][:, 1:].mean() < 40
+    assert np.abs(upright[far] - source_frames()[0].astype(np.float32)[far]).mean() < 3

@@ -145,3 +145,25 @@ def paste_back_native(frame: av.VideoFrame, crop: np.ndarray, M: np.ndarray, ble
     and tags (the decoder's own frame is never written to: it may be a reference frame)."""
     planes = paste_back_planes(frame_planes(frame), crop, M, blend_mask, coding)
     return frame_from_planes(planes, frame)
+
+
+def coded_affine(M_upright: np.ndarray, rotation: int, coded_width: int, coded_height: int) -> np.ndarray:
+    """(2, 3) source->crop affine in the coded frame's pixels from one found in the upright
+    view np.rot90(coded, k=rotation // 90) (VideoInfo.rotation, degrees counter-clockwise),
+    so faces can be found upright and pasted back in coded orientation, where the output
+    keeps the source's coded size and display matrix. NaN (no face) stays NaN.
+
+    np.rot90 moves integer pixel centres onto integer pixel centres, so the crop is sampled
+    at exactly the points the upright affine samples it at."""
+    k = (int(rotation) // 90) % 4
+    w1, h1 = coded_width - 1, coded_height - 1
+    # coded (x, y) -> upright (x', y') for np.rot90(coded, k)
+    to_upright = {
+        0: [[1, 0, 0], [0, 1, 0]],
+        1: [[0, 1, 0], [-1, 0, w1]],
+        2: [[-1, 0, w1], [0, -1, h1]],
+        3: [[0, -1, h1], [1, 0, 0]],
+    }[k]
+    R = np.asarray(to_upright, np.float64)
+    M = np.asarray(M_upright, np.float64)
+    return np.concatenate([M[:, :2] @ R[:, :2], (M[:, :2] @ R[:, 2] + M[:, 2])[:, None]], axis=1)
