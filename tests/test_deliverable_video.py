@@ -27,6 +27,7 @@ AFFINE = np.array([[2.0, 0.0, -200.0], [0.0, 2.0, -80.0]])
 HDR10 = dict(color_primaries=9, color_trc=16, colorspace=9, color_range=1)  # bt2020, smpte2084, bt2020nc, tv
 BT709 = dict(color_primaries=1, color_trc=1, colorspace=1, color_range=1)
 RED = np.array([255, 0, 0], np.uint8)
+MASTERING = "G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,50)"  # P3 D65, 1000 nits
 
 
 def source_frames() -> list[np.ndarray]:
@@ -260,8 +261,8 @@ def test_plan_and_compose_operators_carry_the_source_format_to_the_segment(tmp_p
     from pipeline.dub.operators import ComposeOp, PlanOp
     from pipeline.dub.rows import new_row, pack
 
-    source = make_source(tmp_path / "hdr.mp4", "libx265", "yuv420p10le", HDR10,
-                         {"x265-params": "log-level=error", "preset": "ultrafast", "crf": "10"})
+    source = make_source(tmp_path / "hdr.mp4", "libx265", "yuv420p10le", HDR10, {
+        "x265-params": f"log-level=error:master-display={MASTERING}:max-cll=1000,400", "preset": "ultrafast", "crf": "10"})
     audio = tmp_path / "dub.wav"
     audio.write_bytes(b"not read by plan")
     config = JobConfig(cache_uri=str(tmp_path / "cache"), output={"codec": "libx265", "preset": "ultrafast"}).model_dump()
@@ -281,6 +282,7 @@ def test_plan_and_compose_operators_carry_the_source_format_to_the_segment(tmp_p
         assert c.format.name.startswith("matroska")
     out = probe_video(segment)
     assert colour_of(out) == ("yuv420p10le", 9, 16, 9, 1) and out.codec == "hevc" and out.n_frames == N
+    assert (planned["mastering_display"], out.mastering_display, out.content_light) == (MASTERING, MASTERING, "1000,400")
 
     twelve = make_source(tmp_path / "twelve.mp4", "libx265", "yuv420p12le", HDR10,
                          {"x265-params": "log-level=error", "preset": "ultrafast"})
@@ -350,3 +352,16 @@ def test_a_face_found_upright_is_pasted_in_coded_orientation(tmp_path, blend_mas
     far = cv2.dilate((alpha > 0).astype(np.uint8), np.ones((9, 9))) == 0
     assert upright[inside][:, 0].mean() > 220 and upright[inside][:, 1:].mean() < 40
     assert np.abs(upright[far] - source_frames()[0].astype(np.float32)[far]).mean() < 3
+
+
+@pytest.mark.parametrize("codec,container", [("libx265", "mp4"), ("libx264", "mp4"), ("libsvtav1", "mkv")])
+def test_hdr10_static_metadata_goes_to_the_output(tmp_path, blend_mask, codec, container):
+    source = make_source(tmp_path / "hdr10.mp4", "libx265", "yuv420p10le", HDR10, {
+        "x265-params": f"log-level=error:master-display={MASTERING}:max-cll=1000,400", "preset": "ultrafast"})
+    info = probe_video(source)
+    assert (info.mastering_display, info.content_light) == (MASTERING, "1000,400")
+    output = compose(source, tmp_path / f"out.{container}", blend_mask, codec=codec, crf=20,
+                     preset="ultrafast" if codec != "libsvtav1" else "12")
+    out = probe_video(output)
+    assert (out.mastering_display, out.content_light) == (MASTERING, "1000,400")
+    assert colour_of(out) == colour_of(info)

@@ -148,6 +148,8 @@ class PlanOp(_Op):
             source_codec=info.codec,
             source_bit_rate=info.bit_rate,
             source_gop=info.gop,
+            mastering_display=info.mastering_display,
+            content_light=info.content_light,
             work_key=digest(row["work_key"], row["video_uri"], video_identity),
         )
 
@@ -173,6 +175,7 @@ def source_video(row: dict):
         pix_fmt=row["pix_fmt"], has_audio=False, color_primaries=int(row["color_primaries"]),
         color_trc=int(row["color_trc"]), colorspace=int(row["colorspace"]), color_range=int(row["color_range"]),
         bit_depth=int(row["bit_depth"]), bit_rate=int(row["source_bit_rate"]), gop=int(row["source_gop"]),
+        mastering_display=row["mastering_display"], content_light=row["content_light"],
     )
 
 

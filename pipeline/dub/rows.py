@@ -51,6 +51,8 @@ ROW_DEFAULTS: dict = {
     "source_codec": "",
     "source_bit_rate": 0,
     "source_gop": 0,
+    "mastering_display": "",  # HDR10 static metadata (VideoInfo's x265 notation), written to the output
+    "content_light": "",
     # analyse
     "neutral_frame": -1,
     "neutral_x_c": b"",

@@ -62,6 +62,9 @@ class ComposeStage:
             video = probe_video(source, threads=self.threads, measure_gop=self.codec == "match-source")
         settings = self.settings if crf is None else replace(self.settings, crf=crf)
         settings = settings.for_source(video, source)
+        # HDR10 static metadata goes with the source's colour unless set otherwise.
+        settings = replace(settings, mastering_display=settings.mastering_display or video.mastering_display,
+                           content_light=settings.content_light or video.content_light)
         pix_fmt = deliverable_format(video, settings.codec, source)
         coding = Coding.of(pix_fmt, video.colorspace, video.color_range, height)
         color_range = RANGE_JPEG if pix_fmt != video.pix_fmt and video.pix_fmt.startswith("yuvj") else video.color_range

@@ -82,6 +82,10 @@ class EncoderSettings:
     gop: int | None = None
     qscale: int = 4
     prores_profile: str = "auto"
+    # HDR10 static metadata to write (VideoInfo's x265 notation; "" none): x265, x264 and
+    # SVT-AV1 write it as SEI / metadata OBUs; other encoders cannot, and say so in the log.
+    mastering_display: str = ""
+    content_light: str = ""
 
     def for_source(self, video: VideoInfo, name="") -> EncoderSettings:
         """codec 'match-source' made concrete: the encoder of the source's codec family,
@@ -121,12 +125,21 @@ class EncoderSettings:
             # set; pinning the rate control's quantiser range to it does the same.
             return {"qmin": str(self.qscale), "qmax": str(self.qscale)}, None
         options: dict = {}
+        md, cll = self.mastering_display, self.content_light
         if self.codec in _CRF_CODECS:
             options["preset"] = self.preset
             if self.codec == "libx265":
-                options["x265-params"] = "log-level=warning"
+                params = ["log-level=warning"] + ([f"master-display={md}"] if md else []) + ([f"max-cll={cll}"] if cll else [])
+                options["x265-params"] = ":".join(params)
+            elif md or cll:
+                options["x264-params"] = ":".join(([f"mastering-display={md}"] if md else []) + ([f"cll={cll}"] if cll else []))
         elif self.codec == "libsvtav1":
             options["preset"] = self.preset if self.preset.isdigit() else str(speed[0] if speed else 8)
+            params = ([f"mastering-display={_svt_mastering_display(md)}"] if md else []) + ([f"content-light={cll}"] if cll else [])
+            if params:
+                options["svtav1-params"] = ":".join(params)
+        elif md or cll:
+            log.warning("%s cannot write HDR10 static metadata; the output carries the colour tags only", self.codec)
         elif self.codec == "libvpx-vp9":
             options.update({"deadline": "good", "cpu-used": str(speed[1] if speed else 4), "row-mt": "1"})
         if self.bitrate is not None:
@@ -136,6 +149,16 @@ class EncoderSettings:
             if self.codec == "libvpx-vp9":
                 options["b"] = "0"  # constant quality: crf alone would be a cap on a default bitrate
         return options, None
+
+
+def _svt_mastering_display(md: str) -> str:
+    """x265's integer notation (1/50000, 1/10000 cd/m² units) as SVT-AV1's decimal one."""
+    import re
+
+    numbers = [int(n) for n in re.findall(r"\d+", md)]  # G x y, B x y, R x y, WP x y, L max min
+    xy, (lum_max, lum_min) = [n / 50000 for n in numbers[:8]], numbers[8:10]
+    return (f"G({xy[0]:.5f},{xy[1]:.5f})B({xy[2]:.5f},{xy[3]:.5f})R({xy[4]:.5f},{xy[5]:.5f})"
+            f"WP({xy[6]:.5f},{xy[7]:.5f})L({lum_max / 10000:.4f},{lum_min / 10000:.4f})")
 
 
 def deliverable_format(video: VideoInfo, codec: str, name) -> str:

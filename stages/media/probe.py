@@ -45,6 +45,10 @@ class VideoInfo:
     bit_depth: int = 8  # bits per luma sample
     bit_rate: int = 0  # the video stream's bits per second as the container states it (0: unknown)
     gop: int = 0  # frames from the first keyframe to the second (0: not measured, or one keyframe)
+    # HDR10 static metadata of the first frame, in x265's notation ("" where absent):
+    # "G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)" in 1/50000 and 1/10000 cd/m² units, "MaxCLL,MaxFALL".
+    mastering_display: str = ""
+    content_light: str = ""
 
     def describe_colour(self) -> str:
         """'yuv420p10le, bt2020/smpte2084/bt2020nc, tv range' for messages."""
@@ -158,6 +162,31 @@ def _video_bit_rate(container, stream) -> int:
     return 0
 
 
+def hdr_static_metadata(frame) -> tuple[str, str]:
+    """(mastering_display, content_light) of a decoded frame's side data, in x265's
+    notation (VideoInfo), "" where absent."""
+    import struct
+
+    mastering = light = ""
+    for side in frame.side_data:
+        name = side.type.name
+        data = bytes(side)
+        if name == "MASTERING_DISPLAY_METADATA" and len(data) >= 88:
+            # AVMasteringDisplayMetadata: primaries R, G, B and white point as (x, y) rationals,
+            # then min and max luminance rationals, then has_primaries, has_luminance.
+            v = struct.unpack("<20i2i", data[:88])
+            ratio = [v[2 * i] / v[2 * i + 1] if v[2 * i + 1] else 0.0 for i in range(10)]
+            if v[20] and v[21]:
+                xy = [round(r * 50000) for r in ratio[:8]]
+                lum_min, lum_max = round(ratio[8] * 10000), round(ratio[9] * 10000)
+                mastering = (f"G({xy[2]},{xy[3]})B({xy[4]},{xy[5]})R({xy[0]},{xy[1]})WP({xy[6]},{xy[7]})"
+                             f"L({lum_max},{lum_min})")
+        elif name == "CONTENT_LIGHT_LEVEL" and len(data) >= 8:
+            max_cll, max_fall = struct.unpack("<2I", data[:8])
+            light = f"{max_cll},{max_fall}"
+    return mastering, light
+
+
 def _normalise_rotation(degrees: float) -> int:
     return int(round(degrees / 90.0)) * 90 % 360
 
@@ -214,6 +243,7 @@ def probe_video(path: str, threads: int | None = None, measure_gop: bool = False
             return int(frame_value) if int(frame_value) != unspecified else int(stream_value)
 
         pix_fmt = ctx.pix_fmt or first.format.name
+        mastering_display, content_light = hdr_static_metadata(first)
         luma = [c for c in first.format.components if c.is_luma] or list(first.format.components)
 
         return VideoInfo(
@@ -233,4 +263,6 @@ def probe_video(path: str, threads: int | None = None, measure_gop: bool = False
             bit_depth=int(luma[0].bits),
             bit_rate=_video_bit_rate(container, stream),
             gop=gop,
+            mastering_display=mastering_display,
+            content_light=content_light,
         )
