@@ -344,7 +344,7 @@ class FaceTracker:
 
         Continuity alone misses a cut between two people framed alike (shot/reverse-shot):
         FaceMesh keeps tracking at the same place and size. So every tracked frame is
-        checked too (~1 ms against ~20 ms of mesh), with a looser bound than acquisition's
+        checked too (under 1 ms against 10-30 ms of mesh), with a looser bound than acquisition's
         (IDENTITY_KEEP_FACTOR) so that blur or a turn of the head does not drop our person
         while another person, far beyond it, is dropped at once."""
         if self._identity is None:
