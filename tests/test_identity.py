@@ -148,6 +148,20 @@ def test_a_cut_to_the_other_person_framed_alike_is_not_followed(tracker, looks):
     assert tracker(frames).has_face.all()
 
 
+def test_uniform_lbp_known_answers():
+    from stages.face.identity import LBP_BINS, uniform_lbp_histogram
+
+    flat = np.full((5, 5), 7, np.uint8)  # every neighbour >= centre: 8 ones, uniform
+    assert uniform_lbp_histogram(flat).tolist() == [0] * 8 + [9, 0]
+    spot = np.zeros((3, 3), np.uint8)
+    spot[1, 1] = 200  # a bright spot: no neighbour >= centre
+    assert uniform_lbp_histogram(spot)[0] == 1
+    stripes = np.tile(np.array([0, 255], np.uint8), (3, 2))[:, :3]  # columns 0, 255, 0
+    # Centre 255, only the two neighbours in its own column reach it: two separate runs of
+    # ones (4 changes round the ring), not uniform.
+    assert uniform_lbp_histogram(stripes)[LBP_BINS - 1] == 1
+
+
 def test_face_option_validates_and_reaches_the_row():
     ok = ManifestRow(video_uri="v", audio_uri="a", output_uri="o", options='{"face": {"box": [1, 2, 30, 40], "t": 1.5}}')
     choice = FaceChoice.parse(ok.options.face_key())
