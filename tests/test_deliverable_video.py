@@ -365,3 +365,41 @@ def test_hdr10_static_metadata_goes_to_the_output(tmp_path, blend_mask, codec, c
     out = probe_video(output)
     assert (out.mastering_display, out.content_light) == (MASTERING, "1000,400")
     assert colour_of(out) == colour_of(info)
+
+
+def test_odd_sized_10bit_source_is_written_444_at_the_same_depth_and_colour(tmp_path, blend_mask):
+    """4:2:0 cannot be coded at an odd size by x265: the output is the 4:4:4 format of the
+    same depth with the source's tags, and outside the mouth its Y samples are the source's.
+    (FFV1 stores the odd-sized 4:2:0 source losslessly.)"""
+    w, h = 161, 121
+    rgb = cv2.resize(astronaut(), (w, h), interpolation=cv2.INTER_AREA)
+    path = str(tmp_path / "odd.mkv")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p10le"
+        ctx = stream.codec_context
+        ctx.color_primaries, ctx.color_trc, ctx.colorspace, ctx.color_range = HDR10.values()
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p10le", dst_colorspace=9,
+                                                                             dst_color_range=1)
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    info = probe_video(path)
+    assert (info.pix_fmt, info.width, info.height) == ("yuv420p10le", w, h)
+    output = str(tmp_path / "out.mkv")
+    M = AFFINE * np.array([[2.0], [2.0]])  # the mouth inside the half-size frame
+    M[:, 2] = AFFINE[:, 2] + [100.0, 40.0]
+    ComposeStage(blend_mask, codec="libx265", crf=4, preset="ultrafast", threads=1)(
+        path, output, 0, 2, w, h, FPS, np.broadcast_to(RED, (2, 256, 256, 3)).copy(), np.repeat(M[None], 2, 0),
+        np.ones(2, bool), video=info)
+    out = probe_video(output)
+    assert colour_of(out) == ("yuv444p10le", *HDR10.values()) and (out.width, out.height) == (w, h)
+    alpha = cv2.warpAffine(blend_mask.astype(np.float32), cv2.invertAffineTransform(M), (w, h), flags=cv2.INTER_LINEAR)
+    far = cv2.dilate((alpha > 0).astype(np.uint8), np.ones((9, 9))) == 0
+    inside = alpha > 0.99
+    y_src, y_out = native(path)[0][0].astype(np.int32), native(output)[0][0].astype(np.int32)
+    assert inside.sum() > 100 and far.mean() > 0.7
+    assert np.abs(y_out - y_src)[far].mean() < 4 and np.abs(y_out - y_src)[inside].mean() > 80
