@@ -403,3 +403,23 @@ def test_odd_sized_10bit_source_is_written_444_at_the_same_depth_and_colour(tmp_
     y_src, y_out = native(path)[0][0].astype(np.int32), native(output)[0][0].astype(np.int32)
     assert inside.sum() > 100 and far.mean() > 0.7
     assert np.abs(y_out - y_src)[far].mean() < 4 and np.abs(y_out - y_src)[inside].mean() > 80
+
+
+def test_pasted_chroma_is_filtered_onto_left_sited_chroma_samples():
+    """4:2:0 chroma sits on the even luma columns (MPEG-2/H.264/HEVC's default): a mask
+    edge at luma column 128 gives chroma column 64 three quarters of the crop ([1, 2, 1]/4
+    over columns 127..129), column 63 none, column 65 all of it."""
+    from stages.face.paste import paste_back_planes
+    from stages.media.colour import Coding, rgb_to_ycbcr
+
+    coding = Coding.of("yuv420p", 6, 1, 256)
+    planes = [np.full((256, 256), 100, np.uint8), np.full((128, 128), 128, np.uint8), np.full((128, 128), 128, np.uint8)]
+    mask = np.zeros((256, 256), np.float32)
+    mask[:, 128:] = 1.0
+    crop = np.broadcast_to(RED, (256, 256, 3)).copy()
+    out = paste_back_planes(planes, crop, np.array([[1.0, 0, 0], [0, 1.0, 0]]), mask, coding)
+    cr = float(rgb_to_ycbcr(RED.astype(np.float32), coding)[2])
+    row = out[2][40].astype(np.float32)
+    assert row[63] == 128 and row[65] == round(cr)
+    assert row[64] == round(128 + 0.75 * (cr - 128))
+    np.testing.assert_array_equal(out[0][:, :128], planes[0][:, :128])  # luma left of the edge untouched

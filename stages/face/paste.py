@@ -70,10 +70,18 @@ def paste_back(frame: np.ndarray, crop: np.ndarray, M: np.ndarray,
     return out
 
 
-def _block_mean(a: np.ndarray, sx: int, sy: int) -> np.ndarray:
-    """(h, w) -> (h/sy, w/sx): the mean of each chroma block's luma-grid samples."""
-    h, w = a.shape
-    return a.reshape(h // sy, sy, w // sx, sx).mean(axis=(1, 3))
+def _to_chroma_grid(a: np.ndarray, sx: int, sy: int) -> np.ndarray:
+    """(h, w) luma-grid values -> (h/sy, w/sx) at the chroma samples' sites: horizontally
+    co-sited with the even luma columns ("left", the MPEG-2/H.264/HEVC default and 4:2:2's
+    definition; PyAV does not expose a stream's chroma location), a [1, 2, 1] / 4 filter;
+    vertically halfway between two rows (4:2:0), their mean. Values left of the first
+    column count as 0: the caller's rectangle starts where the mask is already 0."""
+    if sx == 2:
+        left = np.concatenate([np.zeros_like(a[:, :1]), a[:, :-1]], axis=1)  # left[:, x] = a[:, x - 1]
+        a = 0.25 * left[:, 0::2] + 0.5 * a[:, 0::2] + 0.25 * a[:, 1::2]
+    if sy == 2:
+        a = 0.5 * (a[0::2] + a[1::2])
+    return a
 
 
 def paste_back_planes(planes: list[np.ndarray], crop: np.ndarray, M: np.ndarray, blend_mask: np.ndarray,
@@ -83,10 +91,10 @@ def paste_back_planes(planes: list[np.ndarray], crop: np.ndarray, M: np.ndarray,
     range (colour.rgb_to_ycbcr) and blended into the planes through the inverse of M.
 
     Luma blends per pixel with the warped mask. Chroma blends per chroma sample with the
-    mask averaged over its block and the premultiplied crop chroma averaged likewise (a
-    box filter, i.e. centre-sited chroma: a sub-pixel shift against left-sited 4:2:0 inside
-    a feathered mouth). Every sample where the warped mask is exactly 0 (and everything
-    outside the mouth's rectangle) is the source's, bit for bit."""
+    mask and the premultiplied crop chroma both filtered onto the chroma sites
+    (_to_chroma_grid: left-sited 4:2:0 / 4:2:2). Every sample where the mask (filtered, for
+    chroma) is exactly 0, and everything outside the mouth's rectangle, is the source's,
+    bit for bit."""
     out = [np.array(p, copy=True) for p in planes]
     h, w = out[0].shape
     sx, sy = coding.chroma_step
@@ -104,10 +112,10 @@ def paste_back_planes(planes: list[np.ndarray], crop: np.ndarray, M: np.ndarray,
     bh, bw = rh - rh % sy, rw - rw % sx
     if bh == 0 or bw == 0:
         return out
-    a_c = _block_mean(alpha[:bh, :bw], sx, sy)
+    a_c = _to_chroma_grid(alpha[:bh, :bw], sx, sy)
     cx0, cy0 = x0 // sx, y0 // sy
     for k in (1, 2):
-        premultiplied = _block_mean(alpha[:bh, :bw] * ycc[:bh, :bw, k], sx, sy)
+        premultiplied = _to_chroma_grid(alpha[:bh, :bw] * ycc[:bh, :bw, k], sx, sy)
         view = out[k][cy0:cy0 + a_c.shape[0], cx0:cx0 + a_c.shape[1]]
         under = view.astype(np.float32)
         view[...] = np.clip(np.rint(under * (1.0 - a_c) + premultiplied), 0, top)
