@@ -41,7 +41,7 @@ def cmd_dub(args) -> int:
     config = load_job_config(args.config)
     if args.max_failed_videos is not None:
         config = config.model_copy(update={"max_failed_videos": args.max_failed_videos})
-    with job_log(log_path_for(args.output_report), args.verbose) as logged:
+    with job_log(log_path_for(args.output_report), args.verbose, until_exit=True) as logged:
         code = _dub(args, config)
     print(f"log: {logged.path}")
     return code
@@ -71,7 +71,7 @@ def cmd_demo(args) -> int:
     from pipeline.logs import job_log
 
     folder = os.path.abspath(args.folder)
-    with job_log(os.path.join(folder, "report.log"), args.verbose) as logged:
+    with job_log(os.path.join(folder, "report.log"), args.verbose, until_exit=True) as logged:
         code = _demo(args)
     print(f"log: {logged.path}")
     return code
@@ -165,7 +165,7 @@ def cmd_validate(args) -> int:
     else:  # no report to sit beside: the cache folder when it is local
         base = config.cache_uri if not is_remote(config.cache_uri) else "."
         path = os.path.join(os.path.abspath(base), "logs", "validate.log")
-    with job_log(path, args.verbose) as logged:
+    with job_log(path, args.verbose, until_exit=True) as logged:
         code = _validate(args, config)
     print(f"log: {logged.path}")
     return code

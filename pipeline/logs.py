@@ -133,8 +133,13 @@ def log_path_for(report_uri: str) -> str:
 
 
 @contextlib.contextmanager
-def job_log(path: str, verbose: bool = False):
-    """Route logs for one CLI command (see the module docstring); yields the JobLog."""
+def job_log(path: str, verbose: bool = False, until_exit: bool = False):
+    """Route logs for one CLI command (see the module docstring); yields the JobLog.
+
+    until_exit: leave file descriptor 2 on the log file after the job, for the rest of the
+    process (the CLI): libraries also write at interpreter exit (gRPC's shutdown notices
+    from Ray's core worker), after the job. Only when sys.stderr was the process's own
+    stderr, which stays on the terminal; a captured sys.stderr (pytest) is always restored."""
     global _active
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     stream = open(path, "a", buffering=1, errors="replace")
@@ -173,10 +178,11 @@ def job_log(path: str, verbose: bool = False):
         try:
             job.append_worker_logs()
         finally:
-            if saved_fd is not None:
+            keep = until_exit and saved_stderr is not None
+            if saved_fd is not None and not keep:
                 os.dup2(saved_fd, _STDERR_FD)
                 os.close(saved_fd)
-            if saved_stderr is not None:
+            if saved_stderr is not None and not keep:
                 sys.stderr.close()
                 sys.stderr = saved_stderr
-            stream.close()
+            stream.close()  # fd 2, if kept, is a descriptor of its own on the same file

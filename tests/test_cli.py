@@ -177,7 +177,8 @@ def test_dub_keeps_library_log_lines_out_of_the_terminal_and_in_the_job_log(bund
     row = {"video_uri": video, "audio_uri": audio, "output_uri": output}
     write_manifest([row], str(tmp_path / "m.parquet"), Storage())
     report = str(tmp_path / "report.parquet")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GLOG_minloglevel", "TF_CPP_MIN_LOG_LEVEL")}
+    # A fresh user's environment: no Ray of this test session to join, no log levels preset.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in ("GLOG_minloglevel", "TF_CPP_MIN_LOG_LEVEL")}
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "dub", "--manifest", str(tmp_path / "m.parquet"), "--weights", bundle,
          "--output-report", report],
