@@ -320,3 +320,39 @@ def test_a_box_with_no_face_fails_the_video_naming_the_box(video, tiny_bundle, t
     row = AnalyseOp(config.model_dump(), tiny_bundle)(_video_row(video, face='{"box": [200, 0, 240, 30], "t": 0.0}'))
     assert row["error_stage"] == "analyse"
     assert "face box [200.0, 0.0, 240.0, 30.0]" in row["error"] and "two_people.mp4" in row["error"]
+
+
+class _CropsCaught:
+    """A SyncNet scorer stand-in that keeps the face crops it is given."""
+
+    def score(self, crops, wave, fps):
+        self.crops = crops
+        return None
+
+
+def test_the_sync_check_scores_the_dubbed_person_not_the_largest_face(video, looks, tmp_path):
+    import wave as wavfile
+
+    from stages.eval.sync_check import sync_score_video
+
+    audio = str(tmp_path / "tone.wav")
+    with wavfile.open(audio, "wb") as w:  # 1.2 s: as long as the video
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((3000 * np.sin(np.arange(19200) * 0.05)).astype(np.int16).tobytes())
+
+    def tone(identity) -> np.ndarray:
+        """Red minus blue of each scored crop: the two people differ in skin tone."""
+        scorer = _CropsCaught()
+        with FaceTracker(smoothing_sigma_frames=0.0, max_gap_frames=0) as t:
+            sync_score_video(video["path"], audio, scorer, t, identity=identity)
+        crops = scorer.crops.astype(np.float32)
+        assert len(crops) == N  # every frame scored
+        return crops[..., 0].mean(axis=(1, 2)) - crops[..., 2].mean(axis=(1, 2))
+
+    largest, a, b = tone(None), tone(looks["A"]), tone(looks["B"])
+    a_present = [i for i in range(N) if i not in A_ABSENT]
+    # Without an identity the check scores A (the first larger face, followed) ...
+    np.testing.assert_allclose(largest[a_present], a[a_present], atol=2.0)
+    # ... and with B's identity every frame's crop is B's, though A came first.
+    assert np.ptp(a[a_present]) < 3.0 and np.ptp(b) < 3.0
+    assert abs(a[a_present].mean() - b.mean()) > 10.0

@@ -15,8 +15,14 @@ import os
 import tempfile
 import time
 
+import numpy as np
+
 from pipeline.config import JobConfig
+from pipeline.dub.rows import unpack
 from pipeline.storage import Storage
+
+# What finalize_video reads of a video's row.
+FINALIZE_VIDEO_KEYS = ("video_uri", "audio_uri", "output_uri", "rotation", "audio_mode", "audio_language", "face_identity")
 
 
 _SYNC_TOOLS: dict[tuple, tuple] = {}  # per worker process: (SyncNet scorer, FaceTracker) by weights file
@@ -47,10 +53,13 @@ def _sync_tools(path: str, config: JobConfig):
     return _SYNC_TOOLS[key]
 
 
-def sync_check(local_video: str, weights_uri: str | None, config: JobConfig, storage: Storage) -> dict:
+def sync_check(local_video: str, weights_uri: str | None, config: JobConfig, storage: Storage,
+               identity: np.ndarray | None = None) -> dict:
     """SyncNet's report fields (sync_conf, sync_dist, sync_offset) of a local output file,
     its picture with its own (muxed) audio; all None when the bundle has no SyncNet
-    weights or the video has nothing to score."""
+    weights or the video has nothing to score. `identity`: the dubbed person's signature
+    (stages.face.identity), so that with two people in the picture the check scores the
+    one whose mouth was re-rendered; None scores the largest face."""
     from pipeline.dub.qc import sync_fields
     from pipeline.weights import localize_bundle, read_bundle_info
     from stages.eval.sync_check import sync_score_video
@@ -61,7 +70,7 @@ def sync_check(local_video: str, weights_uri: str | None, config: JobConfig, sto
     if not bundle.has("syncnet"):
         return sync_fields(None)
     scorer, tracker = _sync_tools(bundle.path("syncnet"), config)
-    return sync_fields(sync_score_video(local_video, local_video, scorer, tracker))
+    return sync_fields(sync_score_video(local_video, local_video, scorer, tracker, identity=identity))
 
 
 def output_extension(output_uri: str) -> str:
@@ -122,7 +131,8 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights
                 h.update(block)
         size = os.path.getsize(final)
         out = video["output_uri"]
-        quality = sync_check(final, weights_uri, config, storage)
+        identity = unpack(video["face_identity"]) if video.get("face_identity") else None
+        quality = sync_check(final, weights_uri, config, storage, identity)
         failure = qc_failure(quality, config.qc, out)
         if failure:  # before the commit: no output is better than one that fails the check
             raise QCError(failure, dict(quality, audio_padded_s=mux.padded_s, audio_trimmed_s=mux.trimmed_s,

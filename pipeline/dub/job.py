@@ -502,7 +502,7 @@ def _run_graph(
             # Its committed segments stay in the work area: a rerun (with the input fixed)
             # reuses them instead of redoing an hour of video for one bad segment.
             return
-        video = {k: head[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation", "audio_mode", "audio_language")}
+        video = {k: head[k] for k in finalize_step.FINALIZE_VIDEO_KEYS}
         seg_info = [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments]
         sink.finalizing(_video_report(job_id, head, segments, None, None, None))
         waiting.append((video, seg_info, segments))

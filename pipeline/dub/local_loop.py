@@ -32,7 +32,7 @@ def dub_rows_locally(rows: list[dict], config: JobConfig, weights_uri: str) -> l
         if all(not s["error"] for s in segments) and segments and segments[0]["n_segments"]:
             final = finalize_step.finalize_video(
                 cfg,
-                {k: video[k] for k in ("video_uri", "audio_uri", "output_uri", "rotation")},
+                {k: video[k] for k in finalize_step.FINALIZE_VIDEO_KEYS},
                 [{"seg_idx": s["seg_idx"], "segment_uri": s["segment_uri"]} for s in segments],
             )
         results.append({"video": video, "segments": segments, "final": final})

@@ -87,7 +87,7 @@ def nearest_face_boxes(boxes: np.ndarray) -> np.ndarray | None:
     return boxes[np.where(use_before, found[before], found[after])]
 
 
-def sync_score_video(video_path: str, audio_path: str, scorer, tracker=None):
+def sync_score_video(video_path: str, audio_path: str, scorer, tracker=None, identity=None):
     """SyncNet's SyncScore (offset, min_dist = LSE-D, conf = LSE-C) of the local video file
     `video_path` with the audio of `audio_path` (a local file: audio or any container with
     an audio stream, e.g. the same video file); None when no frame has a face or the clip
@@ -95,7 +95,8 @@ def sync_score_video(video_path: str, audio_path: str, scorer, tracker=None):
 
     scorer: a stages.eval.syncnet.SyncNetScorer. tracker: a FaceTracker to reuse (used as
     configured); without one a FaceTracker with no smoothing and no gap filling is built
-    and closed here."""
+    and closed here. identity: the signature (stages.face.identity) of the person to score;
+    None scores the largest face."""
     from stages.audio.load import load_audio
     from stages.eval.syncnet import (
         BOX_MEDFILT,
@@ -120,7 +121,7 @@ def sync_score_video(video_path: str, audio_path: str, scorer, tracker=None):
     try:
         boxes = []
         for chunk in _chunks(_frames_at(video_path, indices, info.rotation), _CHUNK_FRAMES):
-            track = tracker(chunk)
+            track = tracker(chunk, identity=identity)
             lm = np.where(np.asarray(track.has_face, bool)[:, None, None], track.landmarks, np.nan)
             boxes.append(face_boxes_from_landmarks(lm))
     finally:
