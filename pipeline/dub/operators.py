@@ -207,7 +207,7 @@ class AnalyseOp(_Op):
 
     @row_step("analyse", video_subject)
     def __call__(self, row: dict) -> dict:
-        from stages.face import crop_faces, FaceTrack
+        from stages.face import crop_faces, FaceTrack, upright_size, upright_view
         from stages.face.identity import (
             FaceChoice, SampledFace, best_match, choose_person, face_in_box, face_signature, group_people, mean_signature,
         )
@@ -216,6 +216,7 @@ class AnalyseOp(_Op):
         from stages.motion.selection import NoFaceError, mouth_opening, select_neutral_and_references
 
         n = int(row["n_frames"])
+        rotation = int(row["rotation"])  # faces are found upright; the box option is in upright pixels too
         choice = FaceChoice.parse(row["face"])
         max_distance = self.config.face.identity_max_distance
         count = min(self.config.analyse.sample_frames, n)
@@ -233,12 +234,14 @@ class AnalyseOp(_Op):
         with open_source(self.storage, row["video_uri"]) as src:
             for k, i in enumerate(indices):
                 for _, frame in decode_frames(src, int(i), int(i) + 1, threads=self.threads):
+                    frame = upright_view(frame, rotation)
                     for landmarks in self.tracker.faces(frame):
                         sampled.append(SampledFace(k, landmarks, face_signature(frame, landmarks)))
                         sampled_crops.append(crop_of(frame, landmarks))
             if choice.mode == "box":
                 at = min(n - 1, max(0, int(round(choice.t * float(fps_of(row))))))
                 for _, frame in decode_frames(src, at, at + 1, threads=self.threads):
+                    frame = upright_view(frame, rotation)
                     faces = self.tracker.faces(frame)
                     picked = face_in_box(faces, choice.box)
                     if picked is None:
@@ -248,7 +251,8 @@ class AnalyseOp(_Op):
         if anchor is not None:
             identity = anchor
         else:
-            person = choose_person(group_people(sampled, max_distance), choice, (int(row["width"]), int(row["height"])))
+            person = choose_person(group_people(sampled, max_distance), choice,
+                                   upright_size(int(row["width"]), int(row["height"]), rotation))
             if person is None:
                 raise RowError(
                     f"video {row['video_uri']}: no face found in any of {len(indices)} frames sampled across the video")
@@ -360,7 +364,7 @@ class FaceOp(_Op):
 
     @row_step("face", _segment)
     def __call__(self, row: dict) -> dict:
-        from stages.face import track_and_crop
+        from stages.face import coded_affine, track_and_crop, upright_view
         from stages.media import decode_frames
 
         uri = segment_uri(self.config, row)
@@ -368,15 +372,21 @@ class FaceOp(_Op):
         if done is not None:  # an earlier run of this very work committed it
             return dict(segment_uri=uri, segment_frames=done["frames"], face_frames=done["face_frames"], segment_reused=True)
 
+        # Faces are found upright (a phone video's coded frames hold them sideways) and
+        # their affines turned back to coded pixels, where compose pastes.
+        rotation = int(row["rotation"])
+
         def segment_frames():
             with open_source(self.storage, row["video_uri"]) as src:
                 for _, frame in decode_frames(src, int(row["frame_start"]), int(row["frame_end"]), threads=self.threads):
-                    yield frame
+                    yield upright_view(frame, rotation)
 
         # The video's person (decided once, in analyse), re-found by signature at every
         # (re)acquisition; a row without one (analyse not run) takes the largest face.
         identity = unpack(row["face_identity"]) if row["face_identity"] else None
         track, crops, affines = track_and_crop(self.tracker, segment_frames, identity=identity)
+        if rotation % 360:
+            affines = np.stack([coded_affine(M, rotation, int(row["width"]), int(row["height"])) for M in affines])
         return dict(
             crops=pack(crops),
             affines=pack(affines),

@@ -3,12 +3,12 @@ crops with their affines (from a list of frames, or streamed from two decodes of
 the mouth mask in crop geometry, and feathered paste-back."""
 from .align import crop_faces, crop_transform, eye_lip_anchors, transform_points, warp_crop
 from .mouth_mask import MouthMask
-from .paste import paste_back
+from .paste import coded_affine, paste_back, upright_size, upright_view
 from .stream import track_and_crop
 from .tracker import FaceTrack, FaceTracker, fill_gaps, smooth_landmarks
 
 __all__ = [
     "FaceTrack", "FaceTracker", "fill_gaps", "smooth_landmarks",
     "crop_transform", "eye_lip_anchors", "transform_points", "warp_crop", "crop_faces",
-    "MouthMask", "paste_back", "track_and_crop",
+    "MouthMask", "coded_affine", "paste_back", "track_and_crop", "upright_size", "upright_view",
 ]

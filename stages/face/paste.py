@@ -155,6 +155,20 @@ def paste_back_native(frame: av.VideoFrame, crop: np.ndarray, M: np.ndarray, ble
     return frame_from_planes(planes, frame)
 
 
+def upright_view(frame: np.ndarray, rotation: int) -> np.ndarray:
+    """The coded frame (H, W, C) as players show it, np.rot90 by the display rotation
+    (VideoInfo.rotation, degrees counter-clockwise): faces are found and cropped in this
+    view, where they stand upright. A contiguous copy when rotated (OpenCV and mediapipe
+    read C-contiguous images), the frame itself when not."""
+    k = (int(rotation) // 90) % 4
+    return np.ascontiguousarray(np.rot90(frame, k=k)) if k else frame
+
+
+def upright_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    """(width, height) of upright_view of a coded width x height frame."""
+    return (height, width) if (int(rotation) // 90) % 2 else (width, height)
+
+
 def coded_affine(M_upright: np.ndarray, rotation: int, coded_width: int, coded_height: int) -> np.ndarray:
     """(2, 3) source->crop affine in the coded frame's pixels from one found in the upright
     view np.rot90(coded, k=rotation // 90) (VideoInfo.rotation, degrees counter-clockwise),
