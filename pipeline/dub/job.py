@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -478,6 +479,12 @@ def _run_graph(
     report, tracker = sink.report, sink.report.tracker
     failures = 0
     storage = Storage(config.storage.options())
+    # Finished finalize tasks are settled by a thread of their own as they finish, not when
+    # the next segment happens to reach the driver (on a short catalogue that could be
+    # many seconds, or the end of the job). `lock` serialises that thread and this loop.
+    lock = threading.RLock()
+    poller_stop = threading.Event()
+    poller_errors: list[BaseException] = []
 
     def settle(index: int, row: ReportRow) -> None:
         nonlocal failures
@@ -535,32 +542,64 @@ def _run_graph(
     def over_budget() -> bool:
         return max_failures is not None and failures > max_failures
 
+    def settle_finished(timeout: float | None) -> None:
+        """Settle the finalize tasks that finish within `timeout` s (None: wait for one)."""
+        with lock:
+            running = list(futures)
+        if not running:
+            return
+        done, _ = ray.wait(running, num_returns=1 if timeout is None else len(running), timeout=timeout)
+        with lock:
+            for fut in done:
+                if fut in futures:
+                    finalized(fut, futures.pop(fut))
+            launch_finalize()
+
+    def poll_finalize() -> None:
+        try:
+            while not poller_stop.is_set():
+                with lock:
+                    idle = not futures
+                if idle:
+                    poller_stop.wait(0.05)
+                else:
+                    settle_finished(0.1)
+        except BaseException as e:  # noqa: BLE001 - raised again by the driver's thread below
+            poller_errors.append(e)
+
     stopped, reused = None, 0
+
+    def take(raw: dict) -> str | None:
+        """One row from the stream, held until its video's segments are all back; why the
+        job must stop now, or None."""
+        nonlocal reused
+        row = normalise(raw)
+        vid = row["video_id"]
+        if int(row["n_segments"]) == 0:  # failed before it was split
+            settle(int(row["row_index"]), _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan"))
+            drop([row])  # its reference bank, if analyse got that far
+        elif vid in closed or any(s["seg_idx"] == row["seg_idx"] for s in pending.get(vid, [])):
+            log.warning("segment %s of %s came back twice; keeping the first", row["seg_idx"], row["output_uri"])
+        else:
+            pending.setdefault(vid, []).append(row)
+            tracker.segment(row)
+            reused += bool(row["segment_reused"])
+            if len(pending[vid]) == int(row["n_segments"]):
+                closed.add(vid)
+                close_video(pending.pop(vid))
+        if over_budget():
+            total = failures + config.max_failed_videos - max_failures  # with those failed before the graph
+            return f"{total} videos failed, more than max_failed_videos={config.max_failed_videos}"
+        return None
+
+    poller = threading.Thread(target=poll_finalize, name="imgtalk-finalize-poller", daemon=True)
+    poller.start()
     rows = iter(ds.iter_rows())
     try:
         for raw in rows:
-            row = normalise(raw)
-            vid = row["video_id"]
-            if int(row["n_segments"]) == 0:  # failed before it was split
-                settle(int(row["row_index"]), _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan"))
-                drop([row])  # its reference bank, if analyse got that far
-            elif vid in closed or any(s["seg_idx"] == row["seg_idx"] for s in pending.get(vid, [])):
-                log.warning("segment %s of %s came back twice; keeping the first", row["seg_idx"], row["output_uri"])
-            else:
-                pending.setdefault(vid, []).append(row)
-                tracker.segment(row)
-                reused += bool(row["segment_reused"])
-                if len(pending[vid]) == int(row["n_segments"]):
-                    closed.add(vid)
-                    close_video(pending.pop(vid))
-            if futures:  # settle finished videos as they finish, for progress and metrics
-                done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0)
-                for fut in done:
-                    finalized(fut, futures.pop(fut))
-                launch_finalize()
-            if over_budget():
-                total = failures + config.max_failed_videos - max_failures  # with those failed before the graph
-                stopped = f"{total} videos failed, more than max_failed_videos={config.max_failed_videos}"
+            with lock:
+                stopped = take(raw)
+            if stopped:
                 break
     except Exception as e:  # noqa: BLE001 - the stream itself failed: report what settled
         log.exception("the Ray Data stream failed")
@@ -570,11 +609,15 @@ def _run_graph(
         if close is not None:
             close()  # shuts the streaming executor down: queued and running work is cancelled
 
+    poller_stop.set()
+    poller.join()
+    if poller_errors:
+        raise poller_errors[0]
     # Every video whose segments all came back is finalized, even when the job stopped early.
     while futures or waiting:
-        launch_finalize()
-        done, _ = ray.wait(list(futures), num_returns=1)
-        finalized(done[0], futures.pop(done[0]))
+        with lock:
+            launch_finalize()
+        settle_finished(None)
     try:  # this job's failed-video markers (pipeline/workarea.py) only held its own segments back
         storage.rm(join_uri(config.work_dir(), "failed", job_id), recursive=True)
     except OSError as e:
