@@ -213,14 +213,24 @@ def write_manifest(rows: list[dict], uri: str, storage: Storage) -> None:
     storage.write_bytes_atomic(buf.getvalue(), uri)
 
 
-def write_report(rows: list[ReportRow], uri: str, storage: Storage) -> None:
+def write_rows(rows: list[BaseModel], schema: pa.Schema, uri: str, storage: Storage) -> None:
+    """A report of pydantic rows as one Parquet file, in row_index order, committed atomically."""
     rows = sorted(rows, key=lambda r: r.row_index)
-    table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=REPORT_SCHEMA)
+    table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes_atomic(buf.getvalue(), uri)
 
 
-def read_report(uri: str, storage: Storage) -> list[ReportRow]:
+def read_rows(model: type[BaseModel], uri: str, storage: Storage) -> list:
+    """The rows write_rows wrote, as `model`s."""
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-    return [ReportRow.model_validate(r) for r in table.to_pylist()]
+    return [model.model_validate(r) for r in table.to_pylist()]
+
+
+def write_report(rows: list[ReportRow], uri: str, storage: Storage) -> None:
+    write_rows(rows, REPORT_SCHEMA, uri, storage)
+
+
+def read_report(uri: str, storage: Storage) -> list[ReportRow]:
+    return read_rows(ReportRow, uri, storage)

@@ -139,10 +139,7 @@ class PrepareReportRow(_Strict):
 
 
 def write_prepare_report(rows: list[PrepareReportRow], uri: str, storage: Storage) -> None:
-    from pipeline.dub.schemas import _arrow_type
+    from pipeline.dub.schemas import _arrow_type, write_rows
 
     schema = pa.schema([(name, _arrow_type(f.annotation)) for name, f in PrepareReportRow.model_fields.items()])
-    table = pa.Table.from_pylist([r.model_dump() for r in sorted(rows, key=lambda r: r.row_index)], schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(buf.getvalue(), uri)
+    write_rows(rows, schema, uri, storage)

@@ -1,13 +1,12 @@
 """The validation report: one row per manifest row (pydantic at the edge, Parquet on disk)."""
 from __future__ import annotations
 
-import io
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.dub.schemas import read_rows, write_rows
 from pipeline.storage import Storage
 
 # What a problem is about, first word of each `problems` entry ("<kind>: <detail>"), so a
@@ -80,13 +79,8 @@ assert VALIDATION_SCHEMA.names == list(ValidationRow.model_fields), "schema and 
 
 
 def write_validation_report(rows: list[ValidationRow], uri: str, storage: Storage) -> None:
-    rows = sorted(rows, key=lambda r: r.row_index)
-    table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=VALIDATION_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(buf.getvalue(), uri)
+    write_rows(rows, VALIDATION_SCHEMA, uri, storage)
 
 
 def read_validation_report(uri: str, storage: Storage) -> list[ValidationRow]:
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-    return [ValidationRow.model_validate(r) for r in table.to_pylist()]
+    return read_rows(ValidationRow, uri, storage)
