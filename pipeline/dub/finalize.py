@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +21,8 @@ import numpy as np
 from pipeline.config import JobConfig
 from pipeline.dub.rows import unpack
 from pipeline.storage import Storage
+
+log = logging.getLogger("imgtalk.finalize")
 
 # What finalize_video reads of a video's row.
 FINALIZE_VIDEO_KEYS = ("video_uri", "audio_uri", "output_uri", "rotation", "audio_mode", "audio_language", "face_identity")
@@ -70,7 +73,15 @@ def sync_check(local_video: str, weights_uri: str | None, config: JobConfig, sto
     if not bundle.has("syncnet"):
         return sync_fields(None)
     scorer, tracker = _sync_tools(bundle.path("syncnet"), config)
-    return sync_fields(sync_score_video(local_video, local_video, scorer, tracker, identity=identity))
+    score = sync_score_video(local_video, local_video, scorer, tracker, identity=identity)
+    if score is None and identity is not None:
+        # The re-rendered mouth can move the face mesh past the signature's bound on every
+        # frame (an untrained bundle's noise mouth does): then the largest face is scored,
+        # as it was before there was a face option, rather than nothing.
+        log.warning("%s: the dubbed person's signature matched no face of the output; scoring the largest face",
+                    os.path.basename(local_video))
+        score = sync_score_video(local_video, local_video, scorer, tracker)
+    return sync_fields(score)
 
 
 def output_extension(output_uri: str) -> str:
