@@ -36,12 +36,15 @@ def source_frames() -> list[np.ndarray]:
     return [np.ascontiguousarray(base[:, i:i + W]) for i in range(N)]
 
 
-def make_source(path, codec, pix_fmt, tags, options=None, gop=None, field_order=None, container=None):
-    """Encode source_frames() as `pix_fmt` with the given colour tags (the frames' R'G'B'
-    code values go through the tagged matrix and range, as a mastering tool would)."""
+def make_source(path, codec, pix_fmt, tags, options=None, gop=None, field_order=None, container=None, frames=None):
+    """Encode `frames` (default source_frames()) as `pix_fmt` with the given colour tags
+    (the frames' R'G'B' code values go through the tagged matrix and range, as a mastering
+    tool would)."""
+    frames = source_frames() if frames is None else frames
     with av.open(str(path), "w", format=container) as out:
         stream = out.add_stream(codec, rate=25, options=options or {})
-        stream.width, stream.height, stream.pix_fmt = W, H, pix_fmt
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = pix_fmt
         ctx = stream.codec_context
         ctx.color_primaries, ctx.color_trc = tags["color_primaries"], tags["color_trc"]
         ctx.colorspace, ctx.color_range = tags["colorspace"], tags["color_range"]
@@ -49,7 +52,7 @@ def make_source(path, codec, pix_fmt, tags, options=None, gop=None, field_order=
             ctx.gop_size = gop
         if field_order is not None:
             ctx.field_order = field_order
-        for i, rgb in enumerate(source_frames()):
+        for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
                 format=pix_fmt, dst_colorspace=tags["colorspace"], dst_color_range=tags["color_range"])
             frame.pts = i
@@ -327,18 +330,8 @@ def test_a_face_found_upright_is_pasted_in_coded_orientation(tmp_path, blend_mas
     k = rotation // 90
     coded = [np.ascontiguousarray(np.rot90(rgb, -k)) for rgb in source_frames()]  # np.rot90(coded, k) is upright
     ch, cw = coded[0].shape[:2]
-    path = str(tmp_path / f"turned{rotation}.mp4")
-    with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=25, options={"crf": "10", "preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = cw, ch, "yuv420p"
-        for i, rgb in enumerate(coded):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p", dst_colorspace=6,
-                                                                              dst_color_range=1)
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+    path = make_source(tmp_path / f"turned{rotation}.mp4", "libx264", "yuv420p", BT709,
+                       options={"crf": "10", "preset": "ultrafast"}, frames=coded)
     M = coded_affine(AFFINE, rotation, cw, ch)
     output = str(tmp_path / f"out{rotation}.mp4")
     ComposeStage(blend_mask, preset="ultrafast", crf=10, threads=1)(
@@ -373,20 +366,7 @@ def test_odd_sized_10bit_source_is_written_444_at_the_same_depth_and_colour(tmp_
     (FFV1 stores the odd-sized 4:2:0 source losslessly.)"""
     w, h = 161, 121
     rgb = cv2.resize(astronaut(), (w, h), interpolation=cv2.INTER_AREA)
-    path = str(tmp_path / "odd.mkv")
-    with av.open(path, "w") as out:
-        stream = out.add_stream("ffv1", rate=25)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p10le"
-        ctx = stream.codec_context
-        ctx.color_primaries, ctx.color_trc, ctx.colorspace, ctx.color_range = HDR10.values()
-        for i in range(2):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p10le", dst_colorspace=9,
-                                                                             dst_color_range=1)
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+    path = make_source(tmp_path / "odd.mkv", "ffv1", "yuv420p10le", HDR10, frames=[rgb, rgb])
     info = probe_video(path)
     assert (info.pix_fmt, info.width, info.height) == ("yuv420p10le", w, h)
     output = str(tmp_path / "out.mkv")
