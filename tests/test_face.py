@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from skimage import data
 
-from stages.face import (FaceTrack, FaceTracker, MouthMask, crop_faces, crop_transform,
+from stages.face import (FaceTrack, FaceTracker, MouthMask, crop_faces, crop_transform, crop_transforms,
                          eye_lip_anchors, fill_gaps, paste_back, smooth_landmarks,
                          transform_points, warp_crop)
-from stages.face.align import EYEBROWS, LEFT_EYE_RING, MESH_POINTS, RIGHT_EYE_RING
+from stages.face.align import (CHIN_BELOW_NOSE, EYEBROWS, LEFT_EYE_RING, MESH_POINTS, NOSE_BASE, RIGHT_EYE_RING,
+                               UPPER_FACE_BELOW_EYES)
 
 ASTRONAUT = data.astronaut()  # 512x512 RGB
 FACE_CENTRE = np.array([224.0, 122.0])  # middle of the astronaut's face in the 512 image
@@ -99,8 +100,11 @@ def test_tracker_follows_moving_face_and_handles_gaps(tracker, astronaut_landmar
     assert crops.shape == (15, 256, 256, 3) and crops.dtype == np.uint8
     assert crop_affines.shape == (15, 2, 3)
     assert (crops[[9, 10, 11]] == 0).all() and np.isnan(crop_affines[[9, 10, 11]]).all()
-    np.testing.assert_array_equal(crops[3],
-                                  warp_crop(frames[3], crop_transform(track.landmarks[3])))
+    np.testing.assert_array_equal(crops[3], warp_crop(frames[3], crop_transforms(track)[3]))
+    # the steadied crop keeps each frame's roll; only its zoom and the eyes' place are smoothed
+    per_frame = crop_transform(track.landmarks[3])
+    cos = lambda M: M[0, 0] / np.hypot(M[0, 0], M[0, 1])
+    assert abs(cos(crop_affines[3]) - cos(per_frame)) < 1e-9
 
 
 def test_tracker_follows_a_cut_without_losing_or_blending_frames(tracker, astronaut_landmarks):
@@ -187,12 +191,26 @@ def test_crop_transform_is_equivariant_and_frames_like_liveportrait(astronaut_la
     np.testing.assert_allclose(transform_points(M_moved, transform_points(T, P)),
                                transform_points(M, P), atol=1e-6)
 
-    # Box of the below-brow mesh points: side = dsize/scale, middle at (d/2, d/2 - vy*d).
+    # The box is LivePortrait's, from landmarks the mouth does not move: the width of the
+    # mesh points from the brows to just below the eyes, the height from the brows to the
+    # chin placed CHIN_BELOW_NOSE nose heights below the nose base. Side = dsize/scale,
+    # middle at (d/2, d/2 - vy*d), eyes level.
     Q = transform_points(M, P[:MESH_POINTS])
-    below = Q[:, 1] >= Q[list(EYEBROWS), 1].min() - 1e-9
-    lo, hi = Q[below].min(0), Q[below].max(0)
+    eye_r, eye_l, _ = (transform_points(M, a) for a in eye_lip_anchors(P))
+    assert abs(eye_r[1] - eye_l[1]) < 1e-9
+    eyes_y, eye_distance = (eye_r[1] + eye_l[1]) / 2, eye_l[0] - eye_r[0]
+    top = Q[list(EYEBROWS), 1].min()
+    band = (Q[:, 1] >= top - 1e-9) & (Q[:, 1] <= eyes_y + UPPER_FACE_BELOW_EYES * eye_distance + 1e-9)
+    chin = Q[NOSE_BASE, 1] + CHIN_BELOW_NOSE * (Q[NOSE_BASE, 1] - eyes_y)
+    lo, hi = np.array([Q[band, 0].min(), top]), np.array([Q[band, 0].max(), chin])
     np.testing.assert_allclose((hi - lo).max(), 256 / 2.3, rtol=1e-9)
     np.testing.assert_allclose((lo + hi) / 2, [128.0, 128.0 + 0.125 * 256], atol=1e-6)
+    # and it frames the astronaut as LivePortrait's own box did (chin = mesh point 152): the
+    # same size, the centre within 2 px
+    below = Q[:, 1] >= top - 1e-9
+    lp_lo, lp_hi = Q[below].min(0), Q[below].max(0)
+    assert abs((lp_hi - lp_lo).max() / (hi - lo).max() - 1) < 0.02
+    assert np.abs((lp_lo + lp_hi) / 2 - (lo + hi) / 2).max() < 2.0
     M512 = crop_transform(P, dsize=512)
     np.testing.assert_allclose(transform_points(M512, P), 2 * transform_points(M, P), atol=1e-6)
 
@@ -211,7 +229,7 @@ def test_crop_levels_the_eyes_of_a_rolled_face(tracker, roll_deg):
         eye_r, eye_l, lip = (transform_points(M, a) for a in eye_lip_anchors(pts))
         assert abs(eye_r[1] - eye_l[1]) < 1.5
         eyes = (eye_r + eye_l) / 2
-        assert abs(lip[0] - eyes[0]) < 1e-6 and lip[1] - eyes[1] > 30  # eye->lip is +y
+        assert abs(lip[0] - eyes[0]) < 2 and lip[1] - eyes[1] > 30  # eye->lip is +y
         maps.append(transform_points(M, pts))
     assert np.linalg.norm(maps[0] - maps[1], axis=1).mean() < 2.0
 
@@ -380,3 +398,29 @@ def test_cropping_refuses_a_stream_of_another_length(tracker):
         crop_faces(iter(frames[:2]), track)
     with pytest.raises(ValueError, match="more than 3 frames"):
         crop_faces(iter(frames + frames[:1]), track)
+
+
+def test_the_crop_does_not_follow_the_mouth(tracker):
+    # A still head whose jaw opens and closes every few frames (the synthetic speaker's warp
+    # of the real mouth): the crop must hold still, or Stage 2 could read the mouth's state
+    # from the unmasked pixels (the crop zooming out as the chin drops) instead of from the
+    # motion it is given, and the dub would copy the source's mouth.
+    from stages.synth.speaker import SpeakerIdentity, render_frame
+
+    identity = SpeakerIdentity.from_seed(0, 0)
+    jaw = np.tile([0.0, 0.0, 0.5, 1.0, 1.0, 0.5], 5)
+    frames = [render_frame(None, identity, j, 0.5, 0.0, size=(480, 360)) for j in jaw]
+    track = tracker(frames)
+    assert track.has_face.all()
+    crops, affines = crop_faces(frames, track)
+    zoom = np.sqrt(np.abs(np.linalg.det(affines[:, :, :2])))
+    assert np.ptp(zoom) / zoom.mean() < 0.015  # LivePortrait's box, per frame: 5.7 %
+    per_frame = np.array([crop_transform(p) for p in track.landmarks])
+    per_frame_zoom = np.sqrt(np.abs(np.linalg.det(per_frame[:, :, :2])))
+    assert np.ptp(per_frame_zoom) / per_frame_zoom.mean() < 0.04
+    # outside the mask (2 px clear of it) the open and the closed frames' crops agree
+    outside = cv2.dilate(MouthMask().array().astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    diff = np.abs(crops[jaw == 1.0].astype(np.float32).mean(0) - crops[jaw == 0.0].astype(np.float32).mean(0))
+    assert diff[outside].mean() < 1.5  # LivePortrait's box: 6.7 levels
+    # and inside it the mouth is what changed
+    assert diff[MouthMask().array() > 0].mean() > 3 * diff[outside].mean()

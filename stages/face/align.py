@@ -2,31 +2,37 @@
 
 LivePortrait's motion extractor was trained on crops made by `crop_image(lmk, dsize,
 scale=2.3, vy_ratio=-0.125)` from InsightFace's 106 landmarks (reference/liveportrait.md
-§4). Its keypoints only mean what they were trained to mean if our crops frame the face the
-same way, so `crop_transform` follows that algorithm step for step and only swaps the
-anchors:
+§4): a square of 2.3 times the side of the landmarks' box (brows to chin, jaw contour to
+jaw contour), centred on the box and shifted up by 0.125 of its side, rolled so that the
+eye-to-lip direction points down. Its keypoints only mean what they were trained to mean if
+our crops frame the face the same way, so `crop_transform` keeps that framing.
 
-- eye centres: mean of each eye's outer corner, inner corner, upper-lid and lower-lid mesh
-  points, [33, 133, 159, 145] (subject's right eye, image left) and [362, 263, 386, 374]
-  (subject's left eye) -- the same corner/corner/lid/lid choice as LivePortrait's four
-  106-point indices per eye.
-- lip anchor: midpoint of the mouth corners 61 and 291. LivePortrait's 203-point anchor
-  (48+66)/2 is the pair whose distance is the denominator of its lip-open ratio, i.e. the
-  mouth corners (and 52/61 play that role in the 106 layout). Corners also barely move
-  when the jaw opens, whereas the inner-lip midpoints 13/14 bounce with every syllable,
-  which would tilt and shift the crop while the speaker talks.
-- box points (calibration): InsightFace's 106 points stop at the eyebrows -- the jaw
-  contour, brows, eyes, nose and lips -- while the mesh continues up the forehead to the
-  hairline. Measured on skimage's astronaut (frontal, 512 px image): projected box of all
-  468 mesh points is 91.3 x 105.9 px (w x h), so the forehead makes the height win and would
-  zoom the crop out by 16 %; dropping the mesh points above the highest eyebrow point gives
-  91.3 x 89.3 px, square with width winning, which is the shape of the 106-point box
-  (ear-level contour width vs brow-to-chin height). So the box is taken over the mesh points
-  at or below the eyebrows and `scale`=2.3 then makes the face width 1/2.3 of the crop, as in
-  LivePortrait (eye centres ~53 px apart in a 256 crop).
-- c0 (the projection origin) is the mean of the 468 mesh points; the 10 iris points are
-  left out so that the eyes are not counted twice. c0 only sets the origin of the projection:
-  the final centre is the box middle, so any choice of c0 gives the same crop.
+What it does not keep is where the box's edges are read. LivePortrait's chin and lip
+anchor move with the mouth: measured on the synthetic speaker, its box grows by 5-12 % as
+the jaw opens (the crop zooms out; r = -0.74 to -0.83 between zoom and jaw over a clip) and
+the open upper lip rises above the mouth mask. For a mouth-completion model that is a leak:
+trained on a frame's own masked crop, Stage 2 learned to read the mouth's state from the
+zoom and the unmasked pixels instead of from its motion condition, and a dub then copied
+the source's mouth (held-out: the output's opening followed the source video at r 0.55-0.74
+and the new audio at 0.33). So the box is measured on landmarks the mouth does not move:
+
+- roll: the eye line (eye centres: mean of each eye's outer corner, inner corner, upper-lid
+  and lower-lid mesh points, [33, 133, 159, 145] and [362, 263, 386, 374] -- the same
+  corner/corner/lid/lid choice as LivePortrait's four 106-point indices per eye);
+- width: the mesh points from the highest eyebrow point to UPPER_FACE_BELOW_EYES eye
+  distances below the eyes (temples and upper cheeks; InsightFace's 106 points stop at the
+  eyebrows, so the forehead is left out as before);
+- height: the brows to a chin placed CHIN_BELOW_NOSE eye-to-nose-base heights below the
+  nose base (mesh 2). 1.41 puts it where mesh point 152 is on skimage's astronaut (the crop
+  matches LivePortrait's there: same size, centre within 1 px); a vertical measure, so a
+  turned head (eye distance shrinking) is not zoomed in.
+
+Even these landmarks wobble a little with each syllable (FaceMesh fits all points jointly),
+so `crop_transforms` steadies a track's zoom and eye position over about a second
+(ZOOM_SIGMA_FRAMES) and follows the eyes and the roll frame by frame. On a still head whose
+jaw opens and closes, the crop's zoom then varies by under 1 % (5.7 % per frame with
+LivePortrait's box) and the unmasked pixels of open and closed frames differ by under one
+level (6.7), tests/test_face.py.
 """
 from __future__ import annotations
 
@@ -39,6 +45,10 @@ MESH_POINTS = 468  # 478 with refine_landmarks=True; 468..477 are the irises
 RIGHT_EYE_RING = (33, 133, 159, 145)  # subject's right eye: outer, inner, upper lid, lower lid
 LEFT_EYE_RING = (362, 263, 386, 374)  # subject's left eye: inner, outer, upper lid, lower lid
 MOUTH_CORNERS = (61, 291)
+UPPER_FACE_BELOW_EYES = 0.45  # eye distances: temples and upper cheeks, above the nose base
+NOSE_BASE = 2  # subnasale
+CHIN_BELOW_NOSE = 1.41
+ZOOM_SIGMA_FRAMES = 25.0  # about a second: longer than a syllable, shorter than a camera zoom
 EYEBROWS = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107,
             276, 282, 283, 285, 293, 295, 296, 300, 334, 336)
 
@@ -62,24 +72,31 @@ def eye_lip_anchors(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 def crop_transform(landmarks: np.ndarray, dsize: int = 256, scale: float = 2.3,
                    vy_ratio: float = -0.125) -> np.ndarray:
-    """(2,3) float64 similarity mapping source pixels to the dsize x dsize aligned crop."""
+    """(2,3) float64 similarity mapping source pixels to the dsize x dsize aligned crop.
+
+    LivePortrait's box, measured on landmarks the mouth does not move (module docstring):
+    the eye line sets the roll, the mesh points from the eyebrows to just below the eyes
+    set the width, and the chin is placed CHIN_BELOW_NOSE eye-to-nose-base heights below the
+    nose base (a vertical measure, so a turned head, whose eye distance shrinks, is not
+    zoomed in)."""
     pts = _check_landmarks(landmarks)
-    eye_r, eye_l, lip = eye_lip_anchors(pts)
-    eyes = (eye_r + eye_l) / 2
-    uy = lip - eyes
-    norm = np.linalg.norm(uy)
-    uy = uy / norm if norm > 1e-3 else np.array([0.0, 1.0])
-    ux = np.array([uy[1], -uy[0]])  # eye->lip becomes +y, ux becomes +x
+    eye_r, eye_l, _ = eye_lip_anchors(pts)
+    ux = eye_l - eye_r  # the subject's left eye is on the image's right when upright
+    eye_distance = float(np.linalg.norm(ux))
+    ux = ux / eye_distance if eye_distance > 1e-3 else np.array([1.0, 0.0])
+    uy = np.array([-ux[1], ux[0]])  # +y runs from the eyes towards the mouth
     axes = np.stack([ux, uy])  # (2, 2): rows are the crop's x and y directions
 
-    mesh = pts[:MESH_POINTS]
-    c0 = mesh.mean(0)
-    proj = (mesh - c0) @ axes.T  # (468, 2) coordinates along (ux, uy)
-    below_brows = proj[:, 1] >= proj[list(EYEBROWS), 1].min()
-    lo, hi = proj[below_brows].min(0), proj[below_brows].max(0)
+    eyes = (eye_r + eye_l) / 2
+    proj = (pts[:MESH_POINTS] - eyes) @ axes.T  # (468, 2) coordinates along (ux, uy)
+    brow_top = proj[list(EYEBROWS), 1].min()
+    upper_face = (proj[:, 1] >= brow_top) & (proj[:, 1] <= UPPER_FACE_BELOW_EYES * eye_distance)
+    lo = np.array([proj[upper_face, 0].min(), brow_top])
+    nose_base = max(proj[NOSE_BASE, 1], 1e-3)
+    hi = np.array([proj[upper_face, 0].max(), nose_base * (1.0 + CHIN_BELOW_NOSE)])
     box_mid = (lo + hi) / 2
     size = float((hi - lo).max()) * scale
-    center = c0 + axes.T @ box_mid + uy * (vy_ratio * size)  # vx is always 0 in LivePortrait
+    center = eyes + axes.T @ box_mid + uy * (vy_ratio * size)  # vx is always 0 in LivePortrait
 
     s = dsize / size
     M = np.zeros((2, 3), dtype=np.float64)
@@ -115,21 +132,54 @@ def warp_crop(frame: np.ndarray, M: np.ndarray, dsize: int = 256) -> np.ndarray:
     return cv2.resize(big, (dsize, dsize), interpolation=cv2.INTER_AREA)
 
 
+def crop_transforms(track, dsize: int = 256, zoom_sigma_frames: float = ZOOM_SIGMA_FRAMES) -> np.ndarray:
+    """(N, 2, 3) float64 affines of a FaceTrack's frames, NaN without a face: crop_transform
+    per frame, then steadied within each shot: the zoom and where the eyes sit in the crop are
+    smoothed over time (Gaussian, sigma in frames), while the crop follows the eyes and the
+    roll frame by frame.
+
+    Even from the upper face, FaceMesh's width estimate swells and shrinks by a few percent
+    with every syllable; a crop that zoomed with it would tell Stage 2, through the unmasked
+    pixels, how wide the source's mouth is open, and the dub would copy the source's mouth."""
+    from .tracker import shots, smooth_runs
+
+    n = len(track.has_face)
+    affines = np.full((n, 2, 3), np.nan, dtype=np.float64)
+    for i in np.flatnonzero(track.has_face):
+        affines[i] = crop_transform(track.landmarks[i], dsize=dsize)
+    spans = shots(track.landmarks, track.has_face)
+    if zoom_sigma_frames <= 0 or not spans:
+        return affines
+    face = np.asarray(track.has_face, bool)
+    linear = affines[face, :, :2]  # (F, 2, 2) = zoom * rotation
+    zoom = np.ones(n)
+    zoom[face] = np.sqrt(np.abs(np.linalg.det(linear)))  # crop px per source px
+    eyes_src = np.stack([np.mean(eye_lip_anchors(track.landmarks[i])[:2], axis=0) for i in np.flatnonzero(face)])
+    eyes_crop = np.zeros((n, 2))
+    eyes_crop[face] = (linear @ eyes_src[..., None])[..., 0] + affines[face, :, 2]
+    steady_zoom = np.exp(smooth_runs(np.log(zoom), spans, zoom_sigma_frames))
+    steady_eyes = smooth_runs(eyes_crop, spans, zoom_sigma_frames)
+    # the same roll, the steadied zoom, and the eyes where the steadied crop puts them
+    rescaled = (steady_zoom / zoom)[face][:, None, None] * linear
+    affines[face, :, :2] = rescaled
+    affines[face, :, 2] = steady_eyes[face] - (rescaled @ eyes_src[..., None])[..., 0]
+    return affines
+
+
 def crop_faces(frames, track, dsize: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Crops (N, dsize, dsize, 3) uint8 (zeros without a face) and affines (N, 2, 3) float64
-    (NaN without a face) for frames and their FaceTrack.
+    (NaN without a face, see crop_transforms) for frames and their FaceTrack.
 
     `frames` is any iterable (a list, or a decoder's generator: one frame in memory at a
     time); it must yield exactly one frame per frame of the track."""
     n = len(track.has_face)
     crops = np.zeros((n, dsize, dsize, 3), dtype=np.uint8)
-    affines = np.full((n, 2, 3), np.nan, dtype=np.float64)
+    affines = crop_transforms(track, dsize)
     count = 0
     for i, frame in enumerate(frames):
         if i >= n:
             raise ValueError(f"face/align.py: more than {n} frames for a track of {n}")
         if track.has_face[i]:
-            affines[i] = crop_transform(track.landmarks[i], dsize=dsize)
             crops[i] = warp_crop(np.asarray(frame), affines[i], dsize)
         count = i + 1
     if count != n:

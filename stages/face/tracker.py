@@ -102,19 +102,28 @@ def smooth_landmarks(landmarks: np.ndarray, has_face: np.ndarray, sigma: float) 
     lags a moving face (by 6 px at 6 px/frame, measured on the tracker test clip), which
     the linear term removes.
     """
-    out = landmarks.copy()
+    if sigma <= 0:
+        return landmarks.copy()
+    return smooth_runs(landmarks, shots(landmarks, has_face), sigma)
+
+
+def smooth_runs(series: np.ndarray, spans: list[tuple[int, int]], sigma: float) -> np.ndarray:
+    """`series` (N, ...) with each [start, stop) span Gaussian-smoothed over time on its own
+    (the local linear fit of smooth_landmarks); entries outside the spans are kept."""
+    out = series.copy()
     if sigma <= 0:
         return out
     radius = int(np.ceil(3 * sigma))
     offsets = np.arange(-radius, radius + 1, dtype=np.float64)  # tau - t
     w = np.exp(-0.5 * (offsets / sigma) ** 2)
-    for start, stop in shots(landmarks, has_face):
-        seg = landmarks[start:stop].astype(np.float64)  # (T, P, 2)
+    extra = (None,) * (series.ndim - 1)
+    for start, stop in spans:
+        seg = series[start:stop].astype(np.float64)  # (T, ...)
         ones = np.ones(stop - start)
         s0, s1, s2 = (correlate1d(ones, w * offsets ** p, mode="constant") for p in range(3))
         t0 = correlate1d(seg, w, axis=0, mode="constant")
         t1 = correlate1d(seg, w * offsets, axis=0, mode="constant")
-        s0, s1, s2, det = (a[:, None, None] for a in (s0, s1, s2, s0 * s2 - s1 ** 2))
+        s0, s1, s2, det = (a[(slice(None), *extra)] for a in (s0, s1, s2, s0 * s2 - s1 ** 2))
         ok = det > 1e-9 * s0 ** 2  # det is 0 only for a one-frame run: keep the plain average
         fit = (s2 * t0 - s1 * t1) / np.where(ok, det, 1.0)
         out[start:stop] = np.where(ok, fit, t0 / s0)
