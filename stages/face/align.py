@@ -24,7 +24,7 @@ and the new audio at 0.33). So the box is measured on landmarks the mouth does n
   eyebrows, so the forehead is left out as before);
 - height: the brows to a chin placed CHIN_BELOW_NOSE eye-to-nose-base heights below the
   nose base (mesh 2). 1.41 puts it where mesh point 152 is on skimage's astronaut (the crop
-  matches LivePortrait's there: same size, centre within 1 px); a vertical measure, so a
+  matches LivePortrait's there: same size, centre within 2 px); a vertical measure, so a
   turned head (eye distance shrinking) is not zoomed in.
 
 Even these landmarks wobble a little with each syllable (FaceMesh fits all points jointly),

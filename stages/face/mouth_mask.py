@@ -15,26 +15,30 @@ class MouthMask:
     Geometry chosen by measurement: the tracker's mesh on skimage's astronaut pasted into
     1280x720 frames at scales 0.75-2.5x, roll -15/0/+15 deg, and three affine distortions
     standing in for yaw (x squeezed to 0.85), pitch (y squeezed to 0.88) and shear 0.12
-    (48 poses), mapped into the 256 crop:
+    (48 poses), mapped into the 256 crop (face/align.py's crop, measured on the eyes, brows,
+    upper cheeks and nose base; the poses are tests/test_face.py's POSES):
 
     ======================================  ===============
     landmark group (mesh indices)           range (crop px)
     ======================================  ===============
-    eye centres, y                          122.3 - 130.7
-    nose tip (1), y                         156.1 - 159.7
-    nostril base / alae (2, 48, 98, 278,    <= 162.9
+    eye centres, y                          122.5 - 128.6
+    nose tip (1), y                         158.0 - 158.8
+    nostril base / alae (2, 48, 98, 278,    <= 161.9
     327), y
-    lips (FACEMESH_LIPS, 40 points), x      99.2 - 154.5
-    lips, y                                 166.5 - 190.8
-    chin (152), y                           208.0 - 215.7
-    lower jaw contour, x                    73.6 - 181.7
+    lips (FACEMESH_LIPS, 40 points), x      101.1 - 157.0
+    lips, y                                 167.8 - 190.0
+    chin (152), y                           208.8 - 215.7
+    lower jaw contour, x                    81.3 - 177.2
     ======================================  ===============
 
-    So the default box runs from just under the nostrils (top 0.635*256 = 162.6, 3 px
-    below the lowest nose point and 4 px above the highest lip point, leaving the nose tip
-    and eyes untouched) to 0.93*256 = 238 (22 px below the chin, room for the jaw to drop
-    when the mouth opens wide), and from 0.27*256 = 69 to 0.73*256 = 187 across the cheeks
-    (past the lip corners by >= 30 px and close to the jaw line, which moves when speaking).
+    So the default box runs from just under the nostrils (top 0.635*256 = 162.6, below the
+    lowest nose point and 5 px above the highest lip point, leaving the nose tip and eyes
+    untouched) to 0.93*256 = 238 (22 px below the chin, room for the jaw to drop when the
+    mouth opens wide: the synthetic speaker's wide-open chin reaches 226), and from
+    0.27*256 = 69 to 0.73*256 = 187 across the cheeks (past the lip corners by >= 30 px and
+    close to the jaw line, which moves when speaking). Because the crop does not follow the
+    mouth, the open upper lip stays inside the box (167 at the synthetic speaker's widest;
+    LivePortrait's own box, which zooms out as the jaw drops, put it at 160, in view).
     The bottom corners are rounded (radius 0.1*256) to follow the jaw rather than
     blank neck and background the network would have to repaint.
     """
