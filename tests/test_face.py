@@ -299,14 +299,22 @@ def test_mouth_mask_apply_and_feather():
     assert (masked[:, A == 1] == 0).all()
     np.testing.assert_array_equal(masked[:, A == 0], crops[:, A == 0])
 
+    # The network's hole runs from the mouth box straight down to the crop's edge (the chin
+    # below the box moves with the jaw); the pasted box stops short of it, rounded.
+    P = mask.pasted()
+    assert (A[P == 1] == 1).all() and (A[-1] == 1).sum() > 100 and (P[-12:] == 0).all()
+    assert P[int(0.93 * 256) - 2, int(0.27 * 256) + 2] == 0 and A[int(0.93 * 256) - 2, int(0.27 * 256) + 2] == 1
+    np.testing.assert_array_equal(MouthMask(hide_below=False).array(), P)
+
     blur = 8.0
     F = mask.feathered(blur)
     assert F.shape == (256, 256) and F.dtype == np.float32
-    assert (F[A == 1] == 1).all()
+    assert (F[P == 1] == 1).all()
     assert F.min() >= 0 and F.max() <= 1
     ramp = (F > 0) & (F < 1)
-    assert ramp.sum() > 0 and not (ramp & (A == 1)).any()  # the feather lies outside the mask
-    dist = cv2.distanceTransform((A == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    assert ramp.sum() > 0 and not (ramp & (P == 1)).any()  # the feather lies outside the box
+    assert (F[-1] == 0).all()  # and ends inside the crop: no seam at its edge
+    dist = cv2.distanceTransform((P == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     assert (F[dist >= blur] == 0).all() and (F[dist < blur - 1] > 0).all()
     # Smooth: no step between neighbours larger than the raised cosine's steepest slope.
     steepest = np.pi / (2 * blur)
@@ -323,7 +331,7 @@ def test_crop_paste_round_trip(tracker, scale):
     F = mask.feathered(8.0)
     to_frame = cv2.invertAffineTransform(M)
     alpha = cv2.warpAffine(F, to_frame, (1280, 720), flags=cv2.INTER_LINEAR)
-    interior = cv2.erode(mask.array(), np.ones((9, 9), np.uint8))
+    interior = cv2.erode(mask.pasted(), np.ones((9, 9), np.uint8))
     interior = cv2.warpAffine(interior, to_frame, (1280, 720), flags=cv2.INTER_LINEAR) > 0.999
     assert interior.sum() > 1000
 

@@ -40,11 +40,21 @@ class MouthMask:
     mouth, the open upper lip stays inside the box (167 at the synthetic speaker's widest;
     LivePortrait's own box, which zooms out as the jaw drops, put it at 160, in view).
     The bottom corners are rounded (radius 0.1*256) to follow the jaw rather than
-    blank neck and background the network would have to repaint.
+    paste over neck and background.
+
+    What the network sees is less than what is pasted: its hole (`array`, `apply`) runs on
+    from the box straight down to the crop's bottom edge, because the chin and the neck's
+    shadow below the box move with the jaw (on the synthetic speaker the rows under the box
+    differ by 8-9 levels on average between open and closed frames, against under one
+    elsewhere outside it). Left in view they tell a network trained on a frame's own crop
+    how far the mouth is open, and a dub would copy the source's mouth. `feathered`, the
+    paste-back alpha, covers the box only: a pasted region reaching the crop's edge would
+    end there in a hard seam.
     """
 
     def __init__(self, dsize: int = 256, top: float = 0.635, bottom: float = 0.93,
-                 left: float = 0.27, right: float = 0.73, bottom_corner_radius: float = 0.10):
+                 left: float = 0.27, right: float = 0.73, bottom_corner_radius: float = 0.10,
+                 hide_below: bool = True):
         if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
             raise ValueError(f"face/mouth_mask.py: box must satisfy 0<=left<right<=1, "
                              f"0<=top<bottom<=1, got {left=} {right=} {top=} {bottom=}")
@@ -60,23 +70,31 @@ class MouthMask:
             in_corner_zone = (y > corner_y) & ((x - corner_x) * outward > 0)
             outside_arc = np.hypot(x - corner_x, y - corner_y) > radius
             inside &= ~(in_corner_zone & outside_arc)
+        self._pasted = inside.astype(np.float32)
+        if hide_below:
+            inside = inside | ((x >= l) & (x <= r) & (y >= t))
         self._mask = inside.astype(np.float32)
 
     def array(self) -> np.ndarray:
-        """(dsize, dsize) float32: 1 = masked (completed by the network), 0 = kept."""
+        """(dsize, dsize) float32: 1 = hidden from the network and completed by it, 0 = kept."""
         return self._mask.copy()
 
+    def pasted(self) -> np.ndarray:
+        """(dsize, dsize) float32: 1 = the mouth box that replaces the source on paste-back."""
+        return self._pasted.copy()
+
     def feathered(self, blur_px: float) -> np.ndarray:
-        """(dsize, dsize) float32 paste-back alpha: 1 on the whole masked region, then a
+        """(dsize, dsize) float32 paste-back alpha: 1 on the whole mouth box, then a
         raised-cosine fall to 0 over `blur_px` pixels outside it.
 
-        The ramp lies outside the mask, so every pixel the network generated replaces the
-        original completely, and the seam is spread over pixels that the network only
-        reconstructed (where generated and original agree most).
+        The ramp lies outside the box, so every pixel of the box replaces the original
+        completely; above and beside the mouth the seam is spread over pixels that the network
+        only reconstructed (where generated and original agree most), below it over the chin
+        the network painted unseen.
         """
         if blur_px <= 0:
-            return self.array()
-        outside = (self._mask == 0).astype(np.uint8)
+            return self.pasted()
+        outside = (self._pasted == 0).astype(np.uint8)
         dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         ramp = 0.5 * (1 + np.cos(np.pi * np.clip(dist / blur_px, 0, 1)))
         return ramp.astype(np.float32)
