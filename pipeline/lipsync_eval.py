@@ -7,7 +7,10 @@ B, B's audio and B's ground-truth mouth (truth JSON). Two checks follow:
 - **Stage 1 alone** (`stage1_keypoint_r`): Stage 1 runs free on B's HuBERT rows, from the
   video's neutral state, and its Δδ on the driven keypoints is compared with what the
   motion extractor reads off B's real frames (δ − δ_neutral on D): Pearson r over every
-  frame and coordinate of the held-out clips.
+  frame and coordinate of the held-out clips (`pooled_r`, which the coordinates' different
+  offsets inflate), and per clip along the lips' opening pattern U
+  (stages/motion/extractor_training.py), the part of Δδ that is the mouth's motion
+  (`opening_r`, the mean over clips).
 - **The dub** (`sync_manifest` + `dub_figures`): another clip of the same speaker (saying
   something else) is dubbed with B's audio; its output video is measured by FaceMesh
   (stages/lipsync/measure.py) against B's truth jaw (padded with closed-mouth silence or
@@ -96,8 +99,9 @@ def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=No
 
 def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
     """Stage 1 alone on a prepared (held-out) corpus: free-running Δδ on the driven keypoints
-    against the extractor's Δδ of the real frames. Returns pooled r, the mean per-video r and
-    the number of frames."""
+    against the extractor's Δδ of the real frames. Returns pooled r, the mean per-video r,
+    the mean per-video r along the opening pattern U (with its minimum) and the number of
+    values."""
     import io
 
     import pyarrow.parquet as pq
@@ -107,14 +111,16 @@ def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
     from pipeline.train.job import load_corpus
     from pipeline.train.tasks import decode_chunk
     from stages.motion.audio2motion import Audio2Motion
+    from stages.motion.extractor_training import opening_direction
 
     model = Audio2Motion.from_pretrained(stage1_folder).eval()
     cfg = model.cfg
     driven = list(cfg.driven_keypoints)
+    along = opening_direction(cfg.num_kp, tuple(driven))[driven]  # (|D|, 3)
     storage = Storage()
     _, videos, _ = load_corpus(storage, shards_uri)
     rows = pq.read_table(join_uri(shards_uri, "videos.parquet")).to_pylist()
-    preds, truths, per_video = [], [], []
+    preds, truths, per_video, opening = [], [], [], []
     for row in rows:
         video = videos[row["video_id"]]
         chunks = [decode_chunk(pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()[0])
@@ -133,6 +139,11 @@ def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
         truths.append(t)
         if len(p) > 2:
             per_video.append(float(np.corrcoef(p, t)[0, 1]))
+        po, to = ((x[usable] * along).sum(axis=(1, 2)) for x in (pred, truth))
+        if usable.sum() > 2 and po.std() > 0 and to.std() > 0:
+            opening.append(float(np.corrcoef(po, to)[0, 1]))
     p, t = np.concatenate(preds), np.concatenate(truths)
     return {"pooled_r": float(np.corrcoef(p, t)[0, 1]), "mean_video_r": float(np.mean(per_video)),
+            "opening_r": float(np.mean(opening)) if opening else float("nan"),
+            "min_opening_r": float(np.min(opening)) if opening else float("nan"),
             "videos": len(rows), "values": int(len(p))}
