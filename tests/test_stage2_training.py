@@ -286,17 +286,35 @@ def test_alpha_parameter_group_and_frozen_critics():
     assert make_trainer(LATENT_ONLY, gradient_checkpointing=True).unet.gradient_checkpointing
 
 
+def test_motion_noise_touches_only_the_driven_keypoints_and_is_drawn_from_the_step():
+    from stages.motion.audio2motion import DRIVEN_KEYPOINTS
+
+    motion = torch.randn(4, 21, 3)
+    trainer = make_trainer(LATENT_ONLY, motion_noise=0.03, noise_seed=5)
+    noisy = trainer.noisy_motion(motion, 7)
+    driven = list(DRIVEN_KEYPOINTS)
+    others = [k for k in range(21) if k not in driven]
+    assert torch.equal(noisy[:, others], motion[:, others])
+    delta = noisy[:, driven] - motion[:, driven]
+    assert 0.02 < float(delta.std()) < 0.04
+    assert torch.equal(trainer.noisy_motion(motion, 7), noisy)  # the step's draw, again
+    assert not torch.equal(trainer.noisy_motion(motion, 8), noisy)
+    assert torch.equal(make_trainer(LATENT_ONLY).noisy_motion(motion, 7), motion)  # off by default
+    audio = torch.randn(4, 10, 32)  # an audio-conditioned UNet's rows: never noised
+    assert torch.equal(trainer.noisy_motion(audio, 7), audio)
+
+
 def test_resume_gives_the_same_next_step(batch):
     weights = Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.01, latent=0.5)
     small = {k: v[:2] for k, v in batch.items()}
     vae = LatentVAE.from_config(tiny_vae_config())  # frozen, not part of the trainer's state: shared
-    first = make_trainer(weights, seed=0, vae=vae, discriminator=True, gan_start_step=1)
+    first = make_trainer(weights, seed=0, vae=vae, discriminator=True, gan_start_step=1, motion_noise=0.03)
     for step in range(2):
         first.step(small, step)
     snapshot = copy.deepcopy(first.state_dict())
     expected = first.step(small, 2)
 
-    resumed = make_trainer(weights, seed=7, vae=vae, discriminator=True, gan_start_step=1)
+    resumed = make_trainer(weights, seed=7, vae=vae, discriminator=True, gan_start_step=1, motion_noise=0.03)
     assert resumed.step(small, 0)["loss"] != expected["loss"]  # another history: the load must matter
     resumed.load_state_dict(snapshot)
     got = resumed.step(small, 2)

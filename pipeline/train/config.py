@@ -41,6 +41,8 @@ class Stage2Options(_Strict):
     adv: float = Field(0.01, ge=0)
     lambda_c: float = Field(0.1, ge=0)
     latent: float = Field(0.0, ge=0, description="optional L1 on the completed latent inside the mask")
+    motion_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the driven keypoints' δ of the "
+                                "condition in training: robustness to Stage 1's errors")
     vgg_weights: str | None = Field(None, description="torchvision vgg19-dcbb9e9d.pth for L_perc; without it perc is 0")
     gradient_checkpointing: bool = False
     use_rsca: bool = Field(True, description="False: the paper's concatenation ablation")

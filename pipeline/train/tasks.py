@@ -155,7 +155,8 @@ class Stage2Task:
         weights = Stage2LossWeights(rec=o.rec, perc=o.perc, motion=o.motion, adv=o.adv, lambda_c=o.lambda_c, latent=o.latent)
         train_cfg = Stage2TrainConfig(lr=o.lr, alpha_lr=o.alpha_lr, weight_decay=o.weight_decay, warmup_steps=c.warmup_steps,
                                       total_steps=c.steps, grad_clip=c.grad_clip, d_lr=o.d_lr, gan_start_step=o.gan_start_step,
-                                      loss=weights, gradient_checkpointing=o.gradient_checkpointing)
+                                      loss=weights, gradient_checkpointing=o.gradient_checkpointing,
+                                      motion_noise=o.motion_noise, noise_seed=seed)
         torch.manual_seed(seed)
         d_config = PatchDiscriminatorConfig.tiny() if bundle_info.size == "tiny" else PatchDiscriminatorConfig()
         vgg = VGG19.from_pretrained(o.vgg_weights) if o.vgg_weights and o.perc > 0 else None
