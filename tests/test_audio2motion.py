@@ -478,3 +478,28 @@ def test_paper_size_forward():
     generated = model.generate(audio, x_c, neutral)
     assert generated.shape == (1, 25, ND, 3) and torch.isfinite(generated).all()
     torch.testing.assert_close(model(audio, x_c, neutral, generated), generated, atol=1e-5, rtol=1e-5)
+
+
+def test_a_coordinate_constant_in_the_corpus_is_neither_read_nor_predicted():
+    # The demo's trained extractor moves the lips along y only: x and z of every offset are
+    # constant in the corpus. Free-running, a fed-back 1e-5 there must not reach the network
+    # as 10 standard deviations (the floor is 1e-6), and the prediction there is the constant.
+    rng = np.random.default_rng(2)
+    offsets, _, _, stats = corpus_statistics(rng)
+    stats = list(stats)
+    stats[1] = stats[1].copy()
+    stats[1][:, [0, 2]] = 0.0
+    model = Audio2Motion(tiny_model(random_head=True).cfg.with_statistics(*stats)).eval()
+    nn.init.normal_(model.head.weight, std=0.5)
+    batch = torch.from_numpy(offsets[:8])
+    nudged = batch.clone()
+    nudged[..., 0] += 1e-5
+    nudged[..., 2] -= 3e-5
+    torch.testing.assert_close(model.embed_offsets(nudged), model.embed_offsets(batch), rtol=0, atol=0)
+    moved = batch.clone()
+    moved[..., 1] += 1e-2  # one std of a coordinate that does vary
+    assert (model.embed_offsets(moved) - model.embed_offsets(batch)).abs().max() > 1e-2
+    raw = model.predict_offsets(torch.randn(5, model.cfg.d_model))
+    mean = torch.tensor(stats[0], dtype=torch.float32)
+    assert torch.equal(raw[..., [0, 2]], mean[:, [0, 2]].expand(5, ND, 2))
+    assert (raw[..., 1] - mean[:, 1]).abs().mean() > 1e-3

@@ -524,3 +524,24 @@ def test_audio_unet_save_and_load_round_trip(tmp_path):
     masked, audio, reference = audio_inputs(model.config)
     with torch.no_grad():
         assert torch.equal(model(masked, audio, reference), loaded(masked, audio, reference))
+
+
+def test_a_motion_coordinate_constant_in_training_does_not_reach_the_tokens():
+    # Stage 2 learns on the extractor's keypoints (x, z of the lips constant on the demo's
+    # stand-in) and is driven by Stage 1's, which are 1e-5 off there: at the 1e-6 floor that
+    # would be 10 standard deviations of input the network never saw.
+    import numpy as np
+
+    mean = np.zeros((21, 3))
+    std = np.full((21, 3), 0.02)
+    std[:, [0, 2]] = 0.0
+    tokens = IMCUNet(IMCUNetConfig.tiny().with_motion_statistics(mean, std)).motion_tokens
+    motion = torch.randn(4, 21, 3) * 0.02
+    motion[..., [0, 2]] = 0.0
+    nudged = motion.clone()
+    nudged[..., [0, 2]] += 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(tokens(nudged), tokens(motion), rtol=0, atol=0)
+        moved = motion.clone()
+        moved[:, 5, 1] += 0.02
+        assert (tokens(moved) - tokens(motion)).abs().max() > 1e-3

@@ -49,6 +49,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
 from stages.common.checkpoint import load_pretrained, save_pretrained
+from stages.common.standardise import STD_FLOOR, standardise
 
 CONDITIONS = ("motion", "audio")
 
@@ -104,7 +105,7 @@ class IMCUNetConfig:
         if (self.motion_mean is None) != (self.motion_std is None):
             raise ValueError("IMCUNetConfig: motion_mean and motion_std must be given together")
         if self.motion_std is not None and min(min(row) for row in self.motion_std) <= 0:
-            raise ValueError("IMCUNetConfig: motion_std must be > 0 (with_motion_statistics floors it at 1e-6)")
+            raise ValueError("IMCUNetConfig: motion_std must be > 0 (with_motion_statistics floors it at STD_FLOOR)")
         if len(self.self_attention) != len(self.block_out_channels):
             raise ValueError(
                 f"IMCUNetConfig: self_attention has {len(self.self_attention)} entries, "
@@ -120,9 +121,10 @@ class IMCUNetConfig:
     def with_motion_statistics(self, mean, std) -> "IMCUNetConfig":
         """A new config whose motion tokens normalise δ per keypoint: mean, std (num_kp, 3)
         array-likes (numpy), e.g. over the training set's Stage 2 conditions. std is floored
-        at 1e-6 (a coordinate that never moves would otherwise divide by zero)."""
+        at STD_FLOOR; a coordinate at the floor never moved and standardises to 0
+        (stages/common/standardise.py)."""
         mean = np.asarray(mean, dtype=np.float64)
-        std = np.maximum(np.asarray(std, dtype=np.float64), 1e-6)
+        std = np.maximum(np.asarray(std, dtype=np.float64), STD_FLOOR)
         for name, array in (("mean", mean), ("std", std)):
             if array.shape != (self.num_kp, 3):
                 raise ValueError(f"with_motion_statistics: {name} must be ({self.num_kp}, 3), got {array.shape}")
@@ -190,7 +192,7 @@ class MotionTokens(nn.Module):
     def normalise(self, motion: Tensor) -> Tensor:
         # In float32 whatever the weights' dtype: δ ~ 1e-2 minus a mean of the same size would
         # lose most of its digits in bfloat16.
-        normalised = (motion.float() - self.motion_mean.float()) / self.motion_std.float()  # (B,K,3)
+        normalised = standardise(motion.float(), self.motion_mean.float(), self.motion_std.float())  # (B,K,3)
         return normalised.to(self.project.weight.dtype)
 
     def forward(self, motion: Tensor) -> Tensor:

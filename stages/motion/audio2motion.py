@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from stages.common.standardise import STD_FLOOR, destandardise, standardise
 from stages.common.checkpoint import load_pretrained, save_pretrained
 from stages.motion.extractor import NUM_KEYPOINTS, driven_keypoints
 
@@ -93,7 +94,8 @@ class Audio2MotionConfig:
 
     def with_statistics(self, offset_mean, offset_std, exp_mean, exp_std, x_c_mean, x_c_std) -> "Audio2MotionConfig":
         """A copy holding corpus statistics (numpy arrays): offsets (|D|, 3), exp and x_c
-        (num_kp, 3). Standard deviations are floored at 1e-6."""
+        (num_kp, 3). Standard deviations are floored at STD_FLOOR; a coordinate at the floor
+        is constant and standardises to 0 (stages/common/standardise.py)."""
         driven, kp = (len(self.driven_keypoints), 3), (self.num_kp, 3)
         values = {}
         for name, value, shape in (("offset_mean", offset_mean, driven), ("offset_std", offset_std, driven),
@@ -105,7 +107,7 @@ class Audio2MotionConfig:
             if not np.isfinite(array).all():
                 raise ValueError(f"audio2motion.py with_statistics: {name} holds NaN or Inf")
             if name.endswith("std"):
-                array = np.maximum(array, 1e-6)
+                array = np.maximum(array, STD_FLOOR)
             values[name] = tuple(tuple(float(v) for v in row) for row in array)
         return dataclasses.replace(self, **values)
 
@@ -267,18 +269,18 @@ class Audio2Motion(nn.Module):
         return self.audio_norm(x)
 
     def neutral_embedding(self, x_c: Tensor, delta_neutral: Tensor) -> Tensor:
-        x_c = (x_c - self.x_c_mean) / self.x_c_std
-        delta_neutral = (delta_neutral - self.exp_mean) / self.exp_std
+        x_c = standardise(x_c, self.x_c_mean, self.x_c_std)
+        delta_neutral = standardise(delta_neutral, self.exp_mean, self.exp_std)
         return self.neutral_embed(torch.cat([x_c.flatten(1), delta_neutral.flatten(1)], dim=-1))  # (B, d)
 
     def embed_offsets(self, offsets: Tensor) -> Tensor:
         """Raw Δδ (..., |D|, 3) -> tokens (..., d), standardised first."""
-        return self.offset_embed(((offsets - self.offset_mean) / self.offset_std).flatten(-2))
+        return self.offset_embed(standardise(offsets, self.offset_mean, self.offset_std).flatten(-2))
 
     def predict_offsets(self, x: Tensor) -> Tensor:
         """Decoder states (..., d) -> raw Δδ (..., |D|, 3): the head predicts standardised offsets."""
         normalised = self.head(self.norm_out(x)).unflatten(-1, (self.num_driven, 3))
-        return normalised * self.offset_std + self.offset_mean
+        return destandardise(normalised, self.offset_mean, self.offset_std)
 
     def num_frames(self, audio: Tensor) -> int:
         k = self.cfg.audio_steps_per_frame
