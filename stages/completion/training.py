@@ -339,10 +339,10 @@ class Stage2Trainer:
     def noisy_motion(self, motion: Tensor, step: int) -> Tensor:
         """The condition with N(0, motion_noise²) added on the driven keypoints. Stage 2 learns
         from the extractor's keypoints but is driven by Stage 1's, whose errors the extractor
-        never makes: on the demo's stand-in extractor the lips' δ move as one, Stage 1's are
-        decorrelated by ~0.015, and a Stage 2 trained without noise lost its lip sync on them
-        (FaceMesh r with the real opening 0.88 on the extractor's keypoints, 0.17 with Stage 1's
-        decorrelation added, README "Proving it learns")."""
+        never makes: on the demo's stand-in extractor the lips' δ move as one along y, Stage
+        1's do not (per-keypoint std 0.07-0.26 where the extractor's are equal). Noise on a
+        coordinate that is constant in the corpus never reaches the network (it standardises
+        to 0, stages/common/standardise.py)."""
         if self.cfg.motion_noise <= 0 or motion.shape[-1] != 3:  # off, or an audio condition
             return motion
         generator = torch.Generator().manual_seed(self.cfg.noise_seed * 1_000_003 + int(step))
