@@ -5,7 +5,7 @@
 #
 #   bash scripts/train_demo_bundle.sh [WORK_DIR] [OUT_BUNDLE]
 #
-# On a 2-core CPU machine it takes about half an hour (README, "Proving it learns").
+# On a 2-core CPU machine it takes about an hour, most of it Stage 2 (README, "Proving it learns").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-demo_train}
