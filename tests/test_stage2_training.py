@@ -192,9 +192,10 @@ def trained_vae(batch):
 
 
 def test_overfit_latent_term_alone(batch, trained_vae):
-    trainer = make_trainer(LATENT_ONLY, vae=trained_vae, lr=2e-3, warmup_steps=5, total_steps=80)
+    # 160 steps: the network's hole runs to the crop's lower edge (MouthMask), more to fit.
+    trainer = make_trainer(LATENT_ONLY, vae=trained_vae, lr=2e-3, warmup_steps=5, total_steps=160)
     before = trainer.evaluate(batch)["latent_l1_mask"]
-    for step in range(80):
+    for step in range(160):
         out = trainer.step(batch, step)
     assert set(out) == {"loss", "latent", "lr"}
     after = trainer.evaluate(batch)["latent_l1_mask"]
@@ -211,23 +212,23 @@ def test_overfit_latent_term_alone(batch, trained_vae):
 def test_overfit_pixels_through_the_decoder(batch, trained_vae):
     trainer = make_trainer(
         Stage2LossWeights(rec=1.0, perc=0.0, motion=0.0, adv=0.0, latent=1.0),
-        vae=trained_vae, lr=2e-3, warmup_steps=5, total_steps=50,
+        vae=trained_vae, lr=2e-3, warmup_steps=5, total_steps=150,
     )
     with torch.no_grad():  # what the decoder itself can reproduce: E then D of the true frames
         floor = float(masked_l1(trained_vae.decode(trained_vae.encode(batch["target"])), batch["target"], trainer.mask))
     before = trainer.evaluate(batch)["pixel_l1_mask"]
-    for step in range(50):
+    for step in range(150):
         out = trainer.step(batch, step)
     assert set(out) == {"loss", "rec", "latent", "lr"}
     after = trainer.evaluate(batch)["pixel_l1_mask"]
     print(f"\npixel L1 inside the mask: {before:.4f} -> {after:.4f} ({before / after:.1f}x); "
           f"VAE reconstruction floor {floor:.4f}")
     # Not tenfold: the pixel error cannot fall below the decoder's own reconstruction error, and
-    # a tiny VAE trained for seconds (40 steps) reproduces the mouth region only to ~0.12 L1
-    # (250 steps, ~100 s on this CPU, still leave ~0.12 inside the mask), against ~0.18 at
-    # init. Measured: 0.180 -> 0.121 (1.5x) with floor 0.120. So the test asserts what is
-    # reachable: a clear fall, and the UNet reaching the decoder's floor.
-    assert after <= before / 1.4
+    # a tiny VAE trained for seconds (40 steps) reproduces the hole only to ~0.13 L1, against
+    # ~0.16 at init (the hole runs to the crop's lower edge, MouthMask, so much of it is easy).
+    # Measured: 0.161 -> 0.1295 in 150 steps with floor 0.1286 (50 steps did not move it).
+    # So the test asserts what is reachable: most of the way from init to the decoder's floor.
+    assert after <= floor + 0.25 * (before - floor)
     assert after <= 1.15 * floor
 
 
