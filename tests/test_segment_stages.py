@@ -490,6 +490,33 @@ def test_compose_with_one_thread_writes_the_same_frames_on_one_thread(clip, blen
     assert decoder_contexts[-1].thread_count == 1
 
 
+def test_plan_operator_probes_with_the_plan_pools_decoder_threads(clip, tmp_path, monkeypatch):
+    """PlanOp's probe decodes a frame: its decoder gets the plan pool's cores (1.5 -> 2
+    threads), not FFmpeg's automatic count from the node's."""
+    import stages.media.probe as probe_module
+    from pipeline.config import JobConfig, PoolConfig
+    from pipeline.dub.operators import PlanOp
+    from pipeline.dub.rows import new_row
+
+    thread_counts, open_media = [], probe_module.open_media
+
+    def recording_open_media(path, role="file", threads=None):
+        container = open_media(path, role, threads)
+        thread_counts.append(container.streams.video[0].codec_context.thread_count)
+        return container
+
+    monkeypatch.setattr(probe_module, "open_media", recording_open_media)
+    audio = tmp_path / "dub.wav"
+    audio.write_bytes(b"not read by plan")
+    config = JobConfig(cache_uri=str(tmp_path), pools={"plan": PoolConfig(num_cpus=1.5)})
+    row = new_row(job_id="job", row_index=0, video_id="astronaut", video_uri=clip["path"], audio_uri=str(audio),
+                  output_uri=str(tmp_path / "out.mp4"), segment_seconds=1.2, work_key="wk")
+    planned = PlanOp(config.model_dump())(row)
+    assert planned["error"] == "", planned["error"]
+    assert (planned["n_frames"], planned["width"], planned["height"]) == (N_FRAMES, 320, 240)
+    assert thread_counts == [2]
+
+
 def test_face_operator_streams_the_segment_to_the_crops_of_the_decoded_list(clip, tmp_path):
     """FaceOp outside Ray on the clip: the crops, affines and has_face of the list-based
     fixture, with decoder threads taken from the face pool's reservation."""

@@ -112,6 +112,7 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights
     from pipeline.dub.qc import QCError, qc_failure
     from pipeline.steps import open_source
     from stages.media import probe_video
+    from stages.media.probe import codec_threads
     from stages.media.mux import KeepSource, mux_segments
 
     config = JobConfig.model_validate(config_dict)
@@ -135,7 +136,7 @@ def finalize_video(config_dict: dict, video: dict, segments: list[dict], weights
                 language=video.get("audio_language") or None,
                 keep=keep,
             )
-        info = probe_video(final)
+        info = probe_video(final, threads=codec_threads(config.pools["finalize"].num_cpus))
         h = hashlib.sha256()
         with open(final, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):

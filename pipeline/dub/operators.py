@@ -114,7 +114,12 @@ class PlanOp(_Op):
     """Probe each video (fps, frame count, size) and check the dubbed audio is there."""
 
     def __init__(self, config: dict):
+        from stages.media.probe import codec_threads
+
         super().__init__(config)
+        # The probe decodes the first frame: with FFmpeg's automatic count that is a frame
+        # thread (and a frame buffer) per core of the node, whatever the plan pool reserved.
+        self.threads = codec_threads(self.config.pools["plan"].num_cpus)
 
     @row_step("plan", video_subject)
     def __call__(self, row: dict) -> dict:
@@ -124,7 +129,7 @@ class PlanOp(_Op):
         if not self.storage.exists(row["audio_uri"]):
             raise RowError(f"audio {row['audio_uri']}: no such file")
         with open_source(self.storage, row["video_uri"]) as src:
-            info = probe_video(src, measure_gop=self.config.output.codec == "match-source")
+            info = probe_video(src, threads=self.threads, measure_gop=self.config.output.codec == "match-source")
         # A format the output cannot keep fails here, before any face or GPU work.
         codec = encoder_settings(self.config.output).for_source(info, row["video_uri"]).codec
         deliverable_format(info, codec, row["video_uri"])

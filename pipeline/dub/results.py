@@ -135,5 +135,5 @@ def describe_output(storage: Storage, uri: str) -> dict:
     from pipeline.steps import open_source
 
     with open_source(storage, uri) as src:
-        info = probe_video(src)
+        info = probe_video(src, threads=1)  # on the driver, beside many others
     return {"output_frames": info.n_frames, "output_bytes": storage.size(uri), "output_sha256": storage.sha256(uri)}
