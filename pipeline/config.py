@@ -175,8 +175,9 @@ class RetryConfig(_Strict):
     segment_attempts: int = Field(3, ge=1, description="tries of a stage's work on one row, the first included")
     backoff_s: float = Field(1.0, ge=0, description="pause before the second try; it doubles for each try after")
     device_faults: int = Field(
-        3, ge=1, description="GPU faults one segment may cause in the complete stage (each ends an actor, which Ray "
-        "replaces) before it is failed instead of tried again: a segment that faults every GPU must not loop forever")
+        3, ge=1, description="GPU faults one segment (one video, in the per-video stages) may cause in a stage that "
+        "runs a network (each ends an actor, which Ray replaces) before it is failed instead of tried again: a row "
+        "that faults every GPU must not loop forever")
 
 
 class SecurityConfig(_Strict):

@@ -129,14 +129,16 @@ def video_failure(storage: Storage, config: JobConfig, row: dict) -> dict | None
         return {"seg_idx": -1, "stage": "", "error": ""}  # written by this job, if unreadable: still a failure
 
 
-# GPU faults per segment and stage in this job. A fault ends the actor and Ray resubmits
-# the segment, without limit; this count lets the stage fail a segment that faults every
-# GPU it meets instead. Only one attempt of a segment runs at a time (the resubmission
-# follows the death), so reading and rewriting the count races with nothing.
+# GPU faults per segment (per video at the per-video stages) and stage in this job. A
+# fault ends the actor and Ray resubmits the row, without limit; this count lets the stage
+# fail a row that faults every GPU it meets instead. Only one attempt of a row runs at a
+# time (the resubmission follows the death), so reading and rewriting the count races
+# with nothing.
 
 
 def device_fault_uri(config: JobConfig, row: dict, stage: str) -> str:
-    name = f"{row['video_id']}-{int(row['seg_idx']):05d}-{stage}.json"
+    seg_idx = int(row["seg_idx"])
+    name = f"{row['video_id']}-{f'{seg_idx:05d}' if seg_idx >= 0 else 'video'}-{stage}.json"
     return join_uri(config.work_dir(), "failed", str(row["job_id"]), "device", name)
 
 

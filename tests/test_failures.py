@@ -330,6 +330,49 @@ def test_a_segment_that_faults_the_gpu_again_and_again_is_failed_at_last(tmp_pat
     assert op.probe.calls == 3
 
 
+def test_every_stage_that_runs_a_network_bounds_its_gpu_faults_per_video_or_segment(tmp_path):
+    """analyse and audio work per video, motion per segment: a row that faults the GPU
+    `retries.device_faults` times there is failed too, counted per stage and per row."""
+    from pipeline.dub import operators
+    from pipeline.dub.operators import _Op, _segment
+    from pipeline.steps import video_subject
+
+    config = JobConfig(cache_uri=str(tmp_path), retries={"device_faults": 2})
+    row_step = make_row_step(normalise, operators._skip, fail, retries=lambda op: op.config.retries,
+                             abandoned=operators._abandoned, on_failed=operators._record_video_failed,
+                             on_device_fault=operators._record_device_fault, exit_process=lambda code: None)
+
+    class Analyse(_Op):
+        @row_step("analyse", video_subject)
+        def __call__(self, row):
+            return self.probe.run(row)
+
+    class Motion(_Op):
+        @row_step("motion", _segment)
+        def __call__(self, row):
+            return self.probe.run(row)
+
+    video_row = _segment_row(seg_idx=-1, n_segments=0, frame_start=0, frame_end=0)
+    analyse, motion = Analyse(config.model_dump()), Motion(config.model_dump())
+    analyse.probe, motion.probe = _Probe(DEVICE_FAULTS[0]), _Probe(DEVICE_FAULTS[0])
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            analyse(video_row)
+    out = analyse(video_row)
+    assert analyse.probe.calls == 2
+    assert (out["error_stage"], out["error"]) == (
+        "analyse", "video /in/v.mp4: the GPU faulted 2 times on this video; not tried again")
+    # The video's count is not a segment's, nor another stage's: motion starts at none.
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            motion(_segment_row(seg_idx=0))
+    assert motion(_segment_row(seg_idx=0))["error"].endswith("the GPU faulted 2 times on this segment; not tried again")
+    assert motion.probe.calls == 2
+    with pytest.raises(RuntimeError):  # another video's segment is tried
+        motion(_segment_row(seg_idx=0, video_id="other", video_uri="/in/other.mp4"))
+    assert motion.probe.calls == 3
+
+
 # --------------------------------------------------------------------------- on Ray: retried, replaced, ok
 
 FAULTS_ENV = "IMGTALK_TEST_FAULTS"

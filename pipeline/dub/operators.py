@@ -57,34 +57,40 @@ def _segment(row: dict) -> str:
     return f"video {row['video_uri']} segment {row['seg_idx']}"
 
 
+def _subject(row: dict) -> str:
+    return _segment(row) if int(row["seg_idx"]) >= 0 else video_subject(row)
+
+
 # Where a segment first looks for a failure of another segment of its video in this job:
 # face, where its work starts, and complete, the GPU's. One small read each; the other
 # stages cost less than the look would save.
 _CHECK_VIDEO_FAILED_AT = ("face", "complete")
-# Where a segment's GPU faults are counted and bounded (retries.device_faults): the stage
-# that owns the GPU. One more small read per segment there.
-_COUNT_DEVICE_FAULTS_AT = ("complete",)
+# Where GPU faults are counted and bounded (retries.device_faults): every stage that runs
+# a network on the device, per video (analyse, audio) or per segment (motion, complete).
+# Without the count a fault that recurs on one input would end actor after actor for ever.
+# One more small read per row there.
+_COUNT_DEVICE_FAULTS_AT = ("analyse", "audio", "motion", "complete")
 
 
 def _abandoned(op: _Op, row: dict, stage: str) -> str | None:
-    """Why a segment is failed without work: another segment of its video failed in this
-    job, or this one faulted the GPU as often as retries.device_faults allows."""
-    if int(row["seg_idx"]) < 0:
-        return None
+    """Why a row is failed without work: it faulted the GPU as often as
+    retries.device_faults allows, or (a segment) another segment of its video failed in
+    this job."""
+    is_segment = int(row["seg_idx"]) >= 0
     try:
         if stage in _COUNT_DEVICE_FAULTS_AT:
             faults = device_faults(op.storage, op.config, row, stage)
             if faults >= op.config.retries.device_faults:
-                reason = f"the GPU faulted {faults} times on this segment; not tried again"
-                _record_video_failed(op, dict(row, error=f"{_segment(row)}: {reason}", error_stage=stage))
+                reason = f"the GPU faulted {faults} times on this {'segment' if is_segment else 'video'}; not tried again"
+                _record_video_failed(op, dict(row, error=f"{_subject(row)}: {reason}", error_stage=stage))
                 return reason
-        if stage in _CHECK_VIDEO_FAILED_AT:
+        if is_segment and stage in _CHECK_VIDEO_FAILED_AT:
             failure = video_failure(op.storage, op.config, row)
             # The failed segment itself may be tried again (Ray resubmits it after an actor died).
             if failure is not None and failure["seg_idx"] != int(row["seg_idx"]):
                 return f"skipped: segment {failure['seg_idx']} of this video failed"
     except Exception as e:  # noqa: BLE001 - the look only saves work: without it, do the work
-        log.warning("could not check the earlier failures of %s: %s: %s", _segment(row), type(e).__name__, e)
+        log.warning("could not check the earlier failures of %s: %s: %s", _subject(row), type(e).__name__, e)
     return None
 
 
@@ -99,7 +105,7 @@ def _record_video_failed(op: _Op, row: dict) -> None:
 
 
 def _record_device_fault(op: _Op, row: dict, stage: str) -> None:
-    if int(row["seg_idx"]) >= 0 and stage in _COUNT_DEVICE_FAULTS_AT:
+    if stage in _COUNT_DEVICE_FAULTS_AT:
         record_device_fault(op.storage, op.config, row, stage)
 
 
