@@ -203,6 +203,33 @@ def test_decode_range_yields_exact_indices_and_content(sources, key):
         list(decode_frames(path, n_frames - 2, n_frames + 3))
 
 
+@pytest.mark.parametrize("key, fps, n_frames", [(("ntsc", "mp4"), NTSC, 90), ((25, "mp4"), Fraction(25), 60)])
+@pytest.mark.parametrize("rate", [25, 50])
+def test_iter_at_rate_resamples_one_frame_at_a_time(sources, monkeypatch, key, fps, n_frames, rate):
+    """29.97 -> 25 drops frames, 25 -> 50 repeats each: the frames are the source frames
+    source_frames_at_rate picks, and the first comes out after one source frame's decode."""
+    import stages.media.decode as decode_module
+    from stages.media.decode import decode_at_rate, iter_at_rate, source_frames_at_rate
+
+    path = sources[key]
+    wanted = source_frames_at_rate(10, 40, fps, n_frames, rate).tolist()
+    got = list(iter_at_rate(path, 10, 40, fps, n_frames, rate))
+    assert [index_of(f) for f in got] == wanted and len(got) == 30
+    assert (len(set(wanted)) == 30) == (rate == 25)  # at 50 fps some frames repeat
+    assert [index_of(f) for f in decode_at_rate(path, 10, 40, fps, n_frames, rate)] == wanted
+
+    decoded, decode_frames = [], decode_module.decode_frames
+
+    def counting_decode_frames(*args, **kwargs):
+        for item in decode_frames(*args, **kwargs):
+            decoded.append(item[0])
+            yield item
+
+    monkeypatch.setattr(decode_module, "decode_frames", counting_decode_frames)
+    frames = iter_at_rate(path, 10, 40, fps, n_frames, rate)
+    assert index_of(next(frames)) == wanted[0] and decoded == [wanted[0]]
+
+
 def test_full_chain_keeps_size_rate_count_and_order(sources, tmp_path):
     source = sources[("ntsc", "mp4")]
     info = probe_video(source)

@@ -92,9 +92,10 @@ class PrepPlanOp(_Op):
     @row_step("plan", video_subject)
     def __call__(self, row: dict) -> dict:
         from stages.media import probe_video
+        from stages.media.probe import codec_threads
 
         with open_source(self.storage, row["video_uri"]) as src:
-            info = probe_video(src)
+            info = probe_video(src, threads=codec_threads(self.config.pools["plan"].num_cpus))
         frames = int(math.floor(info.duration_s * 25 + 1e-6))
         if frames < 1:
             raise RowError(f"video {row['video_uri']}: shorter than one frame at 25 fps")
@@ -169,6 +170,7 @@ class ChunkOp(_Op):
         from stages.completion.stage import resolve_device
         from stages.corpus.chunk import ChunkSettings, CorpusChunkStage
         from stages.face import FaceTracker
+        from stages.media.probe import codec_threads
 
         super().__init__(config, weights_uri)
         c = self.config
@@ -177,7 +179,8 @@ class ChunkOp(_Op):
         extractor = load_motion_extractor(self.bundle).to(resolve_device(c.device))
         settings = ChunkSettings(crop_format=c.crop_format, jpeg_quality=c.jpeg_quality, min_face_px=c.min_face_px,
                                  max_abs_yaw_deg=c.max_abs_yaw_deg, cut_threshold=c.cut_threshold)
-        self.stage = CorpusChunkStage(tracker, extractor, settings, batch_frames=c.motion_frames)
+        self.stage = CorpusChunkStage(tracker, extractor, settings, batch_frames=c.motion_frames,
+                                      threads=codec_threads(c.pools["chunk"].num_cpus))
         fs, root = self.storage.fs_for(c.cache_uri)
         self.cache = FeatureCache(fs, root)
         self.output_uri = output_uri

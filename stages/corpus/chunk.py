@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from stages.face import crop_faces
-from stages.media.decode import decode_at_rate
+from stages.media.decode import iter_at_rate
 from stages.motion.extractor import extract_motion
 from stages.motion.selection import mouth_opening, neutral_score
 
@@ -66,17 +66,18 @@ def decode_crop(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def scene_cuts(frames: list[np.ndarray], threshold: float) -> np.ndarray:
-    """(n,) bool, True where frame i starts a new scene: the mean absolute change of a
-    32x32 grey thumbnail from frame i-1 exceeds `threshold`. Talking heads move a few grey
+def cut_thumbnail(frame: np.ndarray) -> np.ndarray:
+    """(32, 32) float32 grey thumbnail of an RGB frame, what scene_cuts compares."""
+    return cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def scene_cuts(thumbnails: list[np.ndarray], threshold: float) -> np.ndarray:
+    """(n,) bool, True where frame i starts a new scene: the mean absolute change of its
+    cut_thumbnail from frame i-1's exceeds `threshold`. Talking heads move a few grey
     levels per frame; a cut changes most pixels by tens."""
-    cuts = np.zeros(len(frames), bool)
-    previous = None
-    for i, frame in enumerate(frames):
-        thumb = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-        if previous is not None and float(np.abs(thumb - previous).mean()) > threshold:
-            cuts[i] = True
-        previous = thumb
+    cuts = np.zeros(len(thumbnails), bool)
+    for i in range(1, len(thumbnails)):
+        cuts[i] = float(np.abs(thumbnails[i] - thumbnails[i - 1]).mean()) > threshold
     return cuts
 
 
@@ -98,11 +99,13 @@ def shot_ids(usable: np.ndarray, cuts: np.ndarray, first: int = 0) -> np.ndarray
 class CorpusChunkStage:
     """Constructor holds the face tracker and the motion extractor; `__call__` prepares one chunk."""
 
-    def __init__(self, tracker, extractor, settings: ChunkSettings = ChunkSettings(), batch_frames: int = 32):
+    def __init__(self, tracker, extractor, settings: ChunkSettings = ChunkSettings(), batch_frames: int = 32,
+                 threads: int | None = None):
         self.tracker = tracker
         self.extractor = extractor.eval()
         self.settings = settings
         self.batch_frames = batch_frames
+        self.threads = threads  # decoder threads (None: FFmpeg's count from the node's cores)
 
     def __call__(
         self,
@@ -115,12 +118,23 @@ class CorpusChunkStage:
         audio_frames: int,  # 25 fps frames the audio covers
     ) -> dict:
         s = self.settings
-        frames = decode_at_rate(source, first, stop, source_fps, source_frames)
-        n = len(frames)
+        n = stop - first
         if audio_50hz.shape[0] != 2 * n:
             raise ValueError(f"chunk [{first}, {stop}): {audio_50hz.shape[0]} audio rows for {n} frames (want {2 * n})")
-        track = self.tracker(frames)
-        crops, affines = crop_faces(frames, track, CROP_SIZE)
+        # Two decodes (landmarks, then crops and cut thumbnails), one frame in memory at a
+        # time: a whole chunk of 4K frames would be gigabytes.
+        thumbnails: list[np.ndarray] = []
+
+        def frames(note_thumbnails: bool = False):
+            for frame in iter_at_rate(source, first, stop, source_fps, source_frames, threads=self.threads):
+                if note_thumbnails:
+                    thumbnails.append(cut_thumbnail(frame))
+                yield frame
+
+        track = self.tracker(frames())
+        crops, affines = crop_faces(frames(note_thumbnails=True), track, CROP_SIZE)
+        if len(crops) != n:
+            raise ValueError(f"chunk [{first}, {stop}): the second decode gave {len(crops)} frames, want {n}")
         has_face = track.has_face.astype(bool)
         # Encode, then decode: the stored crop is what training reads and what M sees.
         stored = [encode_crop(crops[i], s) if has_face[i] else b"" for i in range(n)]
@@ -143,7 +157,7 @@ class CorpusChunkStage:
         turned = has_face & (np.abs(motion["pose"][:, 1]) > s.max_abs_yaw_deg)
         silent = np.arange(first, stop) >= audio_frames
         usable = has_face & ~small & ~turned & ~silent
-        shot = shot_ids(usable, scene_cuts(frames, s.cut_threshold), first)
+        shot = shot_ids(usable, scene_cuts(thumbnails, s.cut_threshold), first)
 
         neutral = None
         if usable.any():

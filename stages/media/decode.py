@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from fractions import Fraction
 
@@ -128,12 +129,21 @@ def source_frames_at_rate(first: int, stop: int, source_fps: Fraction, n_source:
     return np.minimum(np.floor(index.astype(np.float64) + 1e-9).astype(np.int64), n_source - 1)
 
 
-def decode_at_rate(path, first: int, stop: int, source_fps: Fraction, n_source: int, rate: int = 25) -> list[np.ndarray]:
+def iter_at_rate(path, first: int, stop: int, source_fps: Fraction, n_source: int, rate: int = 25,
+                 threads: int | None = None) -> Iterator[np.ndarray]:
     """Frames [first, stop) of the video resampled to `rate` fps (see source_frames_at_rate),
-    decoded in one pass over the source frames they need."""
+    one at a time, in one pass over the source frames they need: a repeated source frame
+    (a source slower than `rate`) is the same array again, so treat them as read-only.
+    `threads` as for decode_frames."""
     wanted = source_frames_at_rate(first, stop, source_fps, n_source, rate)
     if len(wanted) == 0:
-        return []
-    needed = set(wanted.tolist())
-    decoded = {i: f for i, f in decode_frames(path, int(wanted[0]), int(wanted[-1]) + 1) if i in needed}
-    return [decoded[int(i)] for i in wanted]
+        return
+    repeats = Counter(wanted.tolist())  # non-decreasing, so each index is one run
+    for i, frame in decode_frames(path, int(wanted[0]), int(wanted[-1]) + 1, threads):
+        for _ in range(repeats.get(i, 0)):
+            yield frame
+
+
+def decode_at_rate(path, first: int, stop: int, source_fps: Fraction, n_source: int, rate: int = 25) -> list[np.ndarray]:
+    """iter_at_rate's frames as a list (all of them in memory: for short clips)."""
+    return list(iter_at_rate(path, first, stop, source_fps, n_source, rate))
