@@ -118,6 +118,13 @@ class MotionConfig(_Strict):
     )
 
 
+class CompleteConfig(_Strict):
+    decode: Literal["full", "mouth"] = Field(
+        "full", description="full: VAE-decode the whole crop; mouth: only the latent window over the pasted mouth "
+        "(plus decode_margin_latents), the rest of the crop is never pasted (README, Performance)")
+    decode_margin_latents: int = Field(4, ge=0, description="latents of decoder context around the pasted region")
+
+
 class QCConfig(_Strict):
     """Quality checks on every finished video (pipeline/dub/qc.py): what puts a warning in
     the report's `warnings` column, and what fails a video outright."""
@@ -226,6 +233,7 @@ class JobConfig(_Strict):
     analyse: AnalyseConfig = AnalyseConfig()
     audio: AudioConfig = AudioConfig()
     motion: MotionConfig = MotionConfig()
+    complete: CompleteConfig = CompleteConfig()
     storage: StorageConfig = StorageConfig()
     retries: RetryConfig = RetryConfig()
     security: SecurityConfig = SecurityConfig()

@@ -27,7 +27,7 @@ def digest(*parts) -> str:
 # pixel: the usual fix after an out-of-memory error must not throw the committed work away);
 # the output's audio settings (the dubbed track is muxed in finalize, not in segments).
 PIXEL_SETTINGS = ("device", "precision", "output.codec", "output.crf", "output.preset", "output.bitrate", "output.gop",
-                  "output.qscale", "output.prores_profile", "face", "analyse", "audio", "motion")
+                  "output.qscale", "output.prores_profile", "face", "analyse", "audio", "motion", "complete")
 
 
 def work_fingerprint(config: JobConfig, weights_uri: str, storage: Storage) -> str:

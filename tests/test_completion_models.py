@@ -63,6 +63,25 @@ def test_vae_decode_inverts_scaling_and_maps_to_unit_range(raw_tiny_vae):
     torch.testing.assert_close(images, ((raw + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)
 
 
+def test_vae_decode_window_over_the_whole_latent_is_decode_and_takes_the_first_frames_statistics():
+    torch.manual_seed(0)
+    vae = LatentVAE.from_config(tiny_vae_config())
+    with torch.no_grad():
+        z = vae.encode(torch.rand(2, 3, 256, 256))
+        full = vae.decode(z)
+        # The whole grid with the frame's own statistics (a batch of one, or of one frame twice) is decode().
+        torch.testing.assert_close(vae.decode_window(z[:1], (0, 32), (0, 32)), full[:1], rtol=0, atol=1e-4)
+        torch.testing.assert_close(vae.decode_window(z[[1, 1]], (0, 32), (0, 32)), full[[1, 1]], rtol=0, atol=1e-4)
+        window = vae.decode_window(z, (15, 32), (4, 28))
+        assert window.shape == (2, 3, 8 * 17, 8 * 24)
+        # Frame 1's pixels follow frame 0's GroupNorm statistics, and its own latent.
+        alone = vae.decode_window(z[[1]], (15, 32), (4, 28))
+        assert (window[1] - alone[0]).abs().max() > 1e-2
+        torch.testing.assert_close(vae.decode_window(z[[0, 1]], (15, 32), (4, 28))[0], vae.decode_window(z[:1], (15, 32), (4, 28))[0])
+        with pytest.raises(ValueError, match="decode_window"):
+            vae.decode_window(z[:, :3], (15, 32), (4, 28))
+
+
 def test_vae_is_frozen_but_passes_gradients_to_latents():
     vae = LatentVAE.from_config(tiny_vae_config())
     assert not any(p.requires_grad for p in vae.parameters())

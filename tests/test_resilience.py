@@ -209,6 +209,7 @@ def test_work_fingerprint_changes_with_weights_and_pixel_settings_only(tmp_path)
     assert work_fingerprint(JobConfig(precision="fp32"), bundle, storage) != base
     assert work_fingerprint(JobConfig(output={"crf": 30}), bundle, storage) != base
     assert work_fingerprint(JobConfig(face={"feather_px": 2.0}), bundle, storage) != base
+    assert work_fingerprint(JobConfig(complete={"decode": "mouth"}), bundle, storage) != base
     weights = os.path.join(bundle, "stage2", "model.safetensors")
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # retrained in place

@@ -334,6 +334,49 @@ def test_completion_shapes_passthrough_determinism_and_reference_cache(completio
     assert np.abs(whole.astype(int) - out.astype(int)).max() <= 1
 
 
+def test_latent_window_covers_the_pasted_mouth_with_its_margin():
+    from stages.completion.stage import latent_window
+
+    alpha = MouthMask().feathered(6.0)  # pasted rows 158-243, columns 65-191
+    assert latent_window(alpha, 8, 0) == ((19, 31), (8, 24))  # the latents holding those pixels
+    assert latent_window(alpha, 8, 4) == ((15, 32), (4, 28))  # 4 more each side, cut at the crop's bottom
+    assert latent_window(alpha, 8, 100) == ((0, 32), (0, 32))
+    assert latent_window(np.zeros((256, 256)), 8, 4) == ((0, 32), (0, 32))
+
+
+def test_mouth_window_decode_keeps_the_source_outside_and_the_full_decode_inside(completion_models, completion_inputs):
+    x = completion_inputs
+    face = x["has_face"]
+    alpha = MouthMask().feathered(6.0)
+    pasted = alpha > 0
+    full = completion_stage(completion_models)("v", **x)
+    stage = completion_stage(completion_models, decode_region=alpha, decode_margin=4)
+    windowed = stage("v", **x)
+    (r0, r1), (c0, c1) = stage.window
+    outside = np.ones((256, 256), bool)
+    outside[r0 * 8 : r1 * 8, c0 * 8 : c1 * 8] = False
+    assert outside.mean() > 0.5  # most of the crop is never decoded
+    np.testing.assert_array_equal(windowed[face][:, outside], x["crops"][face][:, outside])
+    np.testing.assert_array_equal(windowed[~face], x["crops"][~face])
+    assert not np.array_equal(windowed[face][:, pasted], x["crops"][face][:, pasted])  # the mouth was rendered
+    # What compose pastes is the full decode's, up to the window's edges and the batch's
+    # borrowed statistics (the random tiny VAE here; the demo VAE's figures are
+    # benchmarks/decode_window.py's).
+    mse = np.mean((windowed[face][:, pasted].astype(float) - full[face][:, pasted].astype(float)) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 35
+
+
+def test_complete_operator_decodes_the_window_over_what_compose_pastes(tiny_bundle, tmp_path):
+    from pipeline.config import JobConfig
+    from pipeline.dub.operators import CompleteOp
+    from stages.completion.stage import latent_window
+
+    assert CompleteOp(JobConfig(cache_uri=str(tmp_path)).model_dump(), tiny_bundle).stage.window is None
+    config = JobConfig(cache_uri=str(tmp_path), complete={"decode": "mouth", "decode_margin_latents": 2}, face={"feather_px": 10})
+    op = CompleteOp(config.model_dump(), tiny_bundle)
+    assert op.stage.window == latent_window(MouthMask().feathered(10), 8, 2) == ((17, 32), (5, 27))
+
+
 def test_completion_depends_on_motion_and_on_references_only_through_alpha(completion_models, completion_inputs):
     vae, unet = completion_models
     x = completion_inputs

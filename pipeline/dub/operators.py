@@ -495,6 +495,9 @@ class CompleteOp(_Op):
             batch_frames=self.config.batch.complete_frames,
             device=self.config.device,
             precision=self.config.precision,
+            # compose pastes this alpha's pixels only
+            decode_region=MouthMask().feathered(self.config.face.feather_px) if self.config.complete.decode == "mouth" else None,
+            decode_margin=self.config.complete.decode_margin_latents,
         )
         self._banks: dict[str, np.ndarray] = {}
 

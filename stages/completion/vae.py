@@ -9,7 +9,10 @@ deterministic encoding) so that every caller gets the same latents.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
+import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
@@ -90,6 +93,37 @@ class LatentVAE(nn.Module):
         images = self.vae.decode(latents / self.scaling_factor).sample  # (B,3,8h,8w) in about [-1,1]
         return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def decode_window(self, latents: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+        """decode() of only latent rows [r0, r1) and columns [c0, c1): (B,3,f*(r1-r0),f*(c1-c0)),
+        f = `downsample`, for the pixels a paste-back keeps (stages.completion.stage.latent_window).
+
+        The decoder's start (conv_in and the mid block, whose attention sees the whole frame:
+        a few percent of its FLOPs) runs on the whole latent; the up blocks, where the FLOPs
+        are, on the window. Their GroupNorms would see only the window's statistics, which
+        differ from the frame's (a mouth-and-chin window is not a face: 27 dB from the full
+        decode at 4 latents of margin on the demo VAE), so each frame is normalised with its
+        own window's sums plus the sums outside the window of a full decode of the batch's
+        first frame (the frames of a batch are crops aligned to one face, consecutive in one
+        segment). What is left is the window edges' zero padding and the other frames'
+        differences outside the window; benchmarks/decode_window.py measures both.
+        """
+        (r0, r1), (c0, c1) = rows, cols
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"LatentVAE.decode_window: expected latents (B,{self.latent_channels},h,w), got {tuple(latents.shape)}"
+            )
+        decoder = self.vae.decoder
+        z = latents / self.scaling_factor
+        if self.vae.post_quant_conv is not None:
+            z = self.vae.post_quant_conv(z)
+        start = decoder.mid_block(decoder.conv_in(z))  # (B, C, h, w): the whole frame
+        norms = _UpBlockNorms(decoder, latents.shape[2])
+        with norms.recording(rows, cols):
+            _decoder_end(decoder, start[:1])
+        with norms.imposing():
+            images = _decoder_end(decoder, start[:, :, r0:r1, c0:c1])  # (B,3,f*(r1-r0),f*(c1-c0))
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
     def _check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"LatentVAE.encode: expected RGB images (B,3,H,W), got {tuple(images.shape)}")
@@ -98,3 +132,70 @@ class LatentVAE(nn.Module):
             raise ValueError(
                 f"LatentVAE.encode: image size {height}x{width} is not a multiple of {self.downsample}"
             )
+
+
+def _decoder_end(decoder, h: Tensor) -> Tensor:
+    """diffusers' Decoder.forward after its mid block (no latent_embeds: the SD VAE has none)."""
+    for block in decoder.up_blocks:
+        h = block(h)
+    return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))
+
+
+class _UpBlockNorms:
+    """The GroupNorms after a decoder's mid block. `recording(rows, cols)` notes, for a batch
+    of one full frame, each norm's per-group sums of x and x² outside the latent window
+    (scaled to the norm's resolution); `imposing()` then normalises a window's features with
+    the statistics of the whole frame they stand for: the window's own sums plus those noted
+    outside it."""
+
+    def __init__(self, decoder, latent_height: int):
+        self.norms = [m for m in decoder.up_blocks.modules() if isinstance(m, nn.GroupNorm)] + [decoder.conv_norm_out]
+        self.latent_height = latent_height
+        self.outside: dict[int, tuple[Tensor, Tensor, int]] = {}  # id(norm) -> (sum, sum of squares, count)
+
+    @staticmethod
+    def _sums(x: Tensor, groups: int) -> tuple[Tensor, Tensor, int]:
+        grouped = x.double().reshape(x.shape[0], groups, -1)  # float64: E[x²] - E[x]² over millions of values
+        return grouped.sum(-1, keepdim=True), grouped.square().sum(-1, keepdim=True), grouped.shape[-1]
+
+    @contextmanager
+    def recording(self, rows: tuple[int, int], cols: tuple[int, int]):
+        def forward(norm):
+            def record(x: Tensor) -> Tensor:
+                scale = x.shape[-2] // self.latent_height
+                window = x[:, :, rows[0] * scale : rows[1] * scale, cols[0] * scale : cols[1] * scale]
+                total, inside = self._sums(x, norm.num_groups), self._sums(window, norm.num_groups)
+                self.outside[id(norm)] = (total[0] - inside[0], total[1] - inside[1], total[2] - inside[2])
+                return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+            return record
+
+        with self._patched(forward):
+            yield
+
+    @contextmanager
+    def imposing(self):
+        def forward(norm):
+            out_sum, out_squares, out_count = self.outside[id(norm)]  # (1, groups, 1) each, and a count
+
+            def impose(x: Tensor) -> Tensor:
+                own_sum, own_squares, own_count = self._sums(x, norm.num_groups)
+                count = own_count + out_count
+                mean = (own_sum + out_sum) / count
+                var = ((own_squares + out_squares) / count - mean.square()).clamp_min(0)
+                grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
+                y = ((grouped - mean.float()) * torch.rsqrt(var.float() + norm.eps)).reshape(x.shape)
+                return (y * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]).to(x.dtype)
+            return impose
+
+        with self._patched(forward):
+            yield
+
+    @contextmanager
+    def _patched(self, forward):
+        for norm in self.norms:
+            norm.forward = forward(norm)
+        try:
+            yield
+        finally:
+            for norm in self.norms:
+                del norm.forward  # back to the class's forward
