@@ -1,0 +1,306 @@
+"""GPU speed of the completion stage (issue 12): VAE encode + IMC-UNet + VAE decode at paper
+size on random weights and random (smooth, never constant) crops, per batch size and
+variant, against the fp32 eager reference, with MuseTalk's UNet + the same VAE run
+MuseTalk's way in the same script. Imports no Ray, PyAV or mediapipe: it is meant to be the
+one prepared script of a GPU device run.
+
+    python benchmarks/gpu_completion.py [--device cuda] [--size paper|tiny]
+                                        [--batches 8,16,32,64,128,256] [--compile] [--compile-batch 64]
+
+Per variant and batch: frames/s (after warm-up, at least --seconds of timed calls, the
+device synchronised around them) and peak memory; per variant, at batch 8, the relative L2
+error of the decoded crops against fp32 eager and, for the mouth-window decode, PSNR inside
+the pasted region. Then the roofline ratio (FLOPs per frame counted on the meta device
+against --peak-tflops, default 790: bf16 matmuls measured on the H200) and the MuseTalk
+ratios. With --compile the best eager variant is also compiled (torch.compile
+max-autotune, without and with CUDA graphs) at --compile-batch only: compiling every batch
+size would not fit a 15-minute device budget.
+
+Run on the CPU at tiny size it checks itself (`--device cpu --size tiny --batches 2,4`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+# MuseTalk's UNet: UNet2DConditionModel(**musetalk/models/musetalk.json) (the file's numbers
+# as ../shared/reference/musetalk-and-peers.md records them, §1 "UNet"): SD 1.x layout, 8 input
+# channels (masked latent ⊕ reference latent), 384-d Whisper cross-attention, one step at t=0.
+MUSETALK_UNET = dict(
+    sample_size=32,
+    in_channels=8,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=384,
+)
+MUSETALK_AUDIO_TOKENS = 50  # whisper: 10 steps x 5 layers around each frame, 384-d
+MUSETALK_BATCH = {"normal": 8, "realtime": 20}  # its inference scripts' batch sizes
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    decode: str = "full"  # or "mouth" (complete.decode)
+    compile_mode: str | None = None
+
+
+EAGER = (
+    Variant("fp32 eager"),
+    Variant("bf16 weights", torch.bfloat16),
+    Variant("bf16 + channels_last", torch.bfloat16, True),
+    Variant("bf16 + channels_last + decode mouth", torch.bfloat16, True, "mouth"),
+)
+
+
+def tiny_musetalk_unet() -> dict:
+    return dict(MUSETALK_UNET, block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                attention_head_dim=2, cross_attention_dim=32)
+
+
+def build(size: str):
+    """(vae, our IMC-UNet, MuseTalk's UNet, MuseTalk's audio width), fp32 on the CPU, seeded."""
+    from diffusers import UNet2DConditionModel
+
+    from stages.completion.imc_unet import IMCUNet, IMCUNetConfig
+    from stages.completion.vae import LatentVAE, sd_vae_config, tiny_vae_config
+
+    torch.manual_seed(0)
+    paper = size == "paper"
+    vae = LatentVAE.from_config(sd_vae_config() if paper else tiny_vae_config()).eval()
+    unet = IMCUNet(IMCUNetConfig() if paper else IMCUNetConfig.tiny()).eval()
+    musetalk_config = MUSETALK_UNET if paper else tiny_musetalk_unet()
+    musetalk = UNet2DConditionModel(**musetalk_config).eval()
+    return vae, unet, musetalk, musetalk_config["cross_attention_dim"]
+
+
+def smooth_crops(batch: int, device: str, seed: int) -> torch.Tensor:
+    """(B,3,256,256) in [0,1]: random 16x16 colour fields upsampled, so the VAE sees image-like
+    content (never constant, never white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, 16, 16, generator=g)
+    return F.interpolate(coarse, size=256, mode="bicubic", align_corners=False).clamp(0, 1).to(device)
+
+
+class OurStage:
+    """CompletionStage's forward (stages/completion/stage.py) on tensors, in one variant."""
+
+    def __init__(self, vae, unet, variant: Variant, device: str):
+        from stages.completion.stage import latent_window
+        from stages.face import MouthMask
+
+        self.variant, self.device = variant, device
+        memory = torch.channels_last if variant.channels_last else torch.contiguous_format
+        self.vae = vae.to(device=device, dtype=variant.dtype, memory_format=memory)
+        self.unet = unet.to(device=device, dtype=variant.dtype, memory_format=memory)
+        mask = MouthMask()
+        self.keep = torch.from_numpy(1.0 - mask.array()).to(device, variant.dtype)[None, None]
+        self.window = latent_window(mask.feathered(6.0), vae.downsample, 4) if variant.decode == "mouth" else None
+        self.forward = self._forward
+        if variant.compile_mode:
+            self.forward = torch.compile(self._forward, mode=variant.compile_mode, fullgraph=False)
+
+    def prepare(self, images: torch.Tensor, motion: torch.Tensor, reference: torch.Tensor):
+        memory = torch.channels_last if self.variant.channels_last else torch.contiguous_format
+        cast = lambda t: t.to(self.device, self.variant.dtype)  # noqa: E731
+        return (cast(images).contiguous(memory_format=memory), cast(motion),
+                cast(reference).contiguous(memory_format=memory))
+
+    def _forward(self, images, motion, reference_latent):
+        masked = self.vae.encode(images * self.keep)  # (B,4,32,32)
+        completed = self.unet(masked, motion, reference_latent)
+        if self.window is None:
+            return self.vae.decode(completed)
+        (r0, r1), (c0, c1) = self.window
+        f = self.vae.downsample
+        out = images.clone()
+        out[:, :, r0 * f : r1 * f, c0 * f : c1 * f] = self.vae.decode_window(completed, (r0, r1), (c0, c1))
+        return out
+
+
+class MuseTalkWay:
+    """MuseTalk's per-frame work (musetalk/models/vae.py, scripts/inference.py): normal mode
+    encodes the lower-half-masked frame and the frame itself, concatenates the latents,
+    one UNet step at t=0 with the audio tokens, decodes; realtime mode has the latents cached
+    and runs only the UNet and the decoder."""
+
+    def __init__(self, vae, unet, audio_dim: int, dtype: torch.dtype, device: str, realtime: bool):
+        self.vae = vae.to(device=device, dtype=dtype)
+        self.unet = unet.to(device=device, dtype=dtype)
+        self.audio_dim, self.dtype, self.device, self.realtime = audio_dim, dtype, device, realtime
+
+    def inputs(self, batch: int, seed: int):
+        images = smooth_crops(batch, self.device, seed).to(self.dtype)
+        audio = torch.randn(batch, MUSETALK_AUDIO_TOKENS, self.audio_dim, generator=torch.Generator().manual_seed(seed))
+        audio = audio.to(self.device, self.dtype)
+        if not self.realtime:
+            return images, audio
+        with torch.inference_mode():
+            return self._latents(images), audio
+
+    def _latents(self, images):
+        masked = images.clone()
+        masked[:, :, images.shape[2] // 2 :] = 0.0
+        return torch.cat([self.vae.encode(masked), self.vae.encode(images)], dim=1)  # (B,8,32,32)
+
+    def forward(self, first, audio):
+        latents = first if self.realtime else self._latents(first)
+        out = self.unet(latents, 0, encoder_hidden_states=audio).sample
+        return self.vae.decode(out)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def throughput(fn, args, batch: int, device: str, seconds: float, clock=time.perf_counter) -> tuple[float, float]:
+    """(frames/s, peak GiB) of fn(*args) after two warm-up calls."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        for _ in range(2):
+            fn(*args)
+        synchronize(device)
+        calls, start = 0, clock()
+        while True:
+            fn(*args)
+            calls += 1
+            synchronize(device)
+            elapsed = clock() - start
+            if elapsed >= seconds:
+                break
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return batch * calls / elapsed, peak
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    out, reference = out.double().cpu(), reference.double().cpu()
+    return float((out - reference).norm() / reference.norm())
+
+
+def psnr_inside(out: torch.Tensor, reference: torch.Tensor, region: torch.Tensor) -> float:
+    diff = (out.double().cpu() - reference.double().cpu()) * region.double()
+    mse = float(diff.square().sum() / (region.sum() * out.shape[0] * out.shape[1]))
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def flops_per_frame(size: str) -> dict[str, float]:
+    """FLOPs of one frame through each part, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.completion.imc_unet import IMCUNet, IMCUNetConfig
+    from stages.completion.vae import LatentVAE, sd_vae_config, tiny_vae_config
+
+    with torch.device("meta"):
+        vae = LatentVAE.from_config(sd_vae_config() if size == "paper" else tiny_vae_config()).eval()
+        unet = IMCUNet(IMCUNetConfig() if size == "paper" else IMCUNetConfig.tiny()).eval()
+        image, latent = torch.empty(1, 3, 256, 256), torch.empty(1, 4, 32, 32)
+        motion = torch.empty(1, unet.config.num_kp, 3)
+    counts = {}
+    for name, fn in (("encode", lambda: vae.encode(image)), ("unet", lambda: unet(latent, motion, latent)),
+                     ("decode", lambda: vae.decode(latent))):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            fn()
+        counts[name] = float(counter.get_total_flops())
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", choices=["paper", "tiny"], default="paper")
+    ap.add_argument("--batches", default="8,16,32,64,128,256")
+    ap.add_argument("--seconds", type=float, default=2.0, help="timed calls per measurement, at least this long")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-batch", type=int, default=64)
+    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    args = ap.parse_args(argv)
+    device, batches = args.device, [int(b) for b in args.batches.split(",")]
+    from stages.face import MouthMask
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"gpu_completion: {args.size} size on {device} ({name}), torch {torch.__version__}")
+    flops = flops_per_frame(args.size)
+    total = sum(flops.values())
+    print("GFLOPs per frame: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items()) + f", total {total / 1e9:.1f}")
+    roofline = args.peak_tflops * 1e12 / total
+    print(f"roofline at {args.peak_tflops:.0f} TFLOP/s: {roofline:.0f} frames/s (goal: half of it)")
+
+    vae, unet, musetalk_unet, audio_dim = build(args.size)
+    from diffusers.models.attention_processor import Attention
+
+    processors = {type(m.processor).__name__ for net in (vae, unet, musetalk_unet) for m in net.modules()
+                  if isinstance(m, Attention)}
+    print(f"attention processors (AttnProcessor2_0 is torch's SDPA, flash where it applies): {sorted(processors)}")
+    check_batch = min(8, batches[0])
+    check_inputs = (smooth_crops(check_batch, "cpu", 1), torch.randn(check_batch, unet.config.num_kp, 3) * 0.05,
+                    torch.randn(check_batch, 4, 32, 32))
+    pasted = torch.from_numpy(MouthMask().feathered(6.0) > 0)[None, None]
+    reference_out = None
+    best = (0.0, None)
+    print(f"{'variant':<48} {'batch':>5} {'frames/s':>9} {'peak GiB':>8}")
+    variants = list(EAGER)
+    for variant in variants:
+        stage = OurStage(vae, unet, variant, device)
+        with torch.inference_mode():
+            out = stage.forward(*stage.prepare(*check_inputs)).float()
+        if reference_out is None:
+            reference_out = out
+        else:
+            quality = f"relative L2 error against fp32 eager {relative_error(out, reference_out):.2e}"
+            if variant.decode == "mouth":
+                quality += f", PSNR inside the pasted region {psnr_inside(out, reference_out, pasted):.1f} dB"
+            print(f"  {variant.name}: {quality}")
+        for batch in batches:
+            inputs = stage.prepare(smooth_crops(batch, "cpu", 2), torch.randn(batch, unet.config.num_kp, 3) * 0.05,
+                                   torch.randn(batch, 4, 32, 32))
+            fps, peak = throughput(stage.forward, inputs, batch, device, args.seconds)
+            print(f"{variant.name:<48} {batch:>5} {fps:>9.1f} {peak:>8.2f}")
+            if fps > best[0]:
+                best = (fps, variant, batch)
+        vae, unet = vae.float().to(memory_format=torch.contiguous_format), unet.float().to(memory_format=torch.contiguous_format)
+
+    if args.compile:
+        base = best[1]
+        for mode in ("max-autotune-no-cudagraphs", "max-autotune"):
+            variant = Variant(f"{base.name} + compile {mode}", base.dtype, base.channels_last, base.decode, mode)
+            stage = OurStage(vae, unet, variant, device)
+            inputs = stage.prepare(smooth_crops(args.compile_batch, "cpu", 2),
+                                   torch.randn(args.compile_batch, unet.config.num_kp, 3) * 0.05,
+                                   torch.randn(args.compile_batch, 4, 32, 32))
+            fps, peak = throughput(stage.forward, inputs, args.compile_batch, device, args.seconds)
+            print(f"{variant.name:<48} {args.compile_batch:>5} {fps:>9.1f} {peak:>8.2f}")
+            if fps > best[0]:
+                best = (fps, variant, args.compile_batch)
+            vae, unet = vae.float(), unet.float()
+
+    ours_fps, ours_variant, ours_batch = best
+    print(f"best: {ours_variant.name} at batch {ours_batch}: {ours_fps:.1f} frames/s, "
+          f"{ours_fps / roofline:.2f} of the roofline")
+
+    half = torch.float16 if device.startswith("cuda") else torch.float32  # fp16 convolutions are CUDA's
+    for mode, realtime in (("normal", False), ("realtime", True)):
+        batch = MUSETALK_BATCH[mode]
+        way = MuseTalkWay(vae, musetalk_unet, audio_dim, half, device, realtime)
+        fps, peak = throughput(way.forward, way.inputs(batch, 3), batch, device, args.seconds)
+        print(f"MuseTalk's way ({mode} mode: {str(half).replace('torch.', '')}, eager, batch {batch}): "
+              f"{fps:.1f} frames/s, peak {peak:.2f} GiB; ours best / MuseTalk {ours_fps / fps:.2f}")
+        vae = vae.float()
+
+
+if __name__ == "__main__":
+    main()
