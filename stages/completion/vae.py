@@ -155,8 +155,13 @@ class _UpBlockNorms:
 
     @staticmethod
     def _sums(x: Tensor, groups: int) -> tuple[Tensor, Tensor, int]:
-        grouped = x.double().reshape(x.shape[0], groups, -1)  # float64: E[x²] - E[x]² over millions of values
-        return grouped.sum(-1, keepdim=True), grouped.square().sum(-1, keepdim=True), grouped.shape[-1]
+        # Per-group mean and variance by torch's own (stable) reduction, then sums in float64
+        # on the (B, groups, 1) results only: no float64 copy of the activations.
+        grouped = x.float().reshape(x.shape[0], groups, -1)
+        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
+        count = grouped.shape[-1]
+        mean, var = mean.double(), var.double()
+        return mean * count, (var + mean.square()) * count, count
 
     @contextmanager
     def recording(self, rows: tuple[int, int], cols: tuple[int, int]):
