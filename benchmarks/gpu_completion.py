@@ -112,8 +112,9 @@ class OurStage:
     """CompletionStage's forward (stages/completion/stage.py) on tensors, in one variant."""
 
     def __init__(self, vae, unet, variant: Variant, device: str):
-        from stages.completion.stage import latent_window
+        from stages.completion.stage import decode_pasted, latent_window
 
+        self.decode_pasted = decode_pasted
         self.variant, self.device = variant, device
         memory = torch.channels_last if variant.channels_last else torch.contiguous_format
         self.vae = vae.to(device=device, dtype=variant.dtype, memory_format=memory)
@@ -136,11 +137,9 @@ class OurStage:
         completed = self.unet(masked, motion, reference_latent)
         if self.window is None:
             return self.vae.decode(completed)
-        (r0, r1), (c0, c1) = self.window
-        f = self.vae.downsample
-        out = images.clone()
-        out[:, :, r0 * f : r1 * f, c0 * f : c1 * f] = self.vae.decode_window(completed, (r0, r1), (c0, c1))
-        return out
+        # The statistics from the batch's first frame: the dub takes a segment's first face
+        # frame's, one full decode per segment instead of per batch, so this is the dearer.
+        return self.decode_pasted(self.vae, completed, images, self.window)
 
 
 class MuseTalkWay:
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                     torch.randn(check_batch, 4, 32, 32))
     pasted = torch.from_numpy(mouth_mask().feathered(6.0) > 0)[None, None]
     reference_out = None
-    best = (0.0, None)
+    best = (0.0, None, 0)  # frames/s, variant, batch
     print(f"{'variant':<48} {'batch':>5} {'frames/s':>9} {'peak GiB':>8}")
     variants = list(EAGER)
     for variant in variants:
@@ -286,33 +285,46 @@ def main(argv: list[str] | None = None) -> None:
                 best = (fps, variant, batch)
         vae, unet = vae.float().to(memory_format=torch.contiguous_format), unet.float().to(memory_format=torch.contiguous_format)
 
-    if args.compile:
-        base = best[1]
-        for mode in ("max-autotune-no-cudagraphs", "max-autotune"):
-            variant = Variant(f"{base.name} + compile {mode}", base.dtype, base.channels_last, base.decode, mode)
-            stage = OurStage(vae, unet, variant, device)
-            inputs = stage.prepare(smooth_crops(args.compile_batch, "cpu", 2),
-                                   torch.randn(args.compile_batch, unet.config.num_kp, 3) * 0.05,
-                                   torch.randn(args.compile_batch, 4, 32, 32))
-            fps, peak = throughput(stage.forward, inputs, args.compile_batch, device, args.seconds)
-            print(f"{variant.name:<48} {args.compile_batch:>5} {fps:>9.1f} {peak:>8.2f}")
-            if fps > best[0]:
-                best = (fps, variant, args.compile_batch)
-            vae, unet = vae.float(), unet.float()
-
-    ours_fps, ours_variant, ours_batch = best
-    print(f"best: {ours_variant.name} at batch {ours_batch}: {ours_fps:.1f} frames/s, "
-          f"{ours_fps / roofline:.2f} of the roofline")
-
+    # MuseTalk before the compiled variants: a compile that fails (never run before the
+    # device run) must not cost the comparison.
     half = torch.float16 if device.startswith("cuda") else torch.float32  # fp16 convolutions are CUDA's
+    musetalk = {}
     for mode, realtime in (("normal", False), ("realtime", True)):
         batch = MUSETALK_BATCH[mode]
         way = MuseTalkWay(vae, musetalk_unet, audio_dim, half, device, realtime)
         fps, peak = throughput(way.forward, way.inputs(batch, 3), batch, device, args.seconds)
+        musetalk[mode] = fps
         print(f"MuseTalk's way ({mode} mode: {str(half).replace('torch.', '')}, eager, batch {batch}): "
-              f"{fps:.1f} frames/s, peak {peak:.2f} GiB; ours best / MuseTalk {ours_fps / fps:.2f}")
+              f"{fps:.1f} frames/s, peak {peak:.2f} GiB")
         vae = vae.float()
 
+    if args.compile:
+        base = best[1]
+        for mode in ("max-autotune-no-cudagraphs", "max-autotune"):
+            variant = Variant(f"{base.name} + compile {mode}", base.dtype, base.channels_last, base.decode, mode)
+            try:
+                stage = OurStage(vae, unet, variant, device)
+                inputs = stage.prepare(smooth_crops(args.compile_batch, "cpu", 2),
+                                       torch.randn(args.compile_batch, unet.config.num_kp, 3) * 0.05,
+                                       torch.randn(args.compile_batch, 4, 32, 32))
+                fps, peak = throughput(stage.forward, inputs, args.compile_batch, device, args.seconds)
+            except Exception as e:  # noqa: BLE001 - reported, and the other results stand
+                print(f"{variant.name}: failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            finally:
+                vae, unet = vae.float(), unet.float()
+            print(f"{variant.name:<48} {args.compile_batch:>5} {fps:>9.1f} {peak:>8.2f}")
+            if fps > best[0]:
+                best = (fps, variant, args.compile_batch)
+
+    ours_fps, ours_variant, ours_batch = best
+    # With decode "mouth" the decoder does about half its FLOPs, so against the full-decode
+    # roofline the ratio is an effective one (frames delivered), not the hardware's use.
+    effective = " (effective: full-decode FLOPs)" if ours_variant.decode == "mouth" else ""
+    print(f"best: {ours_variant.name} at batch {ours_batch}: {ours_fps:.1f} frames/s, "
+          f"{ours_fps / roofline:.2f} of the roofline{effective}")
+    for mode, fps in musetalk.items():
+        print(f"ours best / MuseTalk's way ({mode} mode) {ours_fps / fps:.2f}")
 
 if __name__ == "__main__":
     main()

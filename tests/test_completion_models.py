@@ -78,8 +78,40 @@ def test_vae_decode_window_over_the_whole_latent_is_decode_and_takes_the_first_f
         alone = vae.decode_window(z[[1]], (15, 32), (4, 28))
         assert (window[1] - alone[0]).abs().max() > 1e-2
         torch.testing.assert_close(vae.decode_window(z[[0, 1]], (15, 32), (4, 28))[0], vae.decode_window(z[:1], (15, 32), (4, 28))[0])
+        # Another frame's statistics, passed in, replace the batch's first frame's.
+        first = vae.window_statistics(z[:1], (15, 32), (4, 28))
+        torch.testing.assert_close(vae.decode_window(z[[1]], (15, 32), (4, 28), first)[0], window[1], rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="decode_window"):
             vae.decode_window(z[:, :3], (15, 32), (4, 28))
+        with pytest.raises(ValueError, match="empty or outside"):
+            vae.decode_window(z, (15, 40), (4, 28))
+
+
+def test_vae_decode_window_refuses_statistics_of_another_vae_and_leaves_decode_as_it_was():
+    torch.manual_seed(0)
+    vae, other = LatentVAE.from_config(tiny_vae_config()), LatentVAE.from_config(tiny_vae_config())
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, 256, 256))
+        full = vae.decode(z)
+        with pytest.raises(ValueError, match="no outside-window statistics"):
+            vae.decode_window(z, (15, 32), (4, 28), other.window_statistics(z, (15, 32), (4, 28)))
+        torch.testing.assert_close(vae.decode(z), full, rtol=0, atol=0)  # no GroupNorm left patched
+
+
+def test_vae_decode_window_keeps_channels_last_activations_channels_last():
+    torch.manual_seed(0)
+    vae = LatentVAE.from_config(tiny_vae_config())
+    with torch.no_grad():
+        z = vae.encode(torch.rand(2, 3, 256, 256))
+        plain = vae.decode_window(z, (15, 32), (4, 28))
+        vae.vae.to(memory_format=torch.channels_last)
+        formats = []
+        hook = vae.vae.decoder.conv_out.register_forward_pre_hook(
+            lambda module, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        last = vae.decode_window(z.contiguous(memory_format=torch.channels_last), (15, 32), (4, 28))
+        hook.remove()
+    assert formats == [True, True]  # the statistics' full frame, then the window: never turned back to NCHW
+    torch.testing.assert_close(last, plain, rtol=0, atol=1e-5)
 
 
 def test_vae_is_frozen_but_passes_gradients_to_latents():

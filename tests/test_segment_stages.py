@@ -366,6 +366,16 @@ def test_mouth_window_decode_keeps_the_source_outside_and_the_full_decode_inside
     assert 10 * np.log10(255**2 / mse) > 35
 
 
+def test_mouth_window_decode_does_not_depend_on_the_batching(completion_models, completion_inputs):
+    # The GroupNorm statistics outside the window are the segment's first face frame's, so
+    # a smaller batch (or an out-of-memory halving) gives the same pixels.
+    x = completion_inputs
+    alpha = MouthMask().feathered(6.0)
+    outputs = [completion_stage(completion_models, decode_region=alpha, batch_frames=b)("v", **x) for b in (1, 2, 16)]
+    for out in outputs[1:]:
+        assert np.abs(out.astype(int) - outputs[0].astype(int)).max() <= 1
+
+
 def test_complete_operator_decodes_the_window_over_what_compose_pastes(tiny_bundle, tmp_path):
     from pipeline.config import JobConfig
     from pipeline.dub.operators import CompleteOp

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,7 +90,8 @@ class CompletionStage:
     segment's crops. With `decode_region` (the paste-back alpha: only its pixels reach the
     output) the VAE decodes just the latent window over it plus `decode_margin` latents,
     and the crop keeps its source pixels outside that window: the decoder is most of the
-    stage's FLOPs, and most of its pixels are thrown away by compose."""
+    stage's FLOPs, and most of its pixels are thrown away by compose. The window's
+    GroupNorm statistics outside it come from the segment's first face frame."""
 
     def __init__(
         self,
@@ -141,17 +143,20 @@ class CompletionStage:
         if len(face) == 0:
             return generated
         refs = self.reference_latents(video_id, ref_crops)
+        frames = _Frames(crops, driving, ref_index, refs)
+        # Mouth-window decode: one frame's statistics for the whole segment, so no frame's
+        # pixels depend on how the segment was batched (or halved after an out-of-memory).
+        statistics = None if self.window is None else self._window_statistics(face[:1], frames)
         for start in range(0, len(face), self.batch_frames):
             sel = face[start : start + self.batch_frames]
-            generated[sel] = self._complete_in_halves(sel, crops, driving, ref_index, refs)
+            generated[sel] = self._complete_in_halves(sel, frames, statistics)
         return generated
 
-    def _complete_in_halves(self, sel: np.ndarray, crops: np.ndarray, driving: np.ndarray, ref_index: np.ndarray,
-                            refs: torch.Tensor) -> np.ndarray:
+    def _complete_in_halves(self, sel: np.ndarray, frames: "_Frames", statistics) -> np.ndarray:
         """The frames `sel`, completed; on CUDA out-of-memory each half of them on its own,
         recursively. A single frame that does not fit re-raises: nothing smaller is left."""
         try:
-            return self._complete_batch(sel, crops, driving, ref_index, refs)
+            return self._complete_batch(sel, frames, statistics)
         except Exception as e:
             if not is_cuda_out_of_memory(e) or len(sel) == 1:
                 raise
@@ -162,24 +167,51 @@ class CompletionStage:
         half = len(sel) // 2
         log.warning("CUDA out of memory on %d frames; retrying as %d + %d", len(sel), half, len(sel) - half)
         return np.concatenate([
-            self._complete_in_halves(sel[:half], crops, driving, ref_index, refs),
-            self._complete_in_halves(sel[half:], crops, driving, ref_index, refs),
+            self._complete_in_halves(sel[:half], frames, statistics),
+            self._complete_in_halves(sel[half:], frames, statistics),
         ])
 
-    def _complete_batch(self, sel: np.ndarray, crops: np.ndarray, driving: np.ndarray, ref_index: np.ndarray,
-                        refs: torch.Tensor) -> np.ndarray:
+    def _completed_latents(self, sel: np.ndarray, frames: "_Frames") -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE encode and IMC-UNet over the frames `sel`: (their crops (b,3,256,256) in [0,1],
+        the completed latents (b,4,32,32)). Call under inference mode and autocast."""
+        images = to_tensor(frames.crops[sel], self.device)  # (b, 3, 256, 256)
+        masked = self.vae.encode(images * self.keep)  # Ĩ_s = I_s ⊙ (1 − M) -> (b, 4, 32, 32)
+        motion = torch.from_numpy(frames.driving[sel]).float().to(self.device)
+        reference = frames.refs[torch.from_numpy(frames.ref_index[sel]).to(self.device)]
+        return images, self.unet(masked, motion, reference)
+
+    def _window_statistics(self, sel: np.ndarray, frames: "_Frames"):
+        with torch.inference_mode(), autocast_for(self.device, self.precision):
+            _, completed = self._completed_latents(sel, frames)
+            return self.vae.window_statistics(completed, *self.window)
+
+    def _complete_batch(self, sel: np.ndarray, frames: "_Frames", statistics) -> np.ndarray:
         """One forward pass of VAE encode, IMC-UNet and VAE decode over the frames `sel`."""
         with torch.inference_mode(), autocast_for(self.device, self.precision):
-            images = to_tensor(crops[sel], self.device)  # (b, 3, 256, 256)
-            masked = self.vae.encode(images * self.keep)  # Ĩ_s = I_s ⊙ (1 − M) -> (b, 4, 32, 32)
-            motion = torch.from_numpy(driving[sel]).float().to(self.device)
-            reference = refs[torch.from_numpy(ref_index[sel]).to(self.device)]
-            completed = self.unet(masked, motion, reference)
+            images, completed = self._completed_latents(sel, frames)
             if self.window is None:
                 out = self.vae.decode(completed).float()
             else:
-                (r0, r1), (c0, c1) = self.window
-                f = self.vae.downsample
-                out = images.float().clone()  # outside the window: the source, which compose does not paste
-                out[:, :, r0 * f : r1 * f, c0 * f : c1 * f] = self.vae.decode_window(completed, (r0, r1), (c0, c1)).float()
+                out = decode_pasted(self.vae, completed, images.float(), self.window, statistics).float()
         return to_uint8(out)
+
+
+class _Frames(NamedTuple):
+    """One segment's inputs to completion, as CompletionStage.__call__ got them."""
+
+    crops: np.ndarray  # (N, 256, 256, 3) uint8
+    driving: np.ndarray  # (N, 21, 3)
+    ref_index: np.ndarray  # (N,)
+    refs: torch.Tensor  # (R, 4, 32, 32) reference latents
+
+
+def decode_pasted(vae: LatentVAE, latents: torch.Tensor, source: torch.Tensor,
+                  window: tuple[tuple[int, int], tuple[int, int]], statistics=None) -> torch.Tensor:
+    """(B,3,H,W) in [0,1]: `latents` decoded inside the latent `window` (latent_window), the
+    `source` crops (B,3,H,W) outside it, which compose does not paste; `statistics`: the
+    segment's vae.window_statistics (None: the batch's first frame's)."""
+    (r0, r1), (c0, c1) = window
+    f = vae.downsample
+    out = source.clone()
+    out[:, :, r0 * f : r1 * f, c0 * f : c1 * f] = vae.decode_window(latents, (r0, r1), (c0, c1), statistics).to(out.dtype)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,18 @@ class LatentVAE(nn.Module):
         images = self.vae.decode(latents / self.scaling_factor).sample  # (B,3,8h,8w) in about [-1,1]
         return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def decode_window(self, latents: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    def window_statistics(self, latent: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> "WindowStatistics":
+        """What decode_window normalises with outside the window: a full decode of `latent`
+        (1, C, h, w), one frame, noting each up-block GroupNorm's sums outside latent rows
+        [r0, r1) and columns [c0, c1)."""
+        self._check_latents(latent, "window_statistics")
+        norms = _UpBlockNorms(self.vae.decoder, latent.shape[2])
+        with norms.recording(rows, cols):
+            _decoder_end(self.vae.decoder, self._decoder_start(latent[:1]))
+        return WindowStatistics(norms.outside)
+
+    def decode_window(self, latents: Tensor, rows: tuple[int, int], cols: tuple[int, int],
+                      statistics: "WindowStatistics | None" = None) -> Tensor:
         """decode() of only latent rows [r0, r1) and columns [c0, c1): (B,3,f*(r1-r0),f*(c1-c0)),
         f = `downsample`, for the pixels a paste-back keeps (stages.completion.stage.latent_window).
 
@@ -102,27 +114,39 @@ class LatentVAE(nn.Module):
         are, on the window. Their GroupNorms would see only the window's statistics, which
         differ from the frame's (a mouth-and-chin window is not a face: 27 dB from the full
         decode at 4 latents of margin on the demo VAE), so each frame is normalised with its
-        own window's sums plus the sums outside the window of a full decode of the batch's
-        first frame (the frames of a batch are crops aligned to one face, consecutive in one
-        segment). What is left is the window edges' zero padding and the other frames'
-        differences outside the window; benchmarks/decode_window.py measures both.
+        own window's sums plus `statistics`' sums outside the window: those of one full frame
+        (window_statistics; by default the batch's first). The caller passes the same frame's
+        statistics to every batch of a segment (its frames are crops aligned to one face), so
+        a frame's pixels do not depend on how the segment was batched. What is left is the
+        window edges' zero padding and the frames' differences outside the window;
+        benchmarks/decode_window.py measures both.
         """
         (r0, r1), (c0, c1) = rows, cols
-        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"LatentVAE.decode_window: expected latents (B,{self.latent_channels},h,w), got {tuple(latents.shape)}"
-            )
-        decoder = self.vae.decoder
+        self._check_latents(latents, "decode_window")
+        if not (0 <= r0 < r1 <= latents.shape[2] and 0 <= c0 < c1 <= latents.shape[3]):
+            raise ValueError(f"LatentVAE.decode_window: window rows {rows}, cols {cols} is empty or outside the "
+                             f"{latents.shape[2]}x{latents.shape[3]} latent")
+        if statistics is None:
+            statistics = self.window_statistics(latents[:1], rows, cols)
+        start = self._decoder_start(latents)  # (B, C, h, w): the whole frame
+        norms = _UpBlockNorms(self.vae.decoder, latents.shape[2], statistics.outside)
+        with norms.imposing():
+            images = _decoder_end(self.vae.decoder, start[:, :, r0:r1, c0:c1])  # (B,3,f*(r1-r0),f*(c1-c0))
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _decoder_start(self, latents: Tensor) -> Tensor:
+        """diffusers' decode up to and including the decoder's mid block."""
         z = latents / self.scaling_factor
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)
-        start = decoder.mid_block(decoder.conv_in(z))  # (B, C, h, w): the whole frame
-        norms = _UpBlockNorms(decoder, latents.shape[2])
-        with norms.recording(rows, cols):
-            _decoder_end(decoder, start[:1])
-        with norms.imposing():
-            images = _decoder_end(decoder, start[:, :, r0:r1, c0:c1])  # (B,3,f*(r1-r0),f*(c1-c0))
-        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+        h = self.vae.decoder.mid_block(self.vae.decoder.conv_in(z))
+        return h.to(next(iter(self.vae.decoder.up_blocks.parameters())).dtype)  # as diffusers' upscale_dtype
+
+    def _check_latents(self, latents: Tensor, caller: str) -> None:
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"LatentVAE.{caller}: expected latents (B,{self.latent_channels},h,w), got {tuple(latents.shape)}"
+            )
 
     def _check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -141,6 +165,15 @@ def _decoder_end(decoder, h: Tensor) -> Tensor:
     return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))
 
 
+@dataclass(frozen=True)
+class WindowStatistics:
+    """Per up-block GroupNorm of a decoder (keyed by the module's id): the per-group sum of x,
+    sum of x² (each (1, groups, 1), float64) and element count outside a latent window, of
+    one full frame's decode."""
+
+    outside: dict[int, tuple[Tensor, Tensor, int]]
+
+
 class _UpBlockNorms:
     """The GroupNorms after a decoder's mid block. `recording(rows, cols)` notes, for a batch
     of one full frame, each norm's per-group sums of x and x² outside the latent window
@@ -148,19 +181,20 @@ class _UpBlockNorms:
     the statistics of the whole frame they stand for: the window's own sums plus those noted
     outside it."""
 
-    def __init__(self, decoder, latent_height: int):
+    def __init__(self, decoder, latent_height: int, outside: dict[int, tuple[Tensor, Tensor, int]] | None = None):
         self.norms = [m for m in decoder.up_blocks.modules() if isinstance(m, nn.GroupNorm)] + [decoder.conv_norm_out]
         self.latent_height = latent_height
-        self.outside: dict[int, tuple[Tensor, Tensor, int]] = {}  # id(norm) -> (sum, sum of squares, count)
+        self.outside: dict[int, tuple[Tensor, Tensor, int]] = dict(outside or {})  # id(norm) -> (sum, sum of squares, count)
 
     @staticmethod
     def _sums(x: Tensor, groups: int) -> tuple[Tensor, Tensor, int]:
-        # Per-group mean and variance by torch's own (stable) reduction, then sums in float64
-        # on the (B, groups, 1) results only: no float64 copy of the activations.
-        grouped = x.float().reshape(x.shape[0], groups, -1)
-        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
-        count = grouped.shape[-1]
-        mean, var = mean.double(), var.double()
+        # Per-group mean and variance by torch's own (stable) reduction over a view (no copy
+        # of a channels_last or windowed x), then sums in float64 on the (B, groups, 1)
+        # results only: no float64 copy of the activations.
+        grouped = x.float().unflatten(1, (groups, -1))  # (B, groups, C/groups, H, W)
+        var, mean = torch.var_mean(grouped, dim=(2, 3, 4), unbiased=False)
+        count = grouped[0, 0].numel()
+        mean, var = mean.double()[..., None], var.double()[..., None]
         return mean * count, (var + mean.square()) * count, count
 
     @contextmanager
@@ -179,17 +213,28 @@ class _UpBlockNorms:
 
     @contextmanager
     def imposing(self):
+        missing = [n for n in self.norms if id(n) not in self.outside]
+        if missing:
+            raise ValueError(f"decode_window: no outside-window statistics for {len(missing)} of the decoder's "
+                             f"{len(self.norms)} up-block GroupNorms (statistics of another VAE?)")
+
         def forward(norm):
             out_sum, out_squares, out_count = self.outside[id(norm)]  # (1, groups, 1) each, and a count
+            per_group = norm.num_channels // norm.num_groups
 
             def impose(x: Tensor) -> Tensor:
                 own_sum, own_squares, own_count = self._sums(x, norm.num_groups)
                 count = own_count + out_count
-                mean = (own_sum + out_sum) / count
-                var = ((own_squares + out_squares) / count - mean.square()).clamp_min(0)
-                grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
-                y = ((grouped - mean.float()) * torch.rsqrt(var.float() + norm.eps)).reshape(x.shape)
-                return (y * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]).to(x.dtype)
+                mean = (own_sum + out_sum) / count  # (B, groups, 1)
+                inv_std = torch.rsqrt(((own_squares + out_squares) / count - mean.square()).clamp_min(0) + norm.eps)
+                # As one per-channel scale and shift (B, C, 1, 1), applied in float32 (the
+                # normalisation cancels the mean, too coarse in bf16) by elementwise ops, which
+                # keep x's memory format (channels_last stays channels_last).
+                inv_std = inv_std.float().repeat_interleave(per_group, dim=1)[..., None]
+                mean = mean.float().repeat_interleave(per_group, dim=1)[..., None]
+                scale = inv_std * norm.weight.float()[None, :, None, None]
+                shift = norm.bias.float()[None, :, None, None] - mean * scale
+                return (x.float() * scale + shift).to(x.dtype)
             return impose
 
         with self._patched(forward):
@@ -197,10 +242,11 @@ class _UpBlockNorms:
 
     @contextmanager
     def _patched(self, forward):
-        for norm in self.norms:
-            norm.forward = forward(norm)
+        forwards = {id(norm): forward(norm) for norm in self.norms}  # all built before any is patched
         try:
+            for norm in self.norms:
+                norm.forward = forwards[id(norm)]
             yield
         finally:
             for norm in self.norms:
-                del norm.forward  # back to the class's forward
+                norm.__dict__.pop("forward", None)  # back to the class's forward
