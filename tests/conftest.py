@@ -69,18 +69,20 @@ def local_ray():
 # (Ray's gRPC, mediapipe's TFLite, moto's server), and a fresh-clone run (2026-12-03) ended
 # with SIGSEGV there, after "582 passed" was printed (rc 139, no Python frame in the crash).
 # So the session leaves without that teardown, with pytest's own exit status.
+# os._exit also skips pytest's clean-up at exit of older sessions' temporary folders, so a
+# green session removes its own (pyproject.toml: tmp_path_retention_policy).
 def pytest_sessionfinish(session, exitstatus):
-    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+    session.config.stash[_SESSION] = session
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    status = config.stash.get(_EXIT_STATUS, None)
-    if status is None:
+    session = config.stash.get(_SESSION, None)
+    if session is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(int(session.exitstatus))  # as the other sessionfinish hooks left it
 
 
-_EXIT_STATUS = pytest.StashKey[int]()
+_SESSION = pytest.StashKey[pytest.Session]()

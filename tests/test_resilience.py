@@ -668,8 +668,10 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
     # The dead driver's actors and finalize tasks are killed with it, or finish what they
     # hold first: a segment actor can commit one more segment after the kill (a CI run counted
     # 3 here and the restart reused 4). Count only when all of them are gone.
-    while any(_ray_processes(title) for title in DUB_WORKERS) and time.monotonic() < deadline:
+    gone_by = time.monotonic() + 120
+    while (alive := [t for t in DUB_WORKERS if _ray_processes(t)]) and time.monotonic() < gone_by:
         time.sleep(0.1)
+    assert not alive, f"the killed job's workers {alive} were still running two minutes after the kill"
     committed = {name for name in NAMES if os.path.exists(f"{out}/{name}.mp4")}
     reusable = committed_segments()
     assert sum(reusable.values()) > 0, "no committed segment was left for the restart to reuse"
