@@ -106,16 +106,27 @@ def _demo(args) -> int:
         weights = DEMO_BUNDLE
         print(f"weights: the trained tiny demo bundle {weights} (scripts/train_demo_bundle.sh reproduces it)")
     config = load_job_config(args.config) if args.config else JobConfig(cache_uri=os.path.join(folder, "cache"))
-    # A demo run always dubs, like `dub --force` (a real `dub` skips what is done).
-    result = run_dub(paths["manifest"], weights, paths["report"], config, address=args.address, force=True)
-    _print_summary(result)
-    print(f"outputs: {paths['outputs']}")
-    for r in result.rows:
-        if r.status == "ok":
-            print(f"  {r.output_uri}")
-    _print_sync_figures(sync_rows, {r.output_uri: r.status for r in result.rows})
-    if args.eval and result.counts.get("ok", 0):
-        _demo_eval(paths["report"], weights, os.path.join(folder, "eval"), args.address)
+    # One Ray for the dub and the eval after it: a second local start costs seconds, and on
+    # a loaded machine it can miss Ray's fixed 30 s wait for the raylet (seen 2026-12-03).
+    import ray
+
+    from pipeline.dub.job import _init_ray
+
+    started_ray = _init_ray(args.address)
+    try:
+        # A demo run always dubs, like `dub --force` (a real `dub` skips what is done).
+        result = run_dub(paths["manifest"], weights, paths["report"], config, address=args.address, force=True)
+        _print_summary(result)
+        print(f"outputs: {paths['outputs']}")
+        for r in result.rows:
+            if r.status == "ok":
+                print(f"  {r.output_uri}")
+        _print_sync_figures(sync_rows, {r.output_uri: r.status for r in result.rows})
+        if args.eval and result.counts.get("ok", 0):
+            _demo_eval(paths["report"], weights, os.path.join(folder, "eval"), args.address)
+    finally:
+        if started_ray:
+            ray.shutdown()
     return 0 if result.counts.get("failed", 0) == 0 else 3
 
 
