@@ -199,7 +199,8 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"stage": stage, "train": config.model_dump(mode="json"), "card": card,
-                               "bundle": weights_uri, "run_dir": run_dir, "has_val": bool(files["val"]), "fault": fault},
+                               "bundle": _absolute(weights_uri),  # the workers' working folder may not be ours
+                               "run_dir": run_dir, "has_val": bool(files["val"]), "fault": fault},
             scaling_config=ScalingConfig(num_workers=world, use_gpu=config.use_gpu,
                                          resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}),
             run_config=run_config,

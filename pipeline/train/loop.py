@@ -206,5 +206,8 @@ def train_loop(loop_config: dict) -> None:
 def _jsonable(config) -> dict:
     from stages.common.checkpoint import config_to_dict
 
-    plain = dict(config) if isinstance(config, dict) else config_to_dict(config)  # the VAE's is diffusers' dict
+    if hasattr(config, "to_dict"):  # transformers' (HuBERT's): its own dict, dtypes as names
+        plain = config.to_dict()
+    else:
+        plain = dict(config) if isinstance(config, dict) else config_to_dict(config)  # the VAE's is diffusers' dict
     return json.loads(json.dumps(plain, default=list))
