@@ -21,3 +21,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimisation_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, parameters,
+                      grad_clip: float) -> float:
+    """Backward, clip the gradient norm to `grad_clip` (0: no clipping), step the optimiser and
+    its schedule; the learning rate the step used."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return float(lr)

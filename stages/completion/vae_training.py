@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.common.optim import warmup_cosine
+from stages.common.optim import optimisation_step, warmup_cosine
 from stages.completion.vae import LatentVAE
 
 
@@ -89,13 +89,7 @@ class VaeTrainer:
         rec = (self.weight * (decoded - images).abs()).mean() / self.weight.mean()
         kl = posterior.kl().mean() / images[0].numel()  # per pixel, as the reconstruction term
         loss = rec + self.cfg.kl * images[0].numel() * kl
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.vae.vae.parameters(), self.cfg.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr = optimisation_step(loss, self.optimizer, self.scheduler, self.vae.vae.parameters(), self.cfg.grad_clip)
         std = posterior.mean.detach().double().std().cpu()
         m = self.cfg.std_momentum
         self.latent_std = std if float(self.latent_std) == 0.0 else (1 - m) * self.latent_std + m * std

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.common.optim import warmup_cosine
+from stages.common.optim import optimisation_step, warmup_cosine
 from stages.motion.audio2motion import DRIVEN_KEYPOINTS
 from stages.motion.extractor import MotionExtractor, motion_info
 
@@ -102,14 +102,8 @@ class ExtractorTrainer:
     def step(self, batch: dict, step: int) -> dict[str, float]:
         self.net.train()
         loss, _ = self._loss(self.net, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.extractor.parameters(), self.cfg.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        return {"loss": float(loss.detach()), "lr": float(lr)}
+        lr = optimisation_step(loss, self.optimizer, self.scheduler, self.extractor.parameters(), self.cfg.grad_clip)
+        return {"loss": float(loss.detach()), "lr": lr}
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, float]:
