@@ -344,6 +344,11 @@ def test_latent_window_covers_the_pasted_mouth_with_its_margin():
     assert latent_window(np.zeros((256, 256)), 8, 4) == ((0, 32), (0, 32))
 
 
+def test_a_decode_region_of_another_size_than_the_crop_is_refused(completion_models):
+    with pytest.raises(ValueError, match=r"decode_region is \(128, 128\)"):
+        completion_stage(completion_models, decode_region=np.ones((128, 128)))
+
+
 def test_mouth_window_decode_keeps_the_source_outside_and_the_full_decode_inside(completion_models, completion_inputs):
     x = completion_inputs
     face = x["has_face"]

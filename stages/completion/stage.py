@@ -105,6 +105,9 @@ class CompletionStage:
         decode_region: np.ndarray | None = None,  # (256, 256) float, > 0 = pasted; None: decode everything
         decode_margin: int = 4,
     ):
+        if decode_region is not None and decode_region.shape != mouth_mask.shape:
+            raise ValueError(f"CompletionStage: decode_region is {decode_region.shape}, the crop (its mouth mask) "
+                             f"is {mouth_mask.shape}: the window would cover the wrong pixels")
         self.device = resolve_device(device)
         self.window = None if decode_region is None else latent_window(decode_region, vae.downsample, decode_margin)
         self.precision = precision

@@ -144,6 +144,7 @@ def iter_at_rate(path, first: int, stop: int, source_fps: Fraction, n_source: in
             yield frame
 
 
-def decode_at_rate(path, first: int, stop: int, source_fps: Fraction, n_source: int, rate: int = 25) -> list[np.ndarray]:
+def decode_at_rate(path, first: int, stop: int, source_fps: Fraction, n_source: int, rate: int = 25,
+                   threads: int | None = None) -> list[np.ndarray]:
     """iter_at_rate's frames as a list (all of them in memory: for short clips)."""
-    return list(iter_at_rate(path, first, stop, source_fps, n_source, rate))
+    return list(iter_at_rate(path, first, stop, source_fps, n_source, rate, threads))
