@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+
 
 def cached_features(cache, hubert, data: bytes):
     """(CachedFeatures, audio sha256, cache hit) for the audio file `data`: read from the
@@ -20,6 +22,27 @@ def cached_features(cache, hubert, data: bytes):
         raise AudioError("no samples")
     features = hubert(wave)
     return cache.store(hubert.model_id, sha, features, duration_s=len(wave) / 16000.0), sha, False
+
+
+# The speech itself, kept beside its features for `imgtalk train hubert`: the same cache,
+# the same 50 Hz rows (320 samples each, two per 25 fps frame), so a chunk's window of it is
+# read exactly as its features are.
+WAVEFORM_ID = "waveform-16k"
+
+
+def cached_waveform(cache, data: bytes, sha: str):
+    """CachedFeatures of the 16 kHz waveform of the audio file `data` (sha256 `sha`), rows of
+    320 samples at 50 Hz, zero-padded to whole 40 ms frames; decoded and stored on a miss."""
+    from stages.audio import load_audio
+    from stages.audio.hubert import ROWS_PER_FRAME, SAMPLES_PER_FEATURE, num_feature_frames
+
+    cached = cache.lookup(WAVEFORM_ID, sha)
+    if cached is not None:
+        return cached
+    wave = load_audio(io.BytesIO(data))
+    padded = np.zeros(num_feature_frames(len(wave)) * SAMPLES_PER_FEATURE, np.float32)
+    padded[: len(wave)] = wave
+    return cache.store(WAVEFORM_ID, sha, padded.reshape(-1, SAMPLES_PER_FEATURE // ROWS_PER_FRAME), duration_s=len(wave) / 16000.0)
 
 
 def hubert_and_cache(config, bundle, storage):

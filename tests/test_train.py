@@ -54,7 +54,7 @@ def write_corpus(root: str, chunk_frames: dict[str, list[int]], seed: int = 0) -
                 "x_c": np.repeat(x_c[None], n, 0), "exp": exp.astype(np.float32),
                 "R": np.repeat(np.eye(3, dtype=np.float32)[None], n, 0), "t": np.zeros((n, 3), np.float32),
                 "scale": np.ones((n, 1), np.float32), "pose": rng.normal(size=(n, 3)).astype(np.float32),
-                "mouth_open": np.zeros(n, np.float32), "audio": audio,
+                "mouth_open": np.zeros(n, np.float32), "audio": audio, "wave": np.zeros((n, 640), np.int16),
             }
             uri = os.path.join(root, "chunks", vid, f"{c:05d}.parquet")
             storage.write_bytes_atomic(shard_bytes({"video_id": vid, "speaker_id": vid, "chunk_idx": c, "first": 0}, chunk), uri)

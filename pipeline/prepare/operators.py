@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 from pipeline.arrays import pack
-from pipeline.features import cached_features, hubert_and_cache
+from pipeline.features import cached_features, cached_waveform, hubert_and_cache
 from pipeline.prepare.config import PrepareConfig
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
@@ -44,6 +44,7 @@ ROW_DEFAULTS: dict = {
     "features_path": "",
     "feature_frames": 0,
     "feature_dim": 0,
+    "wave_path": "",  # the speech's 16 kHz samples in the feature cache (pipeline/features.py)
     "chunk_idx": -1,
     "n_chunks": 0,
     "first": 0,
@@ -55,7 +56,7 @@ ROW_DEFAULTS: dict = {
     "time_chunk_s": 0.0,
 }
 
-SHARD_ARRAYS = ("has_face", "shot", "x_c", "exp", "R", "t", "scale", "pose", "mouth_open", "audio")
+SHARD_ARRAYS = ("has_face", "shot", "x_c", "exp", "R", "t", "scale", "pose", "mouth_open", "audio", "wave")
 
 
 def normalise(row: dict) -> dict:
@@ -103,7 +104,8 @@ class PrepPlanOp(_Op):
 
 
 class PrepAudioOp(_Op):
-    """HuBERT features of the speech (the audio file, or the video's own audio stream)."""
+    """HuBERT features of the speech (the audio file, or the video's own audio stream), and
+    the speech's samples for `imgtalk train hubert`, both in the feature cache."""
 
     def __init__(self, config: dict, weights_uri: str):
         super().__init__(config, weights_uri)
@@ -111,8 +113,10 @@ class PrepAudioOp(_Op):
 
     @row_step("audio", _audio)
     def __call__(self, row: dict) -> dict:
-        cached, _, _ = cached_features(self.cache, self.hubert, self.storage.read_bytes(row["audio_uri"] or row["video_uri"]))
-        return dict(features_path=cached.path, feature_frames=cached.n_frames, feature_dim=cached.dim)
+        data = self.storage.read_bytes(row["audio_uri"] or row["video_uri"])
+        cached, sha, _ = cached_features(self.cache, self.hubert, data)
+        wave = cached_waveform(self.cache, data, sha)
+        return dict(features_path=cached.path, feature_frames=cached.n_frames, feature_dim=cached.dim, wave_path=wave.path)
 
 
 def chunk_splitter(chunk_seconds: float):
@@ -185,6 +189,18 @@ class ChunkOp(_Op):
         self.cache = FeatureCache(fs, root)
         self.output_uri = output_uri
 
+    def _wave(self, row: dict, first: int, stop: int) -> np.ndarray:
+        """(stop - first, 640) int16: the speech of each frame, silence past its end."""
+        from stages.audio.cache import CachedFeatures
+        from stages.audio.hubert import ROWS_PER_FRAME, SAMPLES_PER_FEATURE
+
+        cached = CachedFeatures(row["wave_path"], int(row["feature_frames"]), 0.0, SAMPLES_PER_FEATURE // ROWS_PER_FRAME)
+        samples = self.cache.read_window(cached, first, stop).reshape(-1)
+        frames = np.zeros((stop - first) * SAMPLES_PER_FEATURE, np.float32)
+        frames[: len(samples)] = samples
+        pcm = np.round(np.clip(frames, -1.0, 32767 / 32768) * 32768).astype(np.int16)
+        return pcm.reshape(stop - first, SAMPLES_PER_FEATURE)
+
     @row_step("chunk", _chunk)
     def __call__(self, row: dict) -> dict:
         from stages.audio.cache import CachedFeatures
@@ -198,6 +214,7 @@ class ChunkOp(_Op):
         with open_source(self.storage, row["video_uri"]) as src:
             chunk = self.stage(src, Fraction(int(row["fps_num"]), int(row["fps_den"])), int(row["source_frames"]),
                                first, stop, audio, int(row["feature_frames"]))
+        chunk["wave"] = self._wave(row, first, stop)
         uri = shard_uri(self.output_uri, row["video_id"], row["chunk_idx"])
         self.storage.write_bytes_atomic(shard_bytes(row, chunk), uri)
         summary = {"counts": chunk["counts"], "sums": _jsonable(chunk["sums"]), "neutral": _jsonable(chunk["neutral"])}
