@@ -5,7 +5,7 @@
     imgtalk validate MANIFEST [--config job.yaml] [--weights URI] [--report OUT.parquet] [--address auto] [--face-frames N] [--verbose]
     imgtalk weights init --size tiny|paper OUT
     imgtalk prepare --corpus URI --weights URI --output URI [--config prepare.yaml] [--address auto]
-    imgtalk train extractor|vae|stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
+    imgtalk train extractor|hubert|vae|stage1|stage2 --shards URI --weights URI --output-bundle URI [--config train.yaml] [--address auto]
     imgtalk eval (--report URI | --prepared URI --weights [LABEL=]URI ...) --out URI [--protocol reconstruction|cross]
                  [--metric-weights DIR] [--config eval.yaml] [--address auto]
 """
@@ -370,10 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--address", help="Ray address; default: a local Ray")
     pr.set_defaults(func=cmd_prepare)
 
-    tr = sub.add_parser("train", help="train Stage 1, Stage 2 (or a stand-in VAE) on Ray Train from prepared shards")
-    tr.add_argument("stage", choices=["extractor", "vae", "stage1", "stage2"],
-                    help="extractor / vae: small stand-ins for LivePortrait's motion extractor and the SD VAE, "
-                         "trained on the corpus (only without the real ones)")
+    tr = sub.add_parser("train", help="train Stage 1, Stage 2 (or a stand-in) on Ray Train from prepared shards")
+    tr.add_argument("stage", choices=["extractor", "hubert", "vae", "stage1", "stage2"],
+                    help="extractor / hubert / vae: small stand-ins for LivePortrait's motion extractor, HuBERT and "
+                         "the SD VAE, trained on the corpus (only without the real ones)")
     tr.add_argument("--shards", required=True, help="the output of imgtalk prepare")
     tr.add_argument("--weights", required=True, help="base bundle: HuBERT, VAE, motion extractor, the other stage")
     tr.add_argument("--output-bundle", required=True, help="where the bundle with the trained stage goes")

@@ -204,10 +204,18 @@ def _configs(size: Literal["tiny", "paper"]) -> dict[str, Any]:
     raise BundleError(f"unknown bundle size {size!r}; choose tiny or paper")
 
 
+def hubert_feature_extractor():
+    """The feature extractor config saved beside HuBERT's weights, as the real checkpoint has it."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=True)
+
+
 def init_bundle(out: str, size: Literal["tiny", "paper"] = "tiny", seed: int = 0, storage: Storage | None = None) -> str:
     """Write a randomly initialised bundle (marked untrained) to `out` (local or remote)."""
     import torch
-    from transformers import HubertModel, Wav2Vec2FeatureExtractor
+    from transformers import HubertModel
 
     from stages.completion.imc_unet import IMCUNet
     from stages.completion.vae import LatentVAE
@@ -222,9 +230,7 @@ def init_bundle(out: str, size: Literal["tiny", "paper"] = "tiny", seed: int = 0
         os.makedirs(root, exist_ok=True)
         hubert = HubertModel(configs["hubert"])
         hubert.save_pretrained(os.path.join(root, "hubert"))
-        Wav2Vec2FeatureExtractor(
-            feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
-        ).save_pretrained(os.path.join(root, "hubert"))
+        hubert_feature_extractor().save_pretrained(os.path.join(root, "hubert"))
         del hubert
         LatentVAE.from_config(configs["vae"]).save_pretrained(os.path.join(root, "vae"))
         MotionExtractor(configs["motion_extractor"]).save_pretrained(os.path.join(root, "liveportrait"))

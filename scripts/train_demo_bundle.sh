@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the demo's trained tiny bundle (weights/demo/) with the project's own commands,
-# from nothing: a synthetic corpus -> prepare -> the two stand-ins (motion extractor, VAE)
+# from nothing: a synthetic corpus -> prepare -> the stand-ins (motion extractor, HuBERT, VAE)
 # -> Stage 1 -> Stage 2. Seeds and settings are in deploy/demo/*.yaml and below.
 #
 #   bash scripts/train_demo_bundle.sh [WORK_DIR] [OUT_BUNDLE]
@@ -21,10 +21,13 @@ $IMGTALK prepare --corpus "$WORK/corpus/corpus.parquet" --weights "$WORK/base" -
     --config deploy/demo/prepare.yaml
 $IMGTALK train extractor --shards "$WORK/shards-base" --weights "$WORK/base" --output-bundle "$WORK/bundle" \
     --config deploy/demo/extractor.yaml
-# 3. the shards again, now with the trained extractor's motion (HuBERT features come from the cache)
+# 3. the HuBERT stand-in, trained briefly on the shards' speech (masked log-mel prediction)
+$IMGTALK train hubert --shards "$WORK/shards-base" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" \
+    --config deploy/demo/hubert.yaml
+# 4. the shards again, now with the trained extractor's motion and the trained HuBERT's features
 $IMGTALK prepare --corpus "$WORK/corpus/corpus.parquet" --weights "$WORK/bundle" --output "$WORK/shards" \
     --config deploy/demo/prepare.yaml
-# 4. the VAE stand-in, Stage 1, Stage 2, each writing into the same bundle
+# 5. the VAE stand-in, Stage 1, Stage 2, each writing into the same bundle
 $IMGTALK train vae --shards "$WORK/shards" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" --config deploy/demo/vae.yaml
 $IMGTALK train stage1 --shards "$WORK/shards" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" --config deploy/demo/stage1.yaml
 $IMGTALK train stage2 --shards "$WORK/shards" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" --config deploy/demo/stage2.yaml

@@ -58,7 +58,7 @@ def _read_parquet(storage, uri):
     return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
 
 
-def test_prepare_local_shards_round_trip_and_rerun_skips(local_ray, tiny_bundle, corpus, tmp_path):
+def test_prepare_local_shards_round_trip_and_rerun_skips(local_ray, tiny_bundle, corpus, tmp_path, monkeypatch):
     from pipeline.prepare.job import run_prepare
     from stages.audio import load_audio
     from stages.corpus.chunk import decode_crop
@@ -117,6 +117,12 @@ def test_prepare_local_shards_round_trip_and_rerun_skips(local_ray, tiny_bundle,
     got = unpack(shard["audio"])
     assert got.shape == (n, 2, features.shape[1])
     np.testing.assert_allclose(got.reshape(-1, features.shape[1])[: len(want)], want, atol=1e-6)
+    # Speech: the frames' own 16 kHz samples, 640 a frame, as 16-bit PCM (silence past the end).
+    samples = load_audio(str(root / "anna_2.wav"))[640 * first: 640 * (first + n)]
+    wave = unpack(shard["wave"])
+    assert wave.shape == (n, 640) and wave.dtype == np.int16 and len(samples) > 0
+    np.testing.assert_allclose(wave.reshape(-1)[: len(samples)] / 32768, samples, atol=1 / 32768)
+    assert not wave.reshape(-1)[len(samples):].any()
 
     # A face-absent span breaks the shot: no shot id on both sides of it.
     carl = next(v for v in videos if v["video_uri"].endswith("carl.mp4"))
@@ -149,6 +155,26 @@ def test_prepare_local_shards_round_trip_and_rerun_skips(local_ray, tiny_bundle,
     assert json.loads(storage.read_bytes(os.path.join(out, "card.json")))["id"] == card["id"]
     # Nothing of the failed video is left behind.
     assert sorted(os.listdir(os.path.join(out, "chunks"))) == sorted(v["video_id"] for v in videos)
+
+    # The shards' speech trains the HuBERT stand-in (`imgtalk train hubert`): the bundle's hubert/
+    # is the trained model, read as the real checkpoint is; the rest is the base bundle's.
+    from pipeline.train.config import HubertOptions, TrainConfig
+    from pipeline.train.job import run_train
+
+    train = TrainConfig(name="hubert", storage_path=str(tmp_path / "runs"), batch_size=2, steps=3, warmup_steps=1,
+                        val_every=3, val_batches=1, checkpoint_every=3, hubert=HubertOptions(clip_frames=16, clips_per_chunk=2))
+    # a bundle given relative to the driver's folder (Ray Train's workers run in folders of their own)
+    monkeypatch.chdir(os.path.dirname(tiny_bundle))
+    trained = run_train("hubert", out, os.path.basename(tiny_bundle), str(tmp_path / "trained"), train, progress=False)
+    assert trained.steps == 3 and "val_masked" in trained.metrics
+    info2 = read_bundle_info(str(tmp_path / "trained"))
+    assert os.path.isfile(os.path.join(info2.path("hubert"), "preprocessor_config.json"))
+    meta = json.loads(storage.read_bytes(os.path.join(info2.root, "bundle.json")))
+    assert meta["training"]["hubert"]["steps"] == 3 and meta["training"]["hubert"]["corpus"] == card["id"]
+    new_hubert = load_hubert(info2)
+    assert new_hubert.model_id != hubert.model_id  # new weights, new feature-cache entries
+    speech = load_audio(str(root / "anna_2.wav"))
+    assert new_hubert(speech).shape == features.shape and not np.allclose(new_hubert(speech), features)
 
 
 def test_prepare_against_s3(local_ray, tiny_bundle, corpus, s3_endpoint, tmp_path, monkeypatch):

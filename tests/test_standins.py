@@ -137,3 +137,124 @@ def test_write_bundle_puts_a_trained_extractor_and_vae_where_the_dub_loads_them(
     assert meta["training"]["extractor"]["steps"] == 7 and meta["training"]["vae"]["steps"] == 9
     assert meta["trained"] is False  # the stand-ins alone do not make a lip-syncing bundle
     assert not os.path.exists(os.path.join(out, "liveportrait", "motion_extractor.pth.new"))
+
+
+# ---- the HuBERT stand-in (`imgtalk train hubert`, stages/audio/hubert_training.py)
+
+
+def _speechlike(seconds: float, seed: int) -> np.ndarray:
+    """A 16 kHz signal of syllable-like bursts: a voiced tone whose pitch and loudness change
+    every 0.2 s, with pauses, so masked frames are predictable from their context."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    out = np.zeros_like(t)
+    for start in np.arange(0, seconds, 0.2):
+        if rng.random() < 0.3:
+            continue
+        f0, loud = rng.uniform(120, 300), rng.uniform(0.2, 0.8)
+        span = (t >= start) & (t < start + 0.16)
+        for h in range(1, 6):
+            out[span] += loud / h * np.sin(2 * np.pi * h * f0 * t[span])
+    return out.astype(np.float32)
+
+
+def test_log_mel_frames_are_hubert_frames_and_a_tone_lands_in_its_band():
+    from transformers import HubertModel
+
+    from stages.audio.hubert import tiny_hubert_config
+    from stages.audio.hubert_training import LogMel, num_conv_frames
+
+    log_mel = LogMel(40)
+    for samples in (20480, 16000, 12345):
+        with torch.no_grad():
+            hidden = HubertModel(tiny_hubert_config()).eval()(torch.zeros(1, samples)).last_hidden_state
+        assert log_mel(torch.zeros(1, samples)).shape[1] == hidden.shape[1] == num_conv_frames(samples)
+    # a 1 kHz tone switched on halfway: the band that rises most is one whose filter covers 1 kHz (bin 25 of 40 Hz)
+    t = np.arange(16000) / 16000
+    wave = np.where(t >= 0.5, np.sin(2 * np.pi * 1000 * t), 0.0) + 1e-3 * np.random.default_rng(0).standard_normal(16000)
+    raw = log_mel(torch.from_numpy(wave.astype(np.float32))[None], standardise=False)[0].numpy()  # (T, 40)
+    frames = raw.shape[0]
+    rise = raw[frames // 2 + 2:].mean(0) - raw[: frames // 2 - 2].mean(0)
+    covering = set(np.flatnonzero(log_mel.filters.numpy()[25] > 0))
+    assert len(covering) == 2 and int(rise.argmax()) in covering, rise
+    # standardised per crop and band: zero mean, unit spread
+    mel = log_mel(torch.from_numpy(wave.astype(np.float32))[None])[0].numpy()
+    np.testing.assert_allclose(mel.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(mel.std(0, ddof=1), 1, atol=1e-2)
+
+
+def test_span_mask_covers_about_its_share_in_spans_and_follows_its_generator():
+    from stages.audio.hubert_training import span_mask
+
+    mask = span_mask(64, 100, 0.5, 10, torch.Generator().manual_seed(1))
+    assert mask.shape == (64, 100) and mask.dtype == torch.bool
+    share = float(mask.float().mean())
+    assert 0.3 < share <= 0.5  # five spans of 10, overlaps allowed
+    for row in mask.numpy():  # every masked run is at least a span long
+        edges = np.flatnonzero(np.diff(np.r_[0, row.astype(int), 0]))
+        assert ((edges[1::2] - edges[::2]) >= 10).all()
+    assert torch.equal(mask, span_mask(64, 100, 0.5, 10, torch.Generator().manual_seed(1)))
+    assert span_mask(2, 100, 0.01, 10, torch.Generator().manual_seed(1)).sum(1).min() >= 10  # at least one span
+
+
+def test_sample_audio_clips_cut_the_chunk_speech():
+    from stages.audio.hubert_training import sample_audio_clips
+
+    pcm = (np.arange(40 * 640) % 1000 - 500).astype(np.int16).reshape(40, 640)
+    clips = sample_audio_clips(pcm, np.random.default_rng(0), 32, 3)
+    assert len(clips) == 3
+    flat = pcm.reshape(-1).astype(np.float32) / 32768
+    for c in clips:
+        assert c["wave"].shape == (32 * 640,) and c["wave"].dtype == np.float32
+        start = int(np.flatnonzero(np.isclose(flat, c["wave"][0]))[0])
+        assert start % 640 == 0 or np.array_equal(flat[start: start + 20480], c["wave"])
+    short = sample_audio_clips(pcm[:10], np.random.default_rng(0), 32, 3)
+    assert len(short) == 1 and np.array_equal(short[0]["wave"][: 6400], flat[: 6400]) and not short[0]["wave"][6400:].any()
+    assert sample_audio_clips(np.zeros((40, 640), np.int16), np.random.default_rng(0), 32, 3) == []
+
+
+def test_hubert_trainer_learns_resumes_and_saves_a_plain_hubert(tmp_path):
+    from transformers import HubertModel
+
+    from pipeline.train.tasks import _HubertFolder
+    from stages.audio.hubert import HubertFeatures, tiny_hubert_config
+    from stages.audio.hubert_training import HubertTrainConfig, HubertTrainer
+
+    torch.manual_seed(0)
+    batch = {"wave": torch.from_numpy(np.stack([_speechlike(1.28, s) for s in range(4)]))}
+    cfg = HubertTrainConfig(lr=2e-3, warmup_steps=0, total_steps=80)
+    trainer = HubertTrainer(HubertModel(tiny_hubert_config()), cfg, seed=0)
+    before = trainer.evaluate(batch)
+    for step in range(60):
+        trainer.step(batch, step)
+    after = trainer.evaluate(batch)
+    assert after["masked"] < 0.7 * before["masked"], (before, after)
+
+    torch.save(trainer.state_dict(), tmp_path / "state.pt")
+    twin = HubertTrainer(HubertModel(tiny_hubert_config()), cfg, seed=7)
+    twin.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert trainer.step(batch, 60) == twin.step(batch, 60)
+
+    # the bundle's folder holds the plain model (no head) in transformers format, read as the real one is
+    _HubertFolder(trainer.hubert.eval()).save_pretrained(str(tmp_path / "hubert"))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(tmp_path / "hubert"))
+    stage = HubertFeatures(str(tmp_path / "hubert"))
+    wave = _speechlike(2.0, 9)
+    padded = np.pad((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7), 40)  # the stage's 40 samples each side
+    with torch.no_grad():
+        want = trainer.hubert(torch.from_numpy(padded)[None].float()).last_hidden_state[0].numpy()
+    rows = stage(wave)
+    assert rows.shape == want.shape == (100, 32)
+    np.testing.assert_allclose(rows, want, atol=1e-4)
+
+
+def test_hubert_trainer_refuses_a_model_without_a_mask_embedding():
+    from transformers import HubertModel
+
+    from stages.audio.hubert import tiny_hubert_config
+    from stages.audio.hubert_training import HubertTrainConfig, HubertTrainer
+
+    config = tiny_hubert_config()
+    config.mask_time_prob = 0.0
+    with pytest.raises(ValueError, match="mask_time_prob"):
+        HubertTrainer(HubertModel(config), HubertTrainConfig())

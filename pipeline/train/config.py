@@ -73,6 +73,20 @@ class ExtractorOptions(_Strict):
     open_std: float = Field(0.121, gt=0)
 
 
+class HubertOptions(_Strict):
+    """`imgtalk train hubert`: a brief self-supervised training of a small HuBERT stand-in
+    (stages/audio/hubert_training.py); a bundle with the real HuBERT never needs it."""
+
+    clip_frames: int = Field(32, ge=2, description="25 fps frames of speech per crop (1.28 s)")
+    clips_per_chunk: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    n_mels: int = Field(40, ge=8)
+    mask_prob: float = Field(0.5, gt=0, lt=1, description="share of the 20 ms frames masked, in spans")
+    mask_length: int = Field(10, ge=1)
+    unmasked_weight: float = Field(0.5, ge=0)
+
+
 class TrainConfig(_Strict):
     name: str = Field("imgtalk", description="run name: rerunning with the same name and storage_path resumes")
     storage_path: str = Field("runs", description="checkpoints and curves (local, NFS or s3://); shared by all nodes")
@@ -98,6 +112,7 @@ class TrainConfig(_Strict):
     stage1: Stage1Options = Stage1Options()
     stage2: Stage2Options = Stage2Options()
     vae: VaeOptions = VaeOptions()
+    hubert: HubertOptions = HubertOptions()
     extractor: ExtractorOptions = ExtractorOptions()
     storage: StorageConfig = StorageConfig()
 

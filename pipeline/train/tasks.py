@@ -291,4 +291,75 @@ class ExtractorTask:
         return model.eval()
 
 
-TASKS = {"stage1": Stage1Task, "stage2": Stage2Task, "vae": VaeTask, "extractor": ExtractorTask}
+class _HubertFolder:
+    """The bundle's hubert/ folder as the real checkpoint has it: the model in transformers
+    format and its feature extractor's config."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_pretrained(self, folder: str) -> None:
+        from pipeline.weights import hubert_feature_extractor
+
+        self.model.save_pretrained(folder)
+        hubert_feature_extractor().save_pretrained(folder)
+
+
+class HubertTask:
+    """The HuBERT stand-in's brief self-supervised training (a bundle with the real HuBERT
+    never needs this). Shards must hold the speech (`wave`, prepared by this version)."""
+
+    name = "hubert"
+    val_metric = "masked"
+
+    def __init__(self, cfg: TrainConfig, card: dict):
+        self.cfg, self.card = cfg, card
+
+    def model_config(self, bundle_info):
+        from transformers import HubertConfig
+
+        return HubertConfig.from_pretrained(bundle_info.path("hubert"))
+
+    def sampler(self, videos: dict, seed: int, model_config):
+        from stages.audio.hubert_training import sample_audio_clips
+
+        o = self.cfg.hubert
+
+        def samples(row: dict) -> list[dict]:
+            if "wave" not in row:
+                raise ValueError(f"shard {row['video_id']} chunk {row['chunk_idx']} holds no speech samples (prepared "
+                                 "by an older version): prepare the corpus again into a new output to train HuBERT")
+            return sample_audio_clips(unpack(row["wave"]), chunk_rng(seed, row), o.clip_frames, o.clips_per_chunk)
+
+        return samples
+
+    def build_trainer(self, bundle_info, model_config, wrap, device, autocast_dtype, seed: int):
+        from transformers import HubertModel
+
+        from stages.audio.hubert_training import HubertTrainConfig, HubertTrainer
+
+        c, o = self.cfg, self.cfg.hubert
+        train_cfg = HubertTrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=c.warmup_steps, total_steps=c.steps,
+                                      grad_clip=c.grad_clip, n_mels=o.n_mels, mask_prob=o.mask_prob,
+                                      mask_length=o.mask_length, unmasked_weight=o.unmasked_weight)
+        # from the bundle's weights: a second run continues from the first
+        hubert = HubertModel.from_pretrained(bundle_info.path("hubert"))
+        return HubertTrainer(hubert, train_cfg, wrap=wrap, device=device, seed=seed)
+
+    def to_batch(self, batch: dict) -> dict:
+        return batch
+
+    def network(self, trainer):
+        return trainer.model
+
+    def load_network(self, model_config, state: dict):
+        from transformers import HubertModel
+
+        from stages.audio.hubert_training import MaskedMelModel
+
+        model = MaskedMelModel(HubertModel(model_config), self.cfg.hubert.n_mels)
+        model.load_state_dict(state["model"])
+        return _HubertFolder(model.hubert.eval())
+
+
+TASKS = {"stage1": Stage1Task, "stage2": Stage2Task, "vae": VaeTask, "extractor": ExtractorTask, "hubert": HubertTask}
