@@ -83,6 +83,29 @@ def test_vae_trainer_overfits_resumes_and_saves_whitened_latents(tmp_path):
         with_scaling_factor(vae, 0.0)
 
 
+def test_vae_decoder_fine_tune_keeps_the_latents_and_improves_the_decode(tmp_path):
+    torch.manual_seed(0)
+    batch = {"image": _images(_crops(2))}
+    trained = with_scaling_factor(LatentVAE.from_config(tiny_vae_config()), 0.8)  # stands for a trained VAE
+    trained.save_pretrained(str(tmp_path / "vae"))
+    with torch.no_grad():
+        latents_before = trained.encode(batch["image"])
+    cfg = VaeTrainConfig(lr=3e-3, warmup_steps=0, total_steps=40, decoder_only=True)
+    trainer = VaeTrainer(LatentVAE.from_pretrained(str(tmp_path / "vae")), MouthMask().array(), cfg, seed=1)
+    assert all(not p.requires_grad for p in trainer.vae.vae.encoder.parameters())
+    before = trainer.evaluate(batch)
+    for step in range(30):
+        logs = trainer.step(batch, step)
+    after = trainer.evaluate(batch)
+    assert after["rec"] < 0.7 * before["rec"], (before, after)
+    assert logs["latent_std"] == pytest.approx(0.8)
+    tuned = trainer.trained_vae()
+    assert tuned.scaling_factor == pytest.approx(1.25)
+    with torch.no_grad():
+        assert torch.equal(tuned.encode(batch["image"]), latents_before)  # Stage 2's inputs unchanged
+        assert not torch.equal(tuned.decode(latents_before), trained.decode(latents_before))
+
+
 def test_opening_direction_is_a_unit_pattern_on_the_driven_keypoints():
     u = opening_direction()
     assert u.shape == (21, 3) and np.linalg.norm(u) == pytest.approx(1.0)

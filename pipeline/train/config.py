@@ -59,6 +59,8 @@ class VaeOptions(_Strict):
     lr: float = Field(1e-3, gt=0)
     kl: float = Field(1e-6, ge=0, description="β of the KL term")
     mouth_weight: float = Field(4.0, ge=0, description="extra L1 weight inside the mouth mask")
+    decoder_only: bool = Field(False, description="fine-tune the decoder of the bundle's VAE, its encoder and scaling "
+                               "factor kept: the latents, and a Stage 2 trained on them, keep their meaning")
 
 
 class ExtractorOptions(_Strict):

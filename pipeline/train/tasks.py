@@ -198,6 +198,10 @@ class VaeTask:
         config = dict(LatentVAE.from_pretrained(bundle_info.path("vae")).vae.config)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         widths = self.cfg.vae.block_out_channels
+        if widths and self.cfg.vae.decoder_only:
+            from pipeline.train.job import TrainError
+
+            raise TrainError("vae.decoder_only fine-tunes the bundle's VAE: vae.block_out_channels cannot change it")
         if widths:
             if len(widths) != len(config["block_out_channels"]):
                 from pipeline.train.job import TrainError
@@ -221,9 +225,10 @@ class VaeTask:
 
         c, o = self.cfg, self.cfg.vae
         train_cfg = VaeTrainConfig(lr=o.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, grad_clip=c.grad_clip,
-                                   kl=o.kl, mouth_weight=o.mouth_weight)
-        return VaeTrainer(LatentVAE.from_config(model_config), MouthMask().array(), train_cfg, wrap=wrap, device=device,
-                          seed=seed)
+                                   kl=o.kl, mouth_weight=o.mouth_weight, decoder_only=o.decoder_only)
+        # a fresh VAE, or (decoder_only) the bundle's, whose encoder the fine-tune keeps
+        vae = LatentVAE.from_pretrained(bundle_info.path("vae")) if o.decoder_only else LatentVAE.from_config(model_config)
+        return VaeTrainer(vae, MouthMask().array(), train_cfg, wrap=wrap, device=device, seed=seed)
 
     def to_batch(self, batch: dict) -> dict:
         return {"image": batch["image"].permute(0, 3, 1, 2).float() / 255.0}  # (B,S,S,3) uint8 -> (B,3,S,S)

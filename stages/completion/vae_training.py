@@ -17,6 +17,11 @@ the dub pastes back, so its detail is weighted up. After training the diffusers
 `scaling_factor` is set to 1 / std of the latents' posterior means (tracked during
 training), which is how the SD VAE's 0.18215 was chosen: the IMC-UNet sees unit-variance
 latents.
+
+With `decoder_only` the trainer fine-tunes the decoder of an already trained VAE and keeps
+its encoder and scaling factor, so the latents, and a Stage 2 trained on them, keep their
+meaning: Stability AI made `sd-vae-ft-mse` from the SD VAE the same way. The KL term is then
+a constant and is left out.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class VaeTrainConfig:
     kl: float = 1e-6  # β: the SD VAE's KL weight
     mouth_weight: float = 4.0
     std_momentum: float = 0.05  # EMA of the latents' std, for the scaling factor
+    decoder_only: bool = False  # fine-tune the decoder; encoder and scaling factor kept
 
 
 class VaeTrainer:
@@ -60,20 +66,29 @@ class VaeTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.vae = vae.to(self.device)
-        self.vae.vae.requires_grad_(True).train()
-        self.net = wrap(self.vae.vae)
+        vae_net = self.vae.vae
+        vae_net.requires_grad_(True).train()
+        if cfg.decoder_only:
+            vae_net.encoder.requires_grad_(False)
+            if vae_net.quant_conv is not None:
+                vae_net.quant_conv.requires_grad_(False)
+        self.trained_parameters = [p for p in vae_net.parameters() if p.requires_grad]
+        self.net = wrap(vae_net)
         mask = torch.as_tensor(np.asarray(mouth_mask, dtype=np.float32))[None, None]  # (1,1,S,S)
         self.weight = (1.0 + cfg.mouth_weight * mask).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.vae.vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.trained_parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.total_steps)
         self.generator = torch.Generator().manual_seed(seed)
-        self.latent_std = torch.zeros((), dtype=torch.float64)  # 0 = not measured yet
+        # 0 = not measured yet; a decoder fine-tune keeps the latents, hence their std
+        kept_std = 1.0 / float(vae_net.config.scaling_factor) if cfg.decoder_only else 0.0
+        self.latent_std = torch.tensor(kept_std, dtype=torch.float64)
 
     def _images(self, batch: dict) -> Tensor:
         return batch["image"].to(self.device, torch.float32)  # (B,3,S,S) in [0,1]
 
     def _forward(self, images: Tensor, sample: bool):
-        posterior = self.net.encode(images * 2.0 - 1.0).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.decoder_only):
+            posterior = self.net.encode(images * 2.0 - 1.0).latent_dist
         if sample:
             noise = torch.randn(posterior.mean.shape, generator=self.generator).to(self.device)
             z = posterior.mean + posterior.std * noise
@@ -88,11 +103,12 @@ class VaeTrainer:
         posterior, decoded = self._forward(images, sample=True)
         rec = (self.weight * (decoded - images).abs()).mean() / self.weight.mean()
         kl = posterior.kl().mean() / images[0].numel()  # per pixel, as the reconstruction term
-        loss = rec + self.cfg.kl * images[0].numel() * kl
-        lr = optimisation_step(loss, self.optimizer, self.scheduler, self.vae.vae.parameters(), self.cfg.grad_clip)
-        std = posterior.mean.detach().double().std().cpu()
-        m = self.cfg.std_momentum
-        self.latent_std = std if float(self.latent_std) == 0.0 else (1 - m) * self.latent_std + m * std
+        loss = rec if self.cfg.decoder_only else rec + self.cfg.kl * images[0].numel() * kl
+        lr = optimisation_step(loss, self.optimizer, self.scheduler, self.trained_parameters, self.cfg.grad_clip)
+        if not self.cfg.decoder_only:
+            std = posterior.mean.detach().double().std().cpu()
+            m = self.cfg.std_momentum
+            self.latent_std = std if float(self.latent_std) == 0.0 else (1 - m) * self.latent_std + m * std
         return {"loss": float(loss.detach()), "rec": float(rec.detach()), "kl": float(kl.detach()), "lr": float(lr),
                 "latent_std": float(self.latent_std)}
 
