@@ -559,3 +559,32 @@ def test_stage2_task_audio_mode_config_and_samples(tmp_path, monkeypatch):
         np.testing.assert_array_equal(s["target_exp"], chunk["exp"][t])
     motion_samples = motion_task.sampler({"v": video}, 0, motion_task.model_config(Bundle()))(row)
     assert all(s["motion"].shape == (21, 3) for s in motion_samples)
+
+
+def test_stage1_task_sizes_a_fresh_stage1_from_options_or_the_base_bundle(tmp_path):
+    import pipeline.train.tasks as tasks
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.job import TrainError
+    from stages.common.checkpoint import save_config
+    from stages.motion.audio2motion import Audio2Motion, Audio2MotionConfig
+
+    save_config(Audio2MotionConfig.tiny(), str(tmp_path / "stage1"), "Audio2Motion")
+
+    class Bundle:
+        def path(self, component):
+            return str(tmp_path / component)
+
+    def stats(shape):
+        return {"mean": np.zeros(shape).tolist(), "std": np.ones(shape).tolist()}
+
+    card = {"statistics": {"offset": stats((21, 3)), "exp": stats((21, 3)), "x_c": stats((21, 3))}}
+    tiny = Audio2MotionConfig.tiny()
+    kept = tasks.Stage1Task(TrainConfig(), card).model_config(Bundle())
+    assert (kept.d_model, kept.n_layers, kept.n_heads) == (tiny.d_model, tiny.n_layers, tiny.n_heads)
+    wider = tasks.Stage1Task(TrainConfig(stage1={"d_model": 48, "n_layers": 3, "n_heads": 4}), card).model_config(Bundle())
+    assert (wider.d_model, wider.n_layers, wider.n_heads, wider.audio_dim) == (48, 3, 4, tiny.audio_dim)
+    model = Audio2Motion(wider)
+    assert len(model.layers) == 3 and sum(p.numel() for p in model.parameters()) > \
+        sum(p.numel() for p in Audio2Motion(kept).parameters())
+    with pytest.raises(TrainError, match="multiple of n_heads"):
+        tasks.Stage1Task(TrainConfig(stage1={"d_model": 50, "n_heads": 4}), card).model_config(Bundle())

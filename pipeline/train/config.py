@@ -24,6 +24,10 @@ class Stage1Options(_Strict):
     prev_noise_std: float = Field(0.1, ge=0)
     scheduled_sampling: float = Field(0.25, ge=0, le=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+    # the Transformer's size; None keeps the base bundle's (a real bundle's Stage 1 has its own)
+    d_model: int | None = Field(None, ge=8, description="width of a fresh Stage 1 (default: the base bundle's)")
+    n_layers: int | None = Field(None, ge=1, description="layers of a fresh Stage 1 (default: the base bundle's)")
+    n_heads: int | None = Field(None, ge=1, description="attention heads (default: the base bundle's); must divide d_model")
 
 
 class Stage2Options(_Strict):

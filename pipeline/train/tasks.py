@@ -54,7 +54,12 @@ class Stage1Task:
         o = self.cfg.stage1
         base = load_config(Audio2MotionConfig, bundle_info.path("stage1"))
         config = dataclasses.replace(base, audio_steps_per_frame=o.audio_steps_per_frame, audio_window_before=o.audio_window_before,
-                                     audio_window_after=o.audio_window_after, dropout=o.dropout)
+                                     audio_window_after=o.audio_window_after, dropout=o.dropout,
+                                     **{k: getattr(o, k) for k in ("d_model", "n_layers", "n_heads") if getattr(o, k)})
+        if config.d_model % config.n_heads:
+            from pipeline.train.job import TrainError
+
+            raise TrainError(f"stage1: d_model {config.d_model} is not a multiple of n_heads {config.n_heads}")
         driven = list(config.driven_keypoints)
         off_mean, off_std = _stats(self.card, "offset")
         exp_mean, exp_std = _stats(self.card, "exp")
