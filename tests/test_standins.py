@@ -160,6 +160,12 @@ def test_write_bundle_puts_a_trained_extractor_and_vae_where_the_dub_loads_them(
     assert meta["training"]["extractor"]["steps"] == 7 and meta["training"]["vae"]["steps"] == 9
     assert meta["trained"] is False  # the stand-ins alone do not make a lip-syncing bundle
     assert not os.path.exists(os.path.join(out, "liveportrait", "motion_extractor.pth.new"))
+    # a decoder fine-tune keeps the first pass's record inside its own
+    write_bundle(out, out, "vae", vae, {"id": "card1"}, 4, "run2", Storage(), fine_tune=True)
+    with open(os.path.join(out, "bundle.json")) as f:
+        vae_record = json.load(f)["training"]["vae"]
+    assert (vae_record["corpus"], vae_record["steps"], vae_record["fine_tunes"]["corpus"],
+            vae_record["fine_tunes"]["steps"]) == ("card1", 4, "card0", 9)
 
 
 # ---- the HuBERT stand-in (`imgtalk train hubert`, stages/audio/hubert_training.py)

@@ -110,9 +110,11 @@ def _progress(storage: Storage, uri: str, total: int, stop: threading.Event, str
 
 
 def write_bundle(base_root: str, out_uri: str, stage: str, network, card: dict, steps: int, run: str,
-                 storage: Storage, component: str | None = None) -> str:
+                 storage: Storage, component: str | None = None, fine_tune: bool = False) -> str:
     """The base bundle with `stage`'s folder replaced by the trained network; bundle.json
-    records each trained stage's corpus card and steps, and `trained` once both are."""
+    records each trained stage's corpus card and steps, and `trained` once both are.
+    fine_tune: the network continued the base's (e.g. a VAE's decoder alone), so the base's
+    record of that stage is kept inside the new one, under "fine_tunes"."""
     with tempfile.TemporaryDirectory(prefix="imgtalk-bundle-") as tmp:
         root = tmp if is_remote(out_uri) else strip_file_scheme(out_uri)
         if os.path.abspath(root) != os.path.abspath(base_root):
@@ -130,8 +132,11 @@ def write_bundle(base_root: str, out_uri: str, stage: str, network, card: dict, 
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staged, target)
         training = meta.get("training", {})
-        training[stage] = {"corpus": card["id"], "steps": int(steps), "run": run,
-                           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entry = {"corpus": card["id"], "steps": int(steps), "run": run,
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if fine_tune and stage in training:
+            entry["fine_tunes"] = training[stage]
+        training[stage] = entry
         meta["training"] = training
         meta["trained"] = all(s in training for s in ("stage1", "stage2"))
         meta["note"] = ("trained by imgtalk train" if meta["trained"] else
@@ -235,7 +240,7 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
                 steps = int(json.load(f)["position"]["step"])
         network = task.load_network(model_config, state)
         write_bundle(base_root, output_uri, stage, network, card, steps, config.name, storage,
-                     component=getattr(task, "component", stage))
+                     component=getattr(task, "component", stage), fine_tune=getattr(task, "fine_tunes_base", False))
         return TrainResult(stage, output_uri, steps, dict(result.metrics or {}), run_dir, time.perf_counter() - started)
     finally:
         if started_ray:

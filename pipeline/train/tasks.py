@@ -196,6 +196,7 @@ class VaeTask:
 
     def __init__(self, cfg: TrainConfig, card: dict):
         self.cfg, self.card = cfg, card
+        self.fine_tunes_base = cfg.vae.decoder_only  # write_bundle keeps the first pass's record
 
     def model_config(self, bundle_info) -> dict:
         from stages.completion.vae import LatentVAE
