@@ -503,3 +503,36 @@ def test_a_coordinate_constant_in_the_corpus_is_neither_read_nor_predicted():
     mean = torch.tensor(stats[0], dtype=torch.float32)
     assert torch.equal(raw[..., [0, 2]], mean[:, [0, 2]].expand(5, ND, 2))
     assert (raw[..., 1] - mean[:, 1]).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_generate_past_max_frames_decodes_cross_faded_windows_of_training_length(after):
+    k, window, frames = 2, 8, 21
+    model = tiny_model(k, audio_window_after=after, max_frames=window)
+    audio, x_c, neutral, _ = tiny_inputs(2, frames, k)
+    out = model.generate(audio, x_c, neutral)
+    assert out.shape == (2, frames, ND, 3)
+    torch.testing.assert_close(out, model.generate_windows(audio, x_c, neutral, window))
+    # overlap max(8 // 4, look-ahead + 1); the last window ends with the sequence (13..21)
+    overlap = max(window // 4, after + 1)
+    starts = [0, window - overlap, 2 * (window - overlap), frames - window]
+
+    def alone(start):  # the window decoded on its own: positions from 0, its look-ahead audio included
+        return model._generate(audio[:, k * start: k * min(frames, start + window + after)], x_c, neutral)[:, :window]
+
+    first, second, last = alone(starts[0]), alone(starts[1]), alone(starts[-1])
+    torch.testing.assert_close(out[:, : starts[1]], first[:, : starts[1]])  # only the first window reaches these
+    torch.testing.assert_close(out[:, starts[-2] + window:], last[:, starts[-2] + window - starts[-1]:])
+    # in the first overlap, a linear cross-fade: the second window weighs 1/(o+1) .. o/(o+1)
+    for j, w_next in zip(range(starts[1], window), np.arange(1, overlap + 1) / (overlap + 1)):
+        w_next = float(w_next)
+        want = (1 - w_next) * first[:, j] + w_next * second[:, j - starts[1]]
+        torch.testing.assert_close(out[:, j], want)
+    # no longer than the windows: one ordinary call; without a limit (0) the old behaviour
+    short = tiny_inputs(1, window, k)
+    torch.testing.assert_close(model.generate(*short[:3]), model._generate(*short[:3]))
+    unlimited = tiny_model(k, audio_window_after=after)
+    unlimited.load_state_dict(model.state_dict())
+    torch.testing.assert_close(unlimited.generate(audio, x_c, neutral), model._generate(audio, x_c, neutral))
+    with pytest.raises(ValueError, match="overlap"):
+        model.generate_windows(audio, x_c, neutral, window, overlap=window)

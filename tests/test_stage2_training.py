@@ -581,6 +581,7 @@ def test_stage1_task_sizes_a_fresh_stage1_from_options_or_the_base_bundle(tmp_pa
     tiny = Audio2MotionConfig.tiny()
     kept = tasks.Stage1Task(TrainConfig(), card).model_config(Bundle())
     assert (kept.d_model, kept.n_layers, kept.n_heads) == (tiny.d_model, tiny.n_layers, tiny.n_heads)
+    assert kept.max_frames == TrainConfig().stage1.clip_frames  # longer sequences are decoded in windows of it
     wider = tasks.Stage1Task(TrainConfig(stage1={"d_model": 48, "n_layers": 3, "n_heads": 4}), card).model_config(Bundle())
     assert (wider.d_model, wider.n_layers, wider.n_heads, wider.audio_dim) == (48, 3, 4, tiny.audio_dim)
     model = Audio2Motion(wider)

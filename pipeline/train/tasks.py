@@ -55,6 +55,7 @@ class Stage1Task:
         base = load_config(Audio2MotionConfig, bundle_info.path("stage1"))
         config = dataclasses.replace(base, audio_steps_per_frame=o.audio_steps_per_frame, audio_window_before=o.audio_window_before,
                                      audio_window_after=o.audio_window_after, dropout=o.dropout,
+                                     max_frames=o.clip_frames,  # it decodes longer sequences in windows of this
                                      **{k: getattr(o, k) for k in ("d_model", "n_layers", "n_heads") if getattr(o, k)})
         if config.d_model % config.n_heads:
             from pipeline.train.job import TrainError

@@ -79,6 +79,11 @@ class Audio2MotionConfig:
     audio_steps_per_frame: int = 2
     audio_window_before: int = 0  # frames of earlier audio each frame may attend
     audio_window_after: int = 0  # frames of look-ahead (latency after x 40 ms)
+    # The longest sequence it was trained on (the training clip's frames; 0 = unbounded). Past
+    # it the positions and the history are ones it never saw, and its free-running output
+    # drifts (the demo bundle, trained on 25-frame clips: +0.27 along the lips' opening after
+    # frame 25), so `generate` works in overlapping windows of this length (generate_windows).
+    max_frames: int = 0
     # Corpus statistics (see with_statistics); None = identity. Offsets: (|D|, 3); the
     # neutral expression and canonical keypoints: (num_kp, 3). Nested tuples for JSON.
     offset_mean: Stats | None = None
@@ -326,7 +331,46 @@ class Audio2Motion(nn.Module):
                  return_state: bool = False):
         """Autoregressive decoding of T = steps // k frames, one at a time with a self-attention KV
         cache. Call in eval mode. Returns raw Δδ (B, T, |D|, 3). Passing the returned `state` back
-        continues the sequence; chunked calls equal one call when audio_window_after = 0."""
+        continues the sequence; chunked calls equal one call when audio_window_after = 0.
+        A sequence longer than cfg.max_frames, started afresh, is decoded by generate_windows."""
+        if state is None and not return_state and 0 < self.cfg.max_frames < self.num_frames(audio):
+            return self.generate_windows(audio, x_c, delta_neutral, self.cfg.max_frames)
+        return self._generate(audio, x_c, delta_neutral, state, return_state)
+
+    @torch.no_grad()
+    def generate_windows(self, audio: Tensor, x_c: Tensor, delta_neutral: Tensor, window: int,
+                         overlap: int | None = None) -> Tensor:
+        """Free-running decoding in windows of `window` frames, each started afresh as a training
+        clip starts (positions from 0, the rest token), so no frame sits at a position or behind a
+        history longer than training's. Windows overlap by `overlap` frames (default a quarter,
+        at least the look-ahead + 1) and are cross-faded linearly there; each window is given its
+        look-ahead audio where the sequence has it. Returns raw Δδ (B, T, |D|, 3)."""
+        k, after = self.cfg.audio_steps_per_frame, self.cfg.audio_window_after
+        total = self.num_frames(audio)
+        overlap = max(window // 4, after + 1) if overlap is None else overlap
+        if not 0 <= overlap < window:
+            raise ValueError(f"audio2motion.py generate_windows: overlap {overlap} must be in [0, window {window})")
+        starts = list(range(0, max(1, total - window), window - overlap))
+        if starts[-1] + window < total:  # the last window ends with the sequence, full length
+            starts.append(total - window)
+        out = audio.new_zeros(audio.shape[0], total, self.num_driven, 3)
+        weight = audio.new_zeros(total)
+        fade = torch.arange(1, overlap + 1, dtype=audio.dtype, device=audio.device) / (overlap + 1)
+        for i, start in enumerate(starts):
+            end = min(total, start + window)
+            # frames [start, end) plus their look-ahead, decoded as a sequence of its own
+            frames = self._generate(audio[:, k * start: k * min(total, end + after)], x_c, delta_neutral)[:, : end - start]
+            ramp = torch.ones(end - start, dtype=audio.dtype, device=audio.device)
+            if i > 0 and overlap:  # fade in over the overlap with the previous window
+                ramp[:overlap] = fade
+            if i < len(starts) - 1 and overlap:  # fade out towards the next one
+                ramp[-overlap:] = torch.minimum(ramp[-overlap:], fade.flip(0))
+            out[:, start:end] += ramp[None, :, None, None] * frames
+            weight[start:end] += ramp
+        return out / weight[None, :, None, None]
+
+    def _generate(self, audio: Tensor, x_c: Tensor, delta_neutral: Tensor, state: GenerationState | None = None,
+                  return_state: bool = False):
         cfg = self.cfg
         batch, k = x_c.shape[0], cfg.audio_steps_per_frame
         before, after = cfg.audio_window_before, cfg.audio_window_after
