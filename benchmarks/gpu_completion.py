@@ -6,7 +6,7 @@ torch, numpy and opencv; carry diffusers' wheel): it is meant to be the one prep
 of a GPU device run.
 
     python benchmarks/gpu_completion.py [--device cuda] [--size paper|tiny]
-                                        [--batches 8,16,32,64,128,256] [--compile] [--compile-batch 64]
+                                        [--batches 8,16,32,64,128,256] [--compile default,max-autotune]
 
 Per variant and batch: frames/s (after warm-up, at least --seconds of timed calls, the
 device synchronised around them) and peak memory; per variant, at batch 8, the relative L2
@@ -69,10 +69,13 @@ class Variant:
     channels_last: bool = False
     decode: str = "full"  # or "mouth" (complete.decode)
     compile_mode: str | None = None
+    autocast: bool = False  # fp32 weights run under bf16 autocast (CompletionStage's precision "bf16")
+    graph: bool = False  # captured as one CUDA graph for a fixed batch
 
 
 EAGER = (
     Variant("fp32 eager"),
+    Variant("fp32 weights + bf16 autocast", autocast=True),
     Variant("bf16 weights", torch.bfloat16),
     Variant("bf16 + channels_last", torch.bfloat16, True),
     Variant("bf16 + channels_last + decode mouth", torch.bfloat16, True, "mouth"),
@@ -122,9 +125,16 @@ class OurStage:
         mask = mouth_mask()
         self.keep = torch.from_numpy(1.0 - mask.array()).to(device, variant.dtype)[None, None]
         self.window = latent_window(mask.feathered(6.0), vae.downsample, 4) if variant.decode == "mouth" else None
-        self.forward = self._forward
+        self.statistics = None
+        self.forward = self._autocast_forward if variant.autocast else self._forward
         if variant.compile_mode:
             self.forward = torch.compile(self._forward, mode=variant.compile_mode, fullgraph=False)
+        if variant.graph:
+            self.forward = GraphedCall(self.forward, device)
+
+    def _autocast_forward(self, *args):
+        with torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
+            return self._forward(*args)
 
     def prepare(self, images: torch.Tensor, motion: torch.Tensor, reference: torch.Tensor):
         memory = torch.channels_last if self.variant.channels_last else torch.contiguous_format
@@ -137,9 +147,42 @@ class OurStage:
         completed = self.unet(masked, motion, reference_latent)
         if self.window is None:
             return self.vae.decode(completed)
-        # The statistics from the batch's first frame: the dub takes a segment's first face
-        # frame's, one full decode per segment instead of per batch, so this is the dearer.
-        return self.decode_pasted(self.vae, completed, images, self.window)
+        # The dub takes a segment's first face frame's statistics, one full decode of one
+        # frame per segment (hundreds of frames): taken once here, outside the timing.
+        if self.statistics is None:
+            self.statistics = self.vae.window_statistics(completed[:1], *self.window)
+        return self.decode_pasted(self.vae, completed, images, self.window, self.statistics)
+
+
+class GraphedCall:
+    """fn captured as one CUDA graph per input shape: the inputs are copied into static
+    buffers and the graph replayed, so a batch costs one launch instead of ~1,000 kernels'.
+    On the CPU (the tiny self-check) it calls fn."""
+
+    def __init__(self, fn, device: str):
+        self.fn, self.device, self.graphs = fn, device, {}
+
+    def __call__(self, *args):
+        if not self.device.startswith("cuda"):
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in self.graphs:
+            static = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture: cuDNN/cuBLAS pick their kernels
+                for _ in range(2):
+                    self.fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buffer, a in zip(static, args):
+            buffer.copy_(a)
+        graph.replay()
+        return out
 
 
 class MuseTalkWay:
@@ -230,17 +273,54 @@ def flops_per_frame(size: str) -> dict[str, float]:
     return counts
 
 
+def part_times(stage: "OurStage", inputs, device: str, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per call of each part (encode, UNet, decode) at one batch, by CUDA events."""
+    images, motion, reference = inputs
+    parts = {
+        "encode": lambda: stage.vae.encode(images * stage.keep),
+        "unet": lambda: stage.unet(latent, motion, reference),
+        "decode": lambda: stage.vae.decode(latent) if stage.window is None
+        else stage.decode_pasted(stage.vae, latent, images, stage.window, stage.statistics),
+    }
+    times = {}
+    with torch.inference_mode():
+        latent = stage.vae.encode(images * stage.keep)
+        for name, fn in parts.items():
+            for _ in range(2):
+                fn()
+            synchronize(device)
+            if device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeats):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name] = start.elapsed_time(end) / repeats
+            else:
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                times[name] = 1000 * (time.perf_counter() - t0) / repeats
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", choices=["paper", "tiny"], default="paper")
     ap.add_argument("--batches", default="8,16,32,64,128,256")
+    ap.add_argument("--fp32-batches", default="8,32", help="fp32 runs ~10x slower: fewer batch sizes")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed calls per measurement, at least this long")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--graph-batches", default="64,256", help="CUDA-graph batch sizes ('' for none)")
+    ap.add_argument("--compile", default="", help="comma-separated torch.compile modes, run last, e.g. "
+                    "default,max-autotune-no-cudagraphs,max-autotune")
     ap.add_argument("--compile-batch", type=int, default=64)
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     args = ap.parse_args(argv)
     device, batches = args.device, [int(b) for b in args.batches.split(",")]
+    fp32_batches = [int(b) for b in args.fp32_batches.split(",")]
+    graph_batches = [int(b) for b in args.graph_batches.split(",") if b]
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"gpu_completion: {args.size} size on {device} ({name}), torch {torch.__version__}")
@@ -255,38 +335,72 @@ def main(argv: list[str] | None = None) -> None:
 
     processors = {type(m.processor).__name__ for net in (vae, unet, musetalk_unet) for m in net.modules()
                   if isinstance(m, Attention)}
+    print(f"fp32 settings (torch's defaults): cuDNN TF32 {torch.backends.cudnn.allow_tf32}, matmul TF32 "
+          f"{torch.backends.cuda.matmul.allow_tf32}; the fp32 reference check runs with cuDNN TF32 off")
     print(f"attention processors (AttnProcessor2_0 is torch's SDPA, flash where it applies): {sorted(processors)}")
+    num_kp = unet.config.num_kp
+
+    def inputs_for(stage: OurStage, batch: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        return stage.prepare(smooth_crops(batch, "cpu", seed), torch.randn(batch, num_kp, 3, generator=g) * 0.05,
+                             torch.randn(batch, 4, 32, 32, generator=g))
+
     check_batch = min(8, batches[0])
-    check_inputs = (smooth_crops(check_batch, "cpu", 1), torch.randn(check_batch, unet.config.num_kp, 3) * 0.05,
-                    torch.randn(check_batch, 4, 32, 32))
     pasted = torch.from_numpy(mouth_mask().feathered(6.0) > 0)[None, None]
     reference_out = None
+    results = {}  # variant name -> {batch: frames/s}
     best = (0.0, None, 0)  # frames/s, variant, batch
-    print(f"{'variant':<48} {'batch':>5} {'frames/s':>9} {'peak GiB':>8}")
-    variants = list(EAGER)
-    for variant in variants:
+
+    def measure(variant: Variant, variant_batches: list[int]) -> "OurStage":
+        nonlocal reference_out, best, vae, unet
         stage = OurStage(vae, unet, variant, device)
+        # The reference in true fp32: cuDNN convolutions default to TF32 on the GPU.
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = reference_out is not None and tf32
         with torch.inference_mode():
-            out = stage.forward(*stage.prepare(*check_inputs)).float()
+            out = stage.forward(*inputs_for(stage, check_batch, 1)).float().clone()
+        torch.backends.cudnn.allow_tf32 = tf32
         if reference_out is None:
             reference_out = out
+        elif variant.decode == "mouth":  # outside the window the crop is the source, by design
+            print(f"  check {variant.name}: PSNR inside the pasted region against fp32 eager "
+                  f"{psnr_inside(out, reference_out, pasted):.1f} dB")
         else:
-            if variant.decode == "mouth":  # outside the window the crop is the source, by design
-                quality = f"PSNR inside the pasted region against fp32 eager {psnr_inside(out, reference_out, pasted):.1f} dB"
-            else:
-                quality = f"relative L2 error against fp32 eager {relative_error(out, reference_out):.2e}"
-            print(f"  {variant.name}: {quality}")
-        for batch in batches:
-            inputs = stage.prepare(smooth_crops(batch, "cpu", 2), torch.randn(batch, unet.config.num_kp, 3) * 0.05,
-                                   torch.randn(batch, 4, 32, 32))
-            fps, peak = throughput(stage.forward, inputs, batch, device, args.seconds)
-            print(f"{variant.name:<48} {batch:>5} {fps:>9.1f} {peak:>8.2f}")
+            print(f"  check {variant.name}: relative L2 error against fp32 eager {relative_error(out, reference_out):.2e}")
+        for batch in variant_batches:
+            fps, peak = throughput(stage.forward, inputs_for(stage, batch, 2), batch, device, args.seconds)
+            print(f"{variant.name:<52} {batch:>5} {fps:>9.1f} {peak:>8.2f}", flush=True)
+            results.setdefault(variant.name, {})[batch] = fps
             if fps > best[0]:
                 best = (fps, variant, batch)
+        return stage
+
+    def restore():
+        nonlocal vae, unet
         vae, unet = vae.float().to(memory_format=torch.contiguous_format), unet.float().to(memory_format=torch.contiguous_format)
 
-    # MuseTalk before the compiled variants: a compile that fails (never run before the
-    # device run) must not cost the comparison.
+    print(f"{'variant':<52} {'batch':>5} {'frames/s':>9} {'peak GiB':>8}")
+    for variant in EAGER:
+        stage = measure(variant, fp32_batches if variant.dtype == torch.float32 else batches)
+        if variant.dtype != torch.float32 and variant.channels_last:
+            best_batch = max(results[variant.name], key=results[variant.name].get)
+            ms = part_times(stage, inputs_for(stage, best_batch, 4), device)
+            parts = ", ".join(f"{k} {v / best_batch:.3f} ms/frame ({flops[k] * best_batch / (v / 1e3) / 1e12:.0f} TFLOP/s)"
+                              for k, v in ms.items())
+            print(f"  where the time goes ({variant.name}, batch {best_batch}): {parts}")
+        del stage
+        restore()
+
+    for base in (EAGER[3], EAGER[4]):  # bf16 + channels_last, without and with the mouth decode
+        variant = Variant(f"{base.name} + CUDA graph", base.dtype, base.channels_last, base.decode, graph=True)
+        try:
+            measure(variant, graph_batches)
+        except Exception as e:  # noqa: BLE001 - reported, and the other results stand
+            print(f"{variant.name}: failed: {type(e).__name__}: {str(e)[:300]}")
+        restore()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     half = torch.float16 if device.startswith("cuda") else torch.float32  # fp16 convolutions are CUDA's
     musetalk = {}
     for mode, realtime in (("normal", False), ("realtime", True)):
@@ -295,36 +409,43 @@ def main(argv: list[str] | None = None) -> None:
         fps, peak = throughput(way.forward, way.inputs(batch, 3), batch, device, args.seconds)
         musetalk[mode] = fps
         print(f"MuseTalk's way ({mode} mode: {str(half).replace('torch.', '')}, eager, batch {batch}): "
-              f"{fps:.1f} frames/s, peak {peak:.2f} GiB")
+              f"{fps:.1f} frames/s, peak {peak:.2f} GiB", flush=True)
         vae = vae.float()
+    # MuseTalk's UNet with our best eager settings (bf16 weights, channels_last, our batch)
+    ours_way = best[1]
+    way = MuseTalkWay(vae, musetalk_unet.to(memory_format=torch.channels_last) if ours_way.channels_last else musetalk_unet,
+                      audio_dim, torch.bfloat16 if device.startswith("cuda") else torch.float32, device, realtime=False)
+    fps, peak = throughput(way.forward, way.inputs(best[2], 3), best[2], device, args.seconds)
+    print(f"MuseTalk's UNet + VAE with bf16 weights, eager, batch {best[2]} (normal mode's work): {fps:.1f} frames/s, "
+          f"peak {peak:.2f} GiB", flush=True)
+    del way
+    musetalk_unet.cpu()
+    restore()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
-    if args.compile:
-        base = best[1]
-        for mode in ("max-autotune-no-cudagraphs", "max-autotune"):
-            variant = Variant(f"{base.name} + compile {mode}", base.dtype, base.channels_last, base.decode, mode)
-            try:
-                stage = OurStage(vae, unet, variant, device)
-                inputs = stage.prepare(smooth_crops(args.compile_batch, "cpu", 2),
-                                       torch.randn(args.compile_batch, unet.config.num_kp, 3) * 0.05,
-                                       torch.randn(args.compile_batch, 4, 32, 32))
-                fps, peak = throughput(stage.forward, inputs, args.compile_batch, device, args.seconds)
-            except Exception as e:  # noqa: BLE001 - reported, and the other results stand
-                print(f"{variant.name}: failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            finally:
-                vae, unet = vae.float(), unet.float()
-            print(f"{variant.name:<48} {args.compile_batch:>5} {fps:>9.1f} {peak:>8.2f}")
-            if fps > best[0]:
-                best = (fps, variant, args.compile_batch)
+    def report():
+        fps, variant, batch = best
+        # With decode "mouth" the decoder does about half its FLOPs, so against the full-decode
+        # roofline the ratio is an effective one (frames delivered), not the hardware's use.
+        effective = " (effective: full-decode FLOPs)" if variant.decode == "mouth" else ""
+        print(f"best: {variant.name} at batch {batch}: {fps:.1f} frames/s, {fps / roofline:.2f} of the roofline{effective}")
+        for mode, mt in musetalk.items():
+            print(f"ours best / MuseTalk's way ({mode} mode) {fps / mt:.2f}", flush=True)
 
-    ours_fps, ours_variant, ours_batch = best
-    # With decode "mouth" the decoder does about half its FLOPs, so against the full-decode
-    # roofline the ratio is an effective one (frames delivered), not the hardware's use.
-    effective = " (effective: full-decode FLOPs)" if ours_variant.decode == "mouth" else ""
-    print(f"best: {ours_variant.name} at batch {ours_batch}: {ours_fps:.1f} frames/s, "
-          f"{ours_fps / roofline:.2f} of the roofline{effective}")
-    for mode, fps in musetalk.items():
-        print(f"ours best / MuseTalk's way ({mode} mode) {ours_fps / fps:.2f}")
+    report()
+    for mode in [m for m in args.compile.split(",") if m]:
+        base = EAGER[3]
+        variant = Variant(f"{base.name} + compile {mode}", base.dtype, base.channels_last, base.decode, mode)
+        t0 = time.perf_counter()
+        try:
+            measure(variant, [args.compile_batch])
+        except Exception as e:  # noqa: BLE001 - reported, and the other results stand
+            print(f"{variant.name}: failed: {type(e).__name__}: {str(e)[:300]}")
+        print(f"  (compiling and measuring took {time.perf_counter() - t0:.0f} s)")
+        restore()
+        report()
+
 
 if __name__ == "__main__":
     main()

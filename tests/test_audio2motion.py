@@ -520,6 +520,14 @@ def test_generate_past_max_frames_decodes_cross_faded_windows_of_training_length
     def alone(start):  # the window decoded on its own: positions from 0, its look-ahead audio included
         return model._generate(audio[:, k * start: k * min(frames, start + window + after)], x_c, neutral)[:, :window]
 
+    # windows are decoded as batches, one frame-by-frame loop per audio length: one when
+    # every window has its full look-ahead, two when the sequence's end cuts the last one's
+    loops = []
+    decode = model._generate
+    model._generate = lambda clips, *a, **kw: loops.append(clips.shape[0]) or decode(clips, *a, **kw)
+    torch.testing.assert_close(model.generate(audio, x_c, neutral), out)
+    model._generate = decode
+    assert loops == ([2 * len(starts)] if after == 0 else [2 * (len(starts) - 1), 2])
     first, second, last = alone(starts[0]), alone(starts[1]), alone(starts[-1])
     torch.testing.assert_close(out[:, : starts[1]], first[:, : starts[1]])  # only the first window reaches these
     torch.testing.assert_close(out[:, starts[-2] + window:], last[:, starts[-2] + window - starts[-1]:])

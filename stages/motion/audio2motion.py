@@ -138,6 +138,17 @@ def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (len, dim)
 
 
+def window_starts(total: int, window: int, overlap: int) -> list[int]:
+    """First frames of the windows generate_windows decodes a `total`-frame sequence in: every
+    `window - overlap` frames, and the last window ends with the sequence, full length."""
+    if not 0 <= overlap < window:
+        raise ValueError(f"audio2motion.py generate_windows: overlap {overlap} must be in [0, window {window})")
+    starts = list(range(0, max(1, total - window), window - overlap))
+    if starts[-1] + window < total:
+        starts.append(total - window)
+    return starts
+
+
 def alignment_bias(num_frames: int, steps_per_frame: int, before: int = 0, after: int = 0,
                    num_steps: int | None = None, device=None, dtype=torch.float32) -> Tensor:
     """Eq. 3 with a window: additive bias (T, S), S = num_steps (default T*k); 0 where
@@ -348,18 +359,24 @@ class Audio2Motion(nn.Module):
         k, after = self.cfg.audio_steps_per_frame, self.cfg.audio_window_after
         total = self.num_frames(audio)
         overlap = max(window // 4, after + 1) if overlap is None else overlap
-        if not 0 <= overlap < window:
-            raise ValueError(f"audio2motion.py generate_windows: overlap {overlap} must be in [0, window {window})")
-        starts = list(range(0, max(1, total - window), window - overlap))
-        if starts[-1] + window < total:  # the last window ends with the sequence, full length
-            starts.append(total - window)
-        out = audio.new_zeros(audio.shape[0], total, self.num_driven, 3)
+        starts = window_starts(total, window, overlap)
+        batch = audio.shape[0]
+        out = audio.new_zeros(batch, total, self.num_driven, 3)
         weight = audio.new_zeros(total)
         fade = torch.arange(1, overlap + 1, dtype=audio.dtype, device=audio.device) / (overlap + 1)
-        for i, start in enumerate(starts):
-            end = min(total, start + window)
-            # frames [start, end) plus their look-ahead, decoded as a sequence of its own
-            frames = self._generate(audio[:, k * start: k * min(total, end + after)], x_c, delta_neutral)[:, : end - start]
+        # Windows are independent sequences, so those with audio of one length (all but the
+        # ones whose look-ahead the sequence's end cuts short) decode as one batch: one
+        # frame-by-frame loop for the whole sequence instead of one per window.
+        spans = [(start, min(total, start + window), k * min(total, start + window + after)) for start in starts]
+        decoded = {}
+        for length in dict.fromkeys(stop - k * start for start, _, stop in spans):
+            group = [i for i, (start, _, stop) in enumerate(spans) if stop - k * start == length]
+            clips = torch.cat([audio[:, k * spans[i][0]: spans[i][2]] for i in group])  # (len(group)*B, length, D)
+            frames = self._generate(clips, x_c.repeat(len(group), 1, 1), delta_neutral.repeat(len(group), 1, 1))
+            for j, i in enumerate(group):
+                decoded[i] = frames[j * batch: (j + 1) * batch]
+        for i, (start, end, _) in enumerate(spans):
+            frames = decoded[i][:, : end - start]
             ramp = torch.ones(end - start, dtype=audio.dtype, device=audio.device)
             if i > 0 and overlap:  # fade in over the overlap with the previous window
                 ramp[:overlap] = fade
