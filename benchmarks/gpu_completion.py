@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     best = (0.0, None, 0)  # frames/s, variant, batch
 
     def measure(variant: Variant, variant_batches: list[int]) -> "OurStage":
-        nonlocal reference_out, best, vae, unet
+        nonlocal reference_out, best
         stage = OurStage(vae, unet, variant, device)
         # The reference in true fp32: cuDNN convolutions default to TF32 on the GPU.
         tf32 = torch.backends.cudnn.allow_tf32

@@ -131,7 +131,7 @@ def part_hubert(device: str, size: str, seconds: float) -> None:
             f", relative error against fp32 {np.linalg.norm(rows - reference) / np.linalg.norm(reference):.2e}"
         reference = rows if reference is None else reference
         print(f"  {str(dtype).replace('torch.', ''):<9} {seconds / wall:8.1f} s of audio per s{error}")
-    del model, stage
+    del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
