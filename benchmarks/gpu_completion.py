@@ -79,6 +79,7 @@ EAGER = (
     Variant("bf16 weights", torch.bfloat16),
     Variant("bf16 + channels_last", torch.bfloat16, True),
     Variant("bf16 + channels_last + decode mouth", torch.bfloat16, True, "mouth"),
+    Variant("bf16 + decode mouth", torch.bfloat16, False, "mouth"),
 )
 
 
@@ -317,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
                     "default,max-autotune-no-cudagraphs,max-autotune")
     ap.add_argument("--compile-batch", type=int, default=64)
     ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--eager", default=",".join(str(i) for i in range(len(EAGER))),
+                    help="indices into EAGER to measure (0, fp32 eager, is always the reference)")
+    ap.add_argument("--graph-of", default="3,4", help="indices into EAGER captured as CUDA graphs")
+    ap.add_argument("--compile-of", type=int, default=3, help="index into EAGER that --compile compiles")
     args = ap.parse_args(argv)
     device, batches = args.device, [int(b) for b in args.batches.split(",")]
     fp32_batches = [int(b) for b in args.fp32_batches.split(",")]
@@ -380,9 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         vae, unet = vae.float().to(memory_format=torch.contiguous_format), unet.float().to(memory_format=torch.contiguous_format)
 
     print(f"{'variant':<52} {'batch':>5} {'frames/s':>9} {'peak GiB':>8}")
-    for variant in EAGER:
+    for variant in [EAGER[0]] + [EAGER[int(i)] for i in args.eager.split(",") if i and int(i) != 0]:
         stage = measure(variant, fp32_batches if variant.dtype == torch.float32 else batches)
-        if variant.dtype != torch.float32 and variant.channels_last:
+        if variant.dtype != torch.float32 and not variant.autocast:
             best_batch = max(results[variant.name], key=results[variant.name].get)
             ms = part_times(stage, inputs_for(stage, best_batch, 4), device)
             parts = ", ".join(f"{k} {v / best_batch:.3f} ms/frame ({flops[k] * best_batch / (v / 1e3) / 1e12:.0f} TFLOP/s)"
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         del stage
         restore()
 
-    for base in (EAGER[3], EAGER[4]):  # bf16 + channels_last, without and with the mouth decode
+    for base in [EAGER[int(i)] for i in args.graph_of.split(",") if i]:
         variant = Variant(f"{base.name} + CUDA graph", base.dtype, base.channels_last, base.decode, graph=True)
         try:
             measure(variant, graph_batches)
@@ -435,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report()
     for mode in [m for m in args.compile.split(",") if m]:
-        base = EAGER[3]
+        base = EAGER[args.compile_of]
         variant = Variant(f"{base.name} + compile {mode}", base.dtype, base.channels_last, base.decode, mode)
         t0 = time.perf_counter()
         try:
