@@ -334,6 +334,25 @@ def test_completion_shapes_passthrough_determinism_and_reference_cache(completio
     assert np.abs(whole.astype(int) - out.astype(int)).max() <= 1
 
 
+def test_bf16_precision_stores_the_weights_in_bf16_and_renders_close_to_fp32(completion_models, completion_inputs):
+    import copy
+
+    x = completion_inputs
+    fp32 = completion_stage(completion_models)("video-a", **x)  # precision auto: fp32 on the CPU
+    assert next(completion_models[1].parameters()).dtype == torch.float32
+    models = tuple(copy.deepcopy(m) for m in completion_models)
+    stage = completion_stage(models, precision="bf16")
+    assert {p.dtype for m in models for p in m.parameters()} == {torch.bfloat16}  # stored, not autocast
+    out = stage("video-a", **x)
+    np.testing.assert_array_equal(out[2], x["crops"][2])
+    diff = (out.astype(float) - fp32.astype(float))[[0, 1, 3, 4]]
+    psnr = 10 * np.log10(255.0**2 / np.mean(diff**2))
+    assert np.abs(diff).mean() > 0 and psnr > 33  # bf16's rounding (random tiny nets amplify it), not another image
+    assert stage.reference_latents("video-a", x["ref_crops"]).dtype == torch.bfloat16
+    fp32_again = completion_stage(tuple(copy.deepcopy(m) for m in completion_models), precision="fp32")
+    np.testing.assert_array_equal(fp32_again("video-a", **x), fp32)
+
+
 def test_latent_window_covers_the_pasted_mouth_with_its_margin():
     from stages.completion.stage import latent_window
 
@@ -378,7 +397,11 @@ def test_mouth_window_decode_does_not_depend_on_the_batching(completion_models, 
     alpha = MouthMask().feathered(6.0)
     outputs = [completion_stage(completion_models, decode_region=alpha, batch_frames=b)("v", **x) for b in (1, 2, 16)]
     for out in outputs[1:]:
-        assert np.abs(out.astype(int) - outputs[0].astype(int)).max() <= 1
+        # Up to float rounding: the CPU's convolutions pick kernels by batch size (on an AMD
+        # EPYC, 1% of values moved by 1 and one by 2); another frame's statistics move them
+        # by tens (test_mouth_window_decode_keeps_the_source_outside_...'s 35 dB).
+        diff = np.abs(out.astype(int) - outputs[0].astype(int))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.05
 
 
 def test_complete_operator_decodes_the_window_over_what_compose_pastes(tiny_bundle, tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -39,12 +38,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def autocast_for(device: str, precision: str):
-    """fp32 on CPU; bf16 (or fp16 when asked) autocast on CUDA."""
-    if device.startswith("cuda") and precision in ("auto", "bf16", "fp16"):
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+def compute_dtype(device: str, precision: str) -> torch.dtype:
+    """The dtype the networks' weights are stored in and run at: bf16 (fp16 when asked) on
+    CUDA, fp32 on the CPU unless bf16 is asked for. Weights stored in bf16, not fp32 weights
+    under bf16 autocast, which re-casts every weight on every batch: 1.28-1.49x the frames/s
+    at batch 32-256 on an H200 (benchmarks/results/h200-2026-12-04.txt)."""
+    if precision == "fp32":
+        return torch.float32
+    if device.startswith("cuda"):
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def audio_conditions(rows_50hz: np.ndarray, first_feature: int, frame_centres_s: np.ndarray,
@@ -111,9 +114,10 @@ class CompletionStage:
         self.device = resolve_device(device)
         self.window = None if decode_region is None else latent_window(decode_region, vae.downsample, decode_margin)
         self.precision = precision
-        self.vae = vae.to(self.device).eval()
-        self.unet = unet.to(self.device).eval()
-        self.keep = torch.from_numpy(1.0 - mouth_mask.astype(np.float32)).to(self.device)[None, None]
+        self.dtype = compute_dtype(self.device, precision)
+        self.vae = vae.to(self.device, self.dtype).eval()
+        self.unet = unet.to(self.device, self.dtype).eval()
+        self.keep = torch.from_numpy(1.0 - mouth_mask.astype(np.float32)).to(self.device, self.dtype)[None, None]
         self.batch_frames = batch_frames
         self._ref_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._ref_cache_size = reference_cache_videos
@@ -124,8 +128,8 @@ class CompletionStage:
         if cached is not None and cached.shape[0] == len(ref_crops):
             self._ref_cache.move_to_end(video_id)
             return cached
-        with torch.inference_mode(), autocast_for(self.device, self.precision):
-            latents = self.vae.encode(to_tensor(ref_crops, self.device)).float()
+        with torch.inference_mode():
+            latents = self.vae.encode(to_tensor(ref_crops, self.device).to(self.dtype))
         self.reference_encodes += 1
         self._ref_cache[video_id] = latents
         while len(self._ref_cache) > self._ref_cache_size:
@@ -176,21 +180,21 @@ class CompletionStage:
 
     def _completed_latents(self, sel: np.ndarray, frames: "_Frames") -> tuple[torch.Tensor, torch.Tensor]:
         """VAE encode and IMC-UNet over the frames `sel`: (their crops (b,3,256,256) in [0,1],
-        the completed latents (b,4,32,32)). Call under inference mode and autocast."""
-        images = to_tensor(frames.crops[sel], self.device)  # (b, 3, 256, 256)
+        the completed latents (b,4,32,32)), in the stage's dtype. Call under inference mode."""
+        images = to_tensor(frames.crops[sel], self.device).to(self.dtype)  # (b, 3, 256, 256)
         masked = self.vae.encode(images * self.keep)  # Ĩ_s = I_s ⊙ (1 − M) -> (b, 4, 32, 32)
-        motion = torch.from_numpy(frames.driving[sel]).float().to(self.device)
+        motion = torch.from_numpy(frames.driving[sel]).to(self.device, self.dtype)
         reference = frames.refs[torch.from_numpy(frames.ref_index[sel]).to(self.device)]
         return images, self.unet(masked, motion, reference)
 
     def _window_statistics(self, sel: np.ndarray, frames: "_Frames"):
-        with torch.inference_mode(), autocast_for(self.device, self.precision):
+        with torch.inference_mode():
             _, completed = self._completed_latents(sel, frames)
             return self.vae.window_statistics(completed, *self.window)
 
     def _complete_batch(self, sel: np.ndarray, frames: "_Frames", statistics) -> np.ndarray:
         """One forward pass of VAE encode, IMC-UNet and VAE decode over the frames `sel`."""
-        with torch.inference_mode(), autocast_for(self.device, self.precision):
+        with torch.inference_mode():
             images, completed = self._completed_latents(sel, frames)
             if self.window is None:
                 out = self.vae.decode(completed).float()
