@@ -28,7 +28,9 @@ if [ "$SIZE" = tiny ]; then
   C="--size tiny --device $DEVICE --batches 2,4 --fp32-batches 2 --seconds 0.2 --graph-batches 4 --compile-batch 4"
   S="--size tiny --device $DEVICE --frames 12 --hubert-seconds 5 --segments 3 --batch 4"
 else
-  C="--device $DEVICE --seconds 1 --batches 8,16,32,64,128,256 --graph-batches 64,256 --compile-batch 128"
+  # COMPLETION_ARGS replaces the defaults, e.g. the next run's "--eager 2,5 --graph-of 5
+  # --compile-of 5 --batches 64,256 --fp32-batches 8"
+  C="--device $DEVICE ${COMPLETION_ARGS:---seconds 1 --batches 8,16,32,64,128,256 --graph-batches 64,256 --compile-batch 128}"
   S="--device $DEVICE"
 fi
 echo "== benchmarks/gpu_completion.py $C --compile ${COMPILE-default}" | tee -a "$log"
