@@ -4,6 +4,11 @@
 # "GPU figures"). Writes everything to $OUT/h200.txt as it goes; each benchmark has its own
 # time limit so a slow compile cannot cost the others' figures.
 #   SIZE=tiny DEVICE=cpu OUT=/tmp/x bash benchmarks/device_run.sh    # the same run, checked on a CPU
+# The wheels (the GPU machine has torch, transformers, numpy, opencv, scikit-image; 42 MB):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     diffusers==0.42.1 av==18.1.0 importlib_metadata
 set -uo pipefail
 OUT=${OUT:-/tmp/device-run}
 SIZE=${SIZE:-paper}
