@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import JobConfig, PoolConfig
-from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, fused_pool
+from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, FusedVideoOp, fused_pool
 from pipeline.dub.job import stage_layout
+from pipeline.dub.rows import new_row
 
 
 class FakeRay:
@@ -71,3 +72,27 @@ def test_a_fused_actor_runs_its_operators_in_order_and_a_failed_row_skips_the_re
     assert op({"id": "a", "trail": []})["trail"] == ["face", "motion", "compose"]
     failed = op({"id": "b", "trail": []})
     assert (failed["trail"], failed["error_stage"]) == (["face"], "motion")
+
+
+def test_the_fused_video_actor_hands_on_each_video_as_its_segment_rows():
+    """FusedVideoOp: the per-video operators, then split_segments, as the pools layout's
+    flat_map task would: 30 fps, 250 frames at 4 s a segment -> 120 + 130 frames (a tail
+    under half a segment joins the one before); a video that failed in its operators comes out as one marker row with no segments."""
+    video = new_row(job_id="j", row_index=0, video_id="v", video_uri="/in/v.mp4", audio_uri="/in/a.wav",
+                    output_uri="/out/v.mp4", segment_seconds=4.0)
+    probed = dict(width=64, height=48, fps_num=30, fps_den=1, n_frames=250, duration_s=250 / 30)
+
+    class Probe(Stamp):
+        def __call__(self, row: dict) -> dict:
+            return dict(row, **probed) if not row["error"] else row
+
+    class Broken(Stamp):
+        def __call__(self, row: dict) -> dict:
+            return dict(row, error="analyse failed", error_stage="analyse")
+
+    segments = FusedVideoOp([(Probe, ("plan",))])(video)
+    assert [(s["seg_idx"], s["frame_start"], s["frame_end"], s["n_segments"]) for s in segments] == [
+        (0, 0, 120, 2), (1, 120, 250, 2)]
+    assert {s["video_id"] for s in segments} == {"v"}
+    [marker] = FusedVideoOp([(Probe, ("plan",)), (Broken, ("analyse",))])(video)
+    assert (marker["n_segments"], marker["error_stage"]) == (0, "analyse")

@@ -401,7 +401,7 @@ def _stream_differences(path: str, reference_path: str) -> dict:
 
 # What a dub job's Ray workers' process titles name: its operators' actors (pools or fused
 # layout) and its finalize tasks.
-DUB_WORKERS = ("PlanOp", "AnalyseOp", "AudioOp", "FaceOp", "MotionOp", "CompleteOp", "ComposeOp", "FusedOp",
+DUB_WORKERS = ("PlanOp", "AnalyseOp", "AudioOp", "FaceOp", "MotionOp", "CompleteOp", "ComposeOp", "FusedOp", "FusedVideoOp",
                "finalize_video")
 
 

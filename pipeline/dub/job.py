@@ -26,7 +26,7 @@ from typing import Callable
 
 from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
-from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, fused_pool
+from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, FusedVideoOp, fused_pool
 from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
 from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
 from pipeline.dub.rows import new_row, normalise
@@ -452,24 +452,27 @@ def _run_graph(
     }
     layout = stage_layout(ray, config)
 
-    def stages(names: tuple[str, ...], fused_size: int):
-        nonlocal ds
-        if layout == "fused":
-            pool = fused_pool(pools, names, fused_size)
-            ds = ds.map(FusedOp, fn_constructor_args=([steps[n] for n in names],), **pool.actor_args())
-            return
+    def pooled(ds, names: tuple[str, ...]):  # an actor pool per stage
         for n in names:
             op, args = steps[n]
             ds = ds.map(op, fn_constructor_args=args, **actors(n))
+        return ds
+
+    def fused(apply, op: type, names: tuple[str, ...], size: int):  # one pool for the stages
+        return apply(op, fn_constructor_args=([steps[n] for n in names],), **fused_pool(pools, names, size).actor_args())
 
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    stages(VIDEO_STAGES, 1)
-    ds = ds.flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
+    if layout == "fused":  # the video actor cuts its videos into segment rows itself
+        ds = fused(ds.flat_map, FusedVideoOp, VIDEO_STAGES, 1)
+    else:
+        ds = pooled(ds, VIDEO_STAGES).flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
     # One segment per block: a video's segments then spread over the actor pools instead
     # of travelling (and being processed) together, and no block grows with video length.
     ds = ds.repartition(target_num_rows_per_block=1)
-    # Fused, one segment actor per CPU: the segment stages are where the time goes.
-    stages(SEGMENT_STAGES, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    if layout == "fused":  # one segment actor per CPU: the segment stages are where the time goes
+        ds = fused(ds.map, FusedOp, SEGMENT_STAGES, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    else:
+        ds = pooled(ds, SEGMENT_STAGES)
 
     finalize = ray.remote(max_retries=2, **pools["finalize"].task_args())(finalize_step.finalize_video)
     pending: dict[str, list[dict]] = {}
