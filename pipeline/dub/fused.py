@@ -12,7 +12,7 @@ skipped, exactly as it would across pools. The video actor also cuts each video 
 segment rows (a flat_map), which the pools layout does in a task of its own: that task
 was one more worker process starting on the same two cores, and one more hand-over
 between a video's analysis and its first segment (2.5-3.2 s from the end of one to the
-start of the other with it on this project's 2-core VM, 1.9 s without)."""
+start of the other with it on this project's 2-core VM, 1.5-1.9 s without)."""
 from __future__ import annotations
 
 from pipeline.config import PoolConfig
