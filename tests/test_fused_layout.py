@@ -77,7 +77,8 @@ def test_a_fused_actor_runs_its_operators_in_order_and_a_failed_row_skips_the_re
 def test_the_fused_video_actor_hands_on_each_video_as_its_segment_rows():
     """FusedVideoOp: the per-video operators, then split_segments, as the pools layout's
     flat_map task would: 30 fps, 250 frames at 4 s a segment -> 120 + 130 frames (a tail
-    under half a segment joins the one before); a video that failed in its operators comes out as one marker row with no segments."""
+    under half a segment joins the one before); a video that failed in its operators comes
+    out as one marker row with no segments."""
     video = new_row(job_id="j", row_index=0, video_id="v", video_uri="/in/v.mp4", audio_uri="/in/a.wav",
                     output_uri="/out/v.mp4", segment_seconds=4.0)
     probed = dict(width=64, height=48, fps_num=30, fps_den=1, n_frames=250, duration_s=250 / 30)

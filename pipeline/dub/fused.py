@@ -9,10 +9,9 @@ per-video stages (plan, analyse, audio) share one actor and the per-segment stag
 motion, complete, compose) another, copied once per CPU; each operator keeps its own
 error handling, retries, timing and metrics (pipeline.steps), so a row fails, or is
 skipped, exactly as it would across pools. The video actor also cuts each video into its
-segment rows (a flat_map), which the pools layout does in a task of its own: that task
-was one more worker process starting on the same two cores, and one more hand-over
-between a video's analysis and its first segment (2.5-3.2 s from the end of one to the
-start of the other with it on this project's 2-core VM, 1.5-1.9 s without)."""
+segment rows (a flat_map), which the pools layout does in a task of its own: on two cores
+that task is one more worker process starting, and one more hand-over before a video's
+first segment (the README's "What is missing" has the timeline)."""
 from __future__ import annotations
 
 from pipeline.config import PoolConfig
