@@ -2,7 +2,8 @@
 condition each buy, on a prepared corpus, Ray-free.
 
     .venv/bin/python benchmarks/stage2_ablation.py --shards SHARDS --weights BUNDLE \\
-        --heldout-shards HELDOUT [--steps 300] [--batch 4] [--seeds 0,1,2] [--out table.json]
+        --heldout-shards HELDOUT [--config deploy/demo/stage2.more.yaml] [--steps 300] [--batch 4] \\
+        [--seeds 0,1,2] [--out table.json]
 
 Rows (each a Stage 2 trained from scratch with the same steps, batch and seed):
 
@@ -11,6 +12,11 @@ Rows (each a Stage 2 trained from scratch with the same steps, batch and seed):
 - "w/o L_motion": stage2.motion = 0;
 - "audio-conditioned IMC-UNet": stage2.condition = "audio" (HuBERT rows of frames t-w..t+w by
   cross-attention instead of the 21 motion tokens, MuseTalk's conditioning).
+
+With --config the rows start from that training config (its stage2 options, batch, steps and
+warm-up; --steps/--batch/--warmup-steps override) and each row changes only its own switch,
+so the full-model row is that recipe trained from scratch; without it they start from
+TrainConfig's defaults.
 
 Training is what `imgtalk train stage2` runs, minus Ray: the trainer, model config and
 sampler are pipeline/train/tasks.py's Stage2Task (its model_config / sampler / build_trainer /
@@ -204,6 +210,18 @@ def stage1_offsets(stage1, video: dict) -> np.ndarray:
 # ----------------------------------------------------------------------------- one row, one seed
 
 
+def row_config(base, row: str, *, steps: int, batch: int, warmup: int, seed: int):
+    """The TrainConfig of one row and seed: `base` (a TrainConfig, or None for the defaults)
+    with the row's Stage 2 switch on top of its stage2 options, and the run's steps, batch,
+    warm-up and seed."""
+    from pipeline.train.config import Stage2Options, TrainConfig
+
+    base = base or TrainConfig()
+    stage2 = Stage2Options.model_validate({**base.stage2.model_dump(), **ROWS[row]})
+    return base.model_copy(update={"steps": steps, "warmup_steps": warmup, "batch_size": batch, "seed": seed,
+                                   "stage2": stage2})
+
+
 def train_row(task, bundle, videos, train_rows, steps: int, batch: int, seed: int):
     """Stage2Task's trainer for this row and seed after `steps` steps, and its model config."""
     model_config = task.model_config(bundle)
@@ -258,10 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shards", required=True, help="prepared training corpus (imgtalk prepare)")
     parser.add_argument("--weights", required=True, help="bundle folder: vae/, liveportrait/, hubert/, trained stage1/")
     parser.add_argument("--heldout-shards", required=True, help="prepared corpus of held-out sentences, same speakers")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--config", default=None, help="training config the rows start from (e.g. deploy/demo/*.yaml)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the config's, else 300")
+    parser.add_argument("--batch", type=int, default=None, help="default: the config's, else 4")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: steps // 10")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: the config's, else steps // 10")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
     parser.add_argument("--max-videos", type=int, default=None, help="evaluate only the first N held-out videos")
     parser.add_argument("--torch-threads", type=int, default=1)
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from pipeline.storage import Storage
-    from pipeline.train.config import TrainConfig
+    from pipeline.train.config import load_train_config
     from pipeline.train.job import load_corpus
     from pipeline.train.tasks import Stage2Task
     from pipeline.weights import read_bundle_info
@@ -279,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
     from stages.motion.audio2motion import Audio2Motion
 
     torch.set_num_threads(args.torch_threads)
+    base = load_train_config(args.config) if args.config else None
+    steps = args.steps or (base.steps if base else 300)
+    batch = args.batch or (base.batch_size if base else 4)
+    warmup = args.warmup_steps if args.warmup_steps is not None else (base.warmup_steps if base else steps // 10)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     rows = list(ROWS) if not args.rows else [r.strip() for r in args.rows.split(",")]
     unknown = [r for r in rows if r not in ROWS]
@@ -304,21 +327,19 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         real_openings = {v["video_id"]: mouth_openings(tracker, v["crops"][v["has_face"]]) for v in heldout}
         results: dict[str, list[dict]] = {}
-        warmup = args.warmup_steps if args.warmup_steps is not None else args.steps // 10
         for row in rows:
             results[row] = []
             for seed in seeds:
-                cfg = TrainConfig(steps=args.steps, warmup_steps=warmup, batch_size=args.batch, seed=seed,
-                                  stage2=ROWS[row])
+                cfg = row_config(base, row, steps=steps, batch=batch, warmup=warmup, seed=seed)
                 task = Stage2Task(cfg, card)
-                trainer, model_config = train_row(task, bundle, videos, train_rows, args.steps, args.batch, seed)
+                trainer, model_config = train_row(task, bundle, videos, train_rows, steps, batch, seed)
                 if model_config.condition == "audio":
                     conditions = {v["video_id"]: frame_conditions("audio", v["neutral_exp"], audio=v["audio"],
                                                                   window_frames=model_config.audio_window_frames)
                                   for v in heldout}
                 else:
                     conditions = motion_conditions
-                metrics = evaluate_row(trainer, heldout, conditions, tracker, real_openings, args.batch)
+                metrics = evaluate_row(trainer, heldout, conditions, tracker, real_openings, batch)
                 metrics["seed"] = seed
                 print(f"{row} seed {seed}: psnr_mouth {metrics['psnr_mouth']:.2f} dB, lip_r {metrics['lip_r']:.3f}",
                       file=sys.stderr, flush=True)
@@ -330,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(summary)
     print(table)
     report = {"table": table, "summary": summary, "per_seed": results,
-              "settings": {"steps": args.steps, "batch": args.batch, "seeds": seeds, "shards": args.shards,
+              "settings": {"steps": steps, "batch": batch, "warmup_steps": warmup, "config": args.config,
+                           "stage2": base.stage2.model_dump() if base else None, "seeds": seeds, "shards": args.shards,
                            "heldout_shards": args.heldout_shards, "weights": args.weights,
                            "heldout_videos": len(heldout)}}
     if args.out:

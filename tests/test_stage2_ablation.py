@@ -31,6 +31,23 @@ def test_rows_are_the_issue_table_and_valid_stage2_options():
     assert configs["audio-conditioned IMC-UNet"].condition == "audio" and configs["audio-conditioned IMC-UNet"].motion > 0
 
 
+def test_row_configs_start_from_the_given_recipe_and_change_only_their_switch():
+    from pipeline.train.config import load_train_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipe = load_train_config(os.path.join(root, "deploy", "demo", "stage2.more.yaml"))
+    configs = {row: ablation.row_config(recipe, row, steps=600, batch=8, warmup=30, seed=2) for row in ablation.ROWS}
+    for row, cfg in configs.items():
+        assert (cfg.steps, cfg.batch_size, cfg.warmup_steps, cfg.seed) == (600, 8, 30, 2)
+        changed = {k for k, v in cfg.stage2.model_dump().items() if v != recipe.stage2.model_dump()[k]}
+        assert changed == set(ablation.ROWS[row]), row
+        # the recipe's own choices survive in every row (they differ from the defaults)
+        assert (cfg.stage2.lr, cfg.stage2.gan_start_step, cfg.stage2.motion_noise) == (5e-4, 400, 0.03)
+    assert recipe.steps == 1200 and recipe.stage2.use_rsca  # the recipe itself is not modified
+    default = ablation.row_config(None, "w/o L_motion", steps=10, batch=2, warmup=1, seed=0)
+    assert default.stage2.motion == 0 and default.stage2.lr == 1e-4
+
+
 def test_motion_conditions_are_neutral_plus_stage1_offsets_on_the_driven_keypoints():
     rng = np.random.default_rng(0)
     neutral = rng.normal(0, 0.01, (21, 3)).astype(np.float32)
