@@ -89,6 +89,7 @@ def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=No
         "speech_opening": report.speech_opening,
         "neutral_opening": neutral,
         "silent_relative_to_neutral": report.silent_relative_to_neutral,
+        "silent_share_of_speech_gap": report.silent_share_of_speech_gap,
         "jitter": report.jitter,
         "truth_video_jitter": jitter(truth_opening),
         "truth_video_r": lip_sync_report(truth_opening, np.asarray(truth["jaw"], np.float64)[: len(truth_opening)],

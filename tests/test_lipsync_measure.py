@@ -76,9 +76,12 @@ def test_silent_and_speech_statistics_and_neutral():
     assert report.silent_opening == pytest.approx((0.02 + 0.04 + 0.03 + 0.05) / 4)  # NaN skipped
     assert report.speech_opening == pytest.approx(0.25)
     assert report.silent_relative_to_neutral == pytest.approx((0.035 - 0.025) / 0.025)
+    assert report.silent_share_of_speech_gap == pytest.approx((0.035 - 0.025) / (0.25 - 0.025))
     assert math.isnan(report.pearson_r) and report.frames_used == 0
-    # Without a neutral, the relative value is NaN.
+    # Without a neutral, the relative values are NaN; so is the share when speech is no more open.
     assert math.isnan(lip_sync_report(opening, None, silent=silent).silent_relative_to_neutral)
+    assert math.isnan(lip_sync_report(opening, None, silent=silent).silent_share_of_speech_gap)
+    assert math.isnan(lip_sync_report(opening, None, silent=silent, neutral=0.3).silent_share_of_speech_gap)
 
 
 def test_report_with_truth_opening_and_with_energy():

@@ -215,6 +215,10 @@ class LipSyncReport:
     silent_opening: float  # mean opening over silent frames with a face (NaN if none)
     speech_opening: float  # mean opening over speech frames with a face (NaN if none)
     silent_relative_to_neutral: float  # (silent_opening - neutral) / neutral; NaN without neutral
+    # (silent_opening - neutral) / (speech_opening - neutral): how far open silence is on the
+    # scale of the mouth's travel in speech, which a neutral of a fraction of a pixel (a
+    # closed mouth) cannot give; NaN without neutral or when speech is no more open
+    silent_share_of_speech_gap: float
     jitter: float  # mean |second difference| of the opening over frames with a face
     reference_jitter: float  # the same for a ground-truth opening reference; NaN for energy
     frames_used: int  # frames where opening and reference are both finite
@@ -252,9 +256,11 @@ def lip_sync_report(opening: np.ndarray, reference: np.ndarray | None, silent: n
         silent_opening, speech_opening = _mean(opening[silent]), _mean(opening[~silent])
     else:
         silent_opening = speech_opening = math.nan
-    relative = math.nan
+    relative = share = math.nan
     if neutral is not None and np.isfinite(neutral) and neutral > 0:
         relative = (silent_opening - neutral) / neutral
+        if speech_opening > neutral:
+            share = (silent_opening - neutral) / (speech_opening - neutral)
     lag, r_lag = best_lag(opening, ref, max_lag)
     return LipSyncReport(
         pearson_r=pearson_r(opening, ref),
@@ -263,6 +269,7 @@ def lip_sync_report(opening: np.ndarray, reference: np.ndarray | None, silent: n
         silent_opening=silent_opening,
         speech_opening=speech_opening,
         silent_relative_to_neutral=float(relative),
+        silent_share_of_speech_gap=float(share),
         jitter=jitter(opening),
         reference_jitter=jitter(ref) if reference_is_opening and reference is not None else math.nan,
         frames_used=int((np.isfinite(opening) & np.isfinite(ref)).sum()),
