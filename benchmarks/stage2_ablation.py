@@ -3,7 +3,8 @@ condition each buy, on a prepared corpus, Ray-free.
 
     .venv/bin/python benchmarks/stage2_ablation.py --shards SHARDS --weights BUNDLE \\
         --heldout-shards HELDOUT [--config deploy/demo/stage2.more.yaml] [--steps 300] [--batch 4] \\
-        [--seeds 0,1,2] [--out table.json]
+        [--seeds 0,1,2] [--rows ROW,...] [--out table.json]
+    .venv/bin/python benchmarks/stage2_ablation.py --merge A.json,B.json [--out table.json]
 
 Rows (each a Stage 2 trained from scratch with the same steps, batch and seed):
 
@@ -38,7 +39,8 @@ frame's audio window. Metrics:
   both have a face, then averaged over videos (NaN where no video has 3 such frames).
 
 Printed as a markdown table (mean ± std over seeds, and the count of seeds), and written as
-JSON with --out (every seed's numbers too). The weights bundle gives vae/, liveportrait/
+JSON with --out (every seed's numbers too). --merge trains nothing: it joins the --out files
+of runs split by row or seed (same settings, no row and seed twice) into one table. The weights bundle gives vae/, liveportrait/
 (the L_motion extractor), hubert/ (the audio width) and a trained stage1/.
 """
 from __future__ import annotations
@@ -124,6 +126,32 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
                              "finite_seeds": int(len(values))}
         out[row] = entry
     return out
+
+
+# settings that must agree for runs to share a table
+_SHARED_SETTINGS = ("steps", "batch", "warmup_steps", "config", "stage2", "shards", "heldout_shards", "weights",
+                    "heldout_videos")
+
+
+def merge_reports(reports: list[dict]) -> dict[str, list[dict]]:
+    """{row: per-seed metrics} of several --out reports, rows in ROWS order and seeds in
+    order. Raises ValueError when their shared settings differ or a row and seed repeats."""
+    if not reports:
+        raise ValueError("merge: no reports")
+    first = reports[0]["settings"]
+    for report in reports[1:]:
+        differ = [k for k in _SHARED_SETTINGS if report["settings"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"merge: the reports' settings differ in {differ}")
+    merged: dict[str, dict[int, dict]] = defaultdict(dict)
+    for report in reports:
+        for row, per_seed in report["per_seed"].items():
+            for metrics in per_seed:
+                if metrics["seed"] in merged[row]:
+                    raise ValueError(f"merge: {row!r} seed {metrics['seed']} is in more than one report")
+                merged[row][metrics["seed"]] = metrics
+    order = [r for r in ROWS if r in merged] + [r for r in merged if r not in ROWS]
+    return {row: [merged[row][seed] for seed in sorted(merged[row])] for row in order}
 
 
 def format_table(summary: dict[str, dict]) -> str:
@@ -273,9 +301,10 @@ def evaluate_row(trainer, heldout: list[dict], conditions: dict[str, np.ndarray]
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", required=True, help="prepared training corpus (imgtalk prepare)")
-    parser.add_argument("--weights", required=True, help="bundle folder: vae/, liveportrait/, hubert/, trained stage1/")
-    parser.add_argument("--heldout-shards", required=True, help="prepared corpus of held-out sentences, same speakers")
+    parser.add_argument("--shards", help="prepared training corpus (imgtalk prepare)")
+    parser.add_argument("--weights", help="bundle folder: vae/, liveportrait/, hubert/, trained stage1/")
+    parser.add_argument("--heldout-shards", help="prepared corpus of held-out sentences, same speakers")
+    parser.add_argument("--merge", default=None, help="comma-separated --out files to join into one table (no training)")
     parser.add_argument("--config", default=None, help="training config the rows start from (e.g. deploy/demo/*.yaml)")
     parser.add_argument("--steps", type=int, default=None, help="default: the config's, else 300")
     parser.add_argument("--batch", type=int, default=None, help="default: the config's, else 4")
@@ -286,6 +315,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the table and every seed's numbers as JSON here")
     args = parser.parse_args(argv)
+    if args.merge:
+        reports = []
+        for path in [p.strip() for p in args.merge.split(",") if p.strip()]:
+            with open(path) as f:
+                reports.append(json.load(f))
+        return _publish(merge_reports(reports), reports[0]["settings"] | {"merged": args.merge}, args.out)
+    missing = [name for name in ("shards", "weights", "heldout_shards") if not getattr(args, name)]
+    if missing:
+        parser.error(f"--{', --'.join(m.replace('_', '-') for m in missing)} required (or --merge)")
 
     import torch
 
@@ -347,16 +385,20 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         tracker.close()
 
+    return _publish(results, {"steps": steps, "batch": batch, "warmup_steps": warmup, "config": args.config,
+                              "stage2": base.stage2.model_dump() if base else None, "seeds": seeds,
+                              "shards": args.shards, "heldout_shards": args.heldout_shards, "weights": args.weights,
+                              "heldout_videos": len(heldout)}, args.out)
+
+
+def _publish(results: dict[str, list[dict]], settings: dict, out: str | None) -> dict:
+    """Print the table; write it, the summary, every seed's numbers and the settings to `out`."""
     summary = summarise(results)
     table = format_table(summary)
     print(table)
-    report = {"table": table, "summary": summary, "per_seed": results,
-              "settings": {"steps": steps, "batch": batch, "warmup_steps": warmup, "config": args.config,
-                           "stage2": base.stage2.model_dump() if base else None, "seeds": seeds, "shards": args.shards,
-                           "heldout_shards": args.heldout_shards, "weights": args.weights,
-                           "heldout_videos": len(heldout)}}
-    if args.out:
-        with open(args.out, "w") as f:
+    report = {"table": table, "summary": summary, "per_seed": results, "settings": settings}
+    if out:
+        with open(out, "w") as f:
             json.dump(report, f, indent=2)
     return report
 

@@ -3,6 +3,7 @@ prepared corpus, whose `imgtalk prepare` is a Ray job: too slow for a unit test)
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import types
@@ -171,3 +172,42 @@ def test_collate_stacks_samples():
     batch = ablation.collate(samples)
     assert batch["a"].shape == (3, 2, 3) and batch["b"].dtype == torch.uint8
     assert torch.equal(batch["a"][:, 0, 0], torch.tensor([0.0, 1.0, 2.0]))
+
+
+def _report(per_seed: dict, **settings) -> dict:
+    base = {"steps": 600, "batch": 8, "warmup_steps": 30, "config": "c.yaml", "stage2": {"lr": 5e-4},
+            "shards": "s", "heldout_shards": "h", "weights": "w", "heldout_videos": 24}
+    return {"per_seed": per_seed, "settings": base | settings}
+
+
+def test_merge_joins_runs_split_by_row_and_seed_in_row_order(tmp_path):
+    full, rsca, motion = "full model", "w/o RSCA (concatenation)", "w/o L_motion"
+
+    def m(seed, psnr, r):
+        return {"seed": seed, "psnr_mouth": psnr, "lip_r": r}
+
+    seed0 = _report({full: [m(0, 19.0, 0.7)], rsca: [m(0, 16.0, 0.3)], motion: [m(0, 19.5, 0.6)]}, seeds=[0])
+    full12 = _report({full: [m(2, 21.0, 0.5), m(1, 20.0, 0.6)]}, seeds=[1, 2])
+    motion12 = _report({motion: [m(1, 18.5, 0.8)]}, seeds=[1])
+    merged = ablation.merge_reports([motion12, seed0, full12])
+    assert list(merged) == [full, rsca, motion]
+    assert [x["seed"] for x in merged[full]] == [0, 1, 2] and [x["seed"] for x in merged[motion]] == [0, 1]
+    summary = ablation.summarise(merged)
+    assert summary[full]["seeds"] == 3 and summary[full]["psnr_mouth"]["mean"] == pytest.approx(20.0)
+    assert summary[motion]["lip_r"]["mean"] == pytest.approx(0.7)
+
+    # the command line writes the same table from the files
+    paths = []
+    for i, report in enumerate([seed0, full12, motion12]):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(report, f)
+    out = ablation.main(["--merge", ",".join(paths), "--out", str(tmp_path / "t.json")])
+    assert out["table"] == ablation.format_table(summary)
+    with open(tmp_path / "t.json") as f:
+        assert json.load(f)["summary"][full]["seeds"] == 3
+
+    with pytest.raises(ValueError, match="steps"):
+        ablation.merge_reports([seed0, _report({full: [m(1, 1.0, 0.1)]}, steps=300)])
+    with pytest.raises(ValueError, match="seed 0"):
+        ablation.merge_reports([seed0, _report({full: [m(0, 1.0, 0.1)]})])
