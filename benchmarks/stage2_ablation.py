@@ -36,7 +36,11 @@ frame's audio window. Metrics:
 - lip_r: Pearson r between the mouth opening of the generated crops and of the real crops
   (|mesh13 - mesh14| / |mesh10 - mesh152|, mediapipe face mesh through FaceTracker with no
   smoothing or gap filling, as stages/lipsync/measure.py), per video over the frames where
-  both have a face, then averaged over videos (NaN where no video has 3 such frames).
+  both have a face, then averaged over videos (NaN where no video has 3 such frames);
+- psnr_mouth_true_motion, lip_r_true_motion (motion rows): the same, with the same trained
+  UNet driven by the extractor's keypoints of the real held-out frames (the condition it is
+  trained on) instead of Stage 1's, which separates Stage 1's error from the conditioning
+  itself; NaN for the audio row.
 
 Printed as a markdown table (mean ± std over seeds, and the count of seeds), and written as
 JSON with --out (every seed's numbers too). --merge trains nothing: it joins the --out files
@@ -63,6 +67,9 @@ ROWS: dict[str, dict] = {
     "audio-conditioned IMC-UNet": {"condition": "audio"},
 }
 METRICS = ("psnr_mouth", "lip_r")
+# motion rows only: the same trained UNet driven by the extractor's keypoints of the real
+# held-out frames (the condition it was trained on) instead of Stage 1's; NaN for the audio row
+TRUE_MOTION_METRICS = ("psnr_mouth_true_motion", "lip_r_true_motion")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -93,6 +100,14 @@ def frame_conditions(kind: str, neutral_exp: np.ndarray, offsets: np.ndarray | N
     raise ValueError(f"frame_conditions: kind must be 'motion' or 'audio', got {kind!r}")
 
 
+def true_motion_conditions(exp: np.ndarray, neutral_exp: np.ndarray, driven: tuple) -> np.ndarray:
+    """(n, K, 3) the training condition of every frame (stage2_condition): δ_neutral with the
+    driven keypoints taken from the extractor's δ of the real frame."""
+    from stages.completion.training import stage2_condition
+
+    return np.stack([stage2_condition(e, neutral_exp, driven) for e in np.asarray(exp, np.float32)])
+
+
 def pearson(a: np.ndarray, b: np.ndarray, min_frames: int = 3) -> float:
     """Pearson r over the entries where both are finite; NaN with fewer than `min_frames`
     such entries or a constant series."""
@@ -118,8 +133,9 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for row, per_seed in results.items():
         entry: dict = {"seeds": len(per_seed)}
-        for metric in METRICS:
-            values = np.array([r[metric] for r in per_seed], np.float64)
+        for metric in METRICS + TRUE_MOTION_METRICS:
+            # runs from before the true-motion metrics have no such key: NaN, not counted
+            values = np.array([r.get(metric, np.nan) for r in per_seed], np.float64)
             values = values[np.isfinite(values)]
             entry[metric] = {"mean": float(values.mean()) if len(values) else float("nan"),
                              "std": float(values.std()) if len(values) else float("nan"),
@@ -155,12 +171,19 @@ def merge_reports(reports: list[dict]) -> dict[str, list[dict]]:
 
 
 def format_table(summary: dict[str, dict]) -> str:
-    """Markdown table: row, mean ± std of each metric, seeds."""
-    lines = ["| row | PSNR mouth (dB) | lip r | seeds |", "|---|---|---|---|"]
+    """Markdown table: row, mean ± std of each metric, seeds; the true-motion columns give
+    their own count of seeds, "n/a" where none has them."""
+    lines = ["| row | PSNR mouth (dB) | lip r | seeds | PSNR mouth, true keypoints | lip r, true keypoints |",
+             "|---|---|---|---|---|---|"]
     for row, entry in summary.items():
-        cells = [f"{entry[m]['mean']:.{2 if m == 'psnr_mouth' else 3}f} ± "
-                 f"{entry[m]['std']:.{2 if m == 'psnr_mouth' else 3}f}" for m in METRICS]
-        lines.append(f"| {row} | {cells[0]} | {cells[1]} | {entry['seeds']} |")
+        def cell(m: str) -> str:
+            e, digits = entry.get(m), 2 if m.startswith("psnr") else 3
+            if not e or not e["finite_seeds"]:
+                return "n/a"
+            spread = f"{e['mean']:.{digits}f} ± {e['std']:.{digits}f}"
+            return spread if m in METRICS else f"{spread} ({e['finite_seeds']})"
+        cells = [cell(m) for m in METRICS + TRUE_MOTION_METRICS]
+        lines.append(f"| {row} | {cells[0]} | {cells[1]} | {entry['seeds']} | {cells[2]} | {cells[3]} |")
     return "\n".join(lines)
 
 
@@ -215,6 +238,7 @@ def load_heldout(shards: str, max_videos: int | None = None) -> list[dict]:
             "crops": np.concatenate([c["crops"] for c in decoded]),
             "has_face": np.concatenate([np.asarray(c["has_face"], bool) for c in decoded]),
             "audio": np.concatenate([np.asarray(c["audio"], np.float32) for c in decoded]),
+            "exp": np.concatenate([np.asarray(c["exp"], np.float32) for c in decoded]),
             "neutral_exp": np.asarray(videos[video_id]["neutral_exp"], np.float32),
             "neutral_x_c": np.asarray(videos[video_id]["neutral_x_c"], np.float32),
             "neutral_crop": neutral_crops[video_id],
@@ -378,9 +402,18 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     conditions = motion_conditions
                 metrics = evaluate_row(trainer, heldout, conditions, tracker, real_openings, batch)
+                if model_config.condition == "audio":
+                    metrics.update({m: float("nan") for m in TRUE_MOTION_METRICS})
+                else:
+                    driven = tuple(stage1.cfg.driven_keypoints)
+                    truth = evaluate_row(trainer, heldout, {v["video_id"]: true_motion_conditions(
+                        v["exp"], v["neutral_exp"], driven) for v in heldout}, tracker, real_openings, batch)
+                    metrics.update({"psnr_mouth_true_motion": truth["psnr_mouth"],
+                                    "lip_r_true_motion": truth["lip_r"]})
                 metrics["seed"] = seed
-                print(f"{row} seed {seed}: psnr_mouth {metrics['psnr_mouth']:.2f} dB, lip_r {metrics['lip_r']:.3f}",
-                      file=sys.stderr, flush=True)
+                print(f"{row} seed {seed}: psnr_mouth {metrics['psnr_mouth']:.2f} dB, lip_r {metrics['lip_r']:.3f}; "
+                      f"true keypoints: psnr_mouth {metrics['psnr_mouth_true_motion']:.2f} dB, "
+                      f"lip_r {metrics['lip_r_true_motion']:.3f}", file=sys.stderr, flush=True)
                 results[row].append(metrics)
     finally:
         tracker.close()

@@ -105,12 +105,33 @@ def test_summary_and_markdown_table():
     assert summary["full model"]["lip_r"]["mean"] == 0.5 and summary["full model"]["lip_r"]["finite_seeds"] == 1
     assert summary["w/o L_motion"]["lip_r"]["mean"] == pytest.approx(0.2)
     assert summary["w/o L_motion"]["lip_r"]["std"] == pytest.approx(0.1)
+    # runs from before the true-keypoint metrics lack them: not counted, "n/a"
+    assert summary["full model"]["lip_r_true_motion"]["finite_seeds"] == 0
     table = ablation.format_table(summary).splitlines()
-    assert table[0] == "| row | PSNR mouth (dB) | lip r | seeds |"
-    assert table[2] == "| full model | 21.00 ± 1.00 | 0.500 ± 0.000 | 2 |"
-    assert table[3] == "| w/o L_motion | 18.00 ± 0.00 | 0.200 ± 0.100 | 2 |"
+    assert table[0] == "| row | PSNR mouth (dB) | lip r | seeds | PSNR mouth, true keypoints | lip r, true keypoints |"
+    assert table[2] == "| full model | 21.00 ± 1.00 | 0.500 ± 0.000 | 2 | n/a | n/a |"
+    assert table[3] == "| w/o L_motion | 18.00 ± 0.00 | 0.200 ± 0.100 | 2 | n/a | n/a |"
     nan_row = ablation.format_table(ablation.summarise({"x": [{"psnr_mouth": float("nan"), "lip_r": float("nan")}]}))
-    assert nan_row.splitlines()[2] == "| x | nan ± nan | nan ± nan | 1 |"
+    assert nan_row.splitlines()[2] == "| x | n/a | n/a | 1 | n/a | n/a |"
+    # true-keypoint columns carry their own count of seeds: one old run, two new
+    mixed = {"w/o RSCA (concatenation)": [
+        {"psnr_mouth": 15.0, "lip_r": 0.3},
+        {"psnr_mouth": 16.0, "lip_r": 0.2, "psnr_mouth_true_motion": 17.0, "lip_r_true_motion": 0.4},
+        {"psnr_mouth": 17.0, "lip_r": 0.4, "psnr_mouth_true_motion": 19.0, "lip_r_true_motion": 0.6}]}
+    row = ablation.format_table(ablation.summarise(mixed)).splitlines()[2]
+    assert row == "| w/o RSCA (concatenation) | 16.00 ± 0.82 | 0.300 ± 0.082 | 3 | 18.00 ± 1.00 (2) | 0.500 ± 0.100 (2) |"
+
+
+def test_true_motion_conditions_are_the_training_condition():
+    rng = np.random.default_rng(1)
+    exp = rng.normal(size=(4, 21, 3)).astype(np.float32)
+    neutral = rng.normal(size=(21, 3)).astype(np.float32)
+    driven = (14, 17, 19, 20)
+    out = ablation.true_motion_conditions(exp, neutral, driven)
+    assert out.shape == (4, 21, 3) and out.dtype == np.float32
+    others = [k for k in range(21) if k not in driven]
+    np.testing.assert_array_equal(out[:, list(driven)], exp[:, list(driven)])  # the real frame's δ where driven
+    np.testing.assert_array_equal(out[:, others], np.broadcast_to(neutral[others], (4, len(others), 3)))
 
 
 class _FakeTracker:
