@@ -106,6 +106,28 @@ def test_vae_decoder_fine_tune_keeps_the_latents_and_improves_the_decode(tmp_pat
         assert not torch.equal(tuned.decode(latents_before), trained.decode(latents_before))
 
 
+def test_vae_decoder_fine_tune_on_the_posterior_mode_is_free_of_the_sampling_noise(tmp_path):
+    torch.manual_seed(0)
+    batch = {"image": _images(_crops(2))}
+    with_scaling_factor(LatentVAE.from_config(tiny_vae_config()), 0.8).save_pretrained(str(tmp_path / "vae"))
+    mask = MouthMask().array()
+
+    def first_step(sample_latents: bool, seed: int) -> dict:
+        cfg = VaeTrainConfig(lr=3e-3, warmup_steps=0, total_steps=10, decoder_only=True, sample_latents=sample_latents)
+        return VaeTrainer(LatentVAE.from_pretrained(str(tmp_path / "vae")), mask, cfg, seed=seed).step(batch, 0)
+
+    # the mode: the step's loss is the weighted L1 of decoding the posterior mean, whatever the seed
+    vae = LatentVAE.from_pretrained(str(tmp_path / "vae")).vae
+    with torch.no_grad():
+        decoded = (vae.decode(vae.encode(batch["image"] * 2 - 1).latent_dist.mode()).sample + 1) / 2
+    weight = 1.0 + 4.0 * torch.from_numpy(mask)[None, None]
+    expected = float((weight * (decoded - batch["image"]).abs()).mean() / weight.mean())
+    assert first_step(False, seed=1)["rec"] == pytest.approx(expected, rel=1e-5)
+    assert first_step(False, seed=2)["rec"] == pytest.approx(expected, rel=1e-5)
+    # a posterior sample (the default) draws its noise from the trainer's generator
+    assert first_step(True, seed=1)["rec"] != pytest.approx(first_step(True, seed=2)["rec"], rel=1e-5)
+
+
 def test_opening_direction_is_a_unit_pattern_on_the_driven_keypoints():
     u = opening_direction()
     assert u.shape == (21, 3) and np.linalg.norm(u) == pytest.approx(1.0)

@@ -65,6 +65,8 @@ class VaeOptions(_Strict):
     mouth_weight: float = Field(4.0, ge=0, description="extra L1 weight inside the mouth mask")
     decoder_only: bool = Field(False, description="fine-tune the decoder of the bundle's VAE, its encoder and scaling "
                                "factor kept: the latents, and a Stage 2 trained on them, keep their meaning")
+    sample_latents: bool = Field(True, description="decode a posterior sample while training (the SD VAE's recipe); "
+                                 "false: its mode, as the dub decodes (sharper with a wide posterior)")
 
 
 class ExtractorOptions(_Strict):

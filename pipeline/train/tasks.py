@@ -232,7 +232,8 @@ class VaeTask:
 
         c, o = self.cfg, self.cfg.vae
         train_cfg = VaeTrainConfig(lr=o.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, grad_clip=c.grad_clip,
-                                   kl=o.kl, mouth_weight=o.mouth_weight, decoder_only=o.decoder_only)
+                                   kl=o.kl, mouth_weight=o.mouth_weight, decoder_only=o.decoder_only,
+                                   sample_latents=o.sample_latents)
         # a fresh VAE, or (decoder_only) the bundle's, whose encoder the fine-tune keeps
         vae = LatentVAE.from_pretrained(bundle_info.path("vae")) if o.decoder_only else LatentVAE.from_config(model_config)
         return VaeTrainer(vae, MouthMask().array(), train_cfg, wrap=wrap, device=device, seed=seed)

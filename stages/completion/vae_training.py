@@ -55,6 +55,12 @@ class VaeTrainConfig:
     mouth_weight: float = 4.0
     std_momentum: float = 0.05  # EMA of the latents' std, for the scaling factor
     decoder_only: bool = False  # fine-tune the decoder; encoder and scaling factor kept
+    # Decode a sample of the posterior while training (the SD VAE's recipe), or its mode, which
+    # is what the dub decodes (LatentVAE.encode, Stage 2's latents). A briefly trained encoder's
+    # posterior is wide (std about 0.47 against a spread of 0.73 between the means of the demo
+    # bundle's first pass), and a decoder fine-tuned on such samples learns to blur what the
+    # noise hides: the closed lips' line.
+    sample_latents: bool = True
 
 
 class VaeTrainer:
@@ -100,7 +106,7 @@ class VaeTrainer:
     def step(self, batch: dict, step: int) -> dict[str, float]:
         images = self._images(batch)
         self.net.train()
-        posterior, decoded = self._forward(images, sample=True)
+        posterior, decoded = self._forward(images, sample=self.cfg.sample_latents)
         rec = (self.weight * (decoded - images).abs()).mean() / self.weight.mean()
         kl = posterior.kl().mean() / images[0].numel()  # per pixel, as the reconstruction term
         loss = rec if self.cfg.decoder_only else rec + self.cfg.kl * images[0].numel() * kl
