@@ -19,6 +19,12 @@ Each is correlated (Pearson r per speaker, then the mean) with the opening of A'
 reads its motion condition scores high against A in every row; one that reads the mouth's
 state from the unmasked pixels of its input scores high against B in the cross rows. The
 VAE round trip of A's crops (no Stage 2) is the ceiling.
+
+With --heldout (the held-out corpus folder itself, whose truth/ marks the silent frames) each
+setting is also measured in A's silent frames, against the closed opening of A's real crops
+there (their median): the opening over it, minus 1, and as a share of the way to the
+setting's mean speech opening, the figures `lipsync_heldout.py` gives the dubbed video. That
+splits a mouth left open in silence between the VAE (round trip), Stage 2 (oracle) and Stage 1.
 """
 from __future__ import annotations
 
@@ -45,6 +51,14 @@ def sentence_pairs(shards: str) -> list[tuple[str, str, str]]:
         by_speaker[row["speaker_id"]].append((os.path.basename(row["video_uri"]), row["video_id"]))
     return [(spk, *[vid for _, vid in sorted(videos)[:2]]) for spk, videos in sorted(by_speaker.items())
             if len(videos) >= 2]
+
+
+def silence_figures(opening: np.ndarray, silent: np.ndarray, closed: float) -> tuple[float, float]:
+    """(silent opening / closed - 1, its share of the gap from closed to the speech opening)."""
+    from stages.lipsync.measure import lip_sync_report
+
+    report = lip_sync_report(opening, None, silent=silent, neutral=closed)
+    return report.silent_relative_to_neutral, report.silent_share_of_speech_gap
 
 
 def keypoints(shards: str, video_ids: set[str]) -> dict[str, np.ndarray]:
@@ -89,12 +103,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="trained bundle: vae/, stage1/, stage2/")
     parser.add_argument("--heldout-shards", required=True)
+    parser.add_argument("--heldout", default=None,
+                        help="the held-out corpus folder (truth/): each setting's opening in A's silent frames too")
     parser.add_argument("--out", default=None)
     parser.add_argument("--torch-threads", type=int, default=2)
     args = parser.parse_args(argv)
 
     import torch
 
+    from pipeline.lipsync_eval import silent_frames
+    from pipeline.storage import join_uri
     from pipeline.weights import load_stage2, load_vae, read_bundle_info
     from stages.face import MouthMask
     from stages.face.tracker import FaceTracker
@@ -112,8 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
     videos = {v["video_id"]: v for v in load_heldout(args.heldout_shards)}
     exp = keypoints(args.heldout_shards, {vid for _, a, b in pairs for vid in (a, b)})
 
+    names = {r["video_id"]: os.path.splitext(os.path.basename(r["video_uri"]))[0]
+             for r in _rows(join_uri(args.heldout_shards, "videos.parquet"))}
+
     rows = ("vae round trip", "self / Stage 1", "self / oracle", "cross / Stage 1", "cross / oracle")
     results: dict[str, dict[str, list[float]]] = {row: {"A": [], "B": []} for row in rows}
+    silence: dict[str, dict[str, list[float]]] = {row: {"relative": [], "share": []} for row in ("real crops",) + rows}
     with FaceTracker(smoothing_sigma_frames=0.0, max_gap_frames=0) as tracker:
         for speaker, a_id, b_id in pairs:
             a, b = videos[a_id], videos[b_id]
@@ -125,21 +147,44 @@ def main(argv: list[str] | None = None) -> dict:
             settings = {"vae round trip": (a, None), "self / Stage 1": (a, heard), "self / oracle": (a, seen),
                         "cross / Stage 1": (b, heard), "cross / oracle": (b, seen)}
             line = [speaker]
+            silent = closed = None
+            if args.heldout:
+                with open(os.path.join(args.heldout, "truth", f"{names[a_id]}.truth.json")) as f:
+                    silent = silent_frames(json.load(f), n)
+                closed = float(np.nanmedian(real["A"][silent]))
+                for key, value in zip(("relative", "share"), silence_figures(real["A"], silent, closed)):
+                    silence["real crops"][key].append(value)
             for row, (source, conditions) in settings.items():
                 opening = mouth_openings(tracker, complete(vae, unet, hole, source["crops"][:n], a["neutral_crop"],
                                                            conditions))
                 for target in ("A", "B"):
                     results[row][target].append(pearson(opening, real[target]))
                 line.append(f"{row}: A {results[row]['A'][-1]:+.2f} B {results[row]['B'][-1]:+.2f}")
+                if silent is not None:
+                    for key, value in zip(("relative", "share"), silence_figures(opening, silent, closed)):
+                        silence[row][key].append(value)
+                    line[-1] += f" silent/closed {1 + silence[row]['relative'][-1]:.2f}"
             print(" | ".join(line), file=sys.stderr, flush=True)
 
     summary = {row: {t: float(np.nanmean(v)) for t, v in targets.items()} for row, targets in results.items()}
-    print("| setting | r with A (the audio's mouth) | r with B (the source's mouth) |")
-    print("|---|---|---|")
-    for row in rows:
-        print(f"| {row} | {summary[row]['A']:.2f} | {summary[row]['B']:.2f} |")
+    if not args.heldout:
+        print("| setting | r with A (the audio's mouth) | r with B (the source's mouth) |")
+        print("|---|---|---|")
+        for row in rows:
+            print(f"| {row} | {summary[row]['A']:.2f} | {summary[row]['B']:.2f} |")
+    else:
+        silence_summary = {row: {k: float(np.nanmean(v)) for k, v in figures.items()} for row, figures in silence.items()}
+        print("| setting | r with A (the audio's mouth) | r with B (the source's mouth) "
+              "| A's silent frames: opening / closed | share of the speech gap |")
+        print("|---|---|---|---|---|")
+        for row in ("real crops",) + rows:
+            r_cells = ("1", "—") if row == "real crops" else (f"{summary[row]['A']:.2f}", f"{summary[row]['B']:.2f}")
+            print(f"| {row} | {r_cells[0]} | {r_cells[1]} | {1 + silence_summary[row]['relative']:.2f} "
+                  f"| {silence_summary[row]['share']:.3f} |")
     report = {"summary": summary, "per_speaker": results, "speakers": [p[0] for p in pairs],
               "weights": args.weights, "heldout_shards": args.heldout_shards}
+    if args.heldout:
+        report.update(silence=silence_summary, silence_per_speaker=silence)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

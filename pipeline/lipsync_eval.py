@@ -66,6 +66,12 @@ def _fit(series: np.ndarray, n: int, fill) -> np.ndarray:
     return np.concatenate([series, np.full(n - len(series), fill, dtype=series.dtype)])
 
 
+def silent_frames(truth: dict, n: int) -> np.ndarray:
+    """(n,) bool: the truth's silent frames, for a series of n frames (past the truth's end the
+    dubbed audio has run out: silent)."""
+    return _fit(np.asarray(truth["is_silent"], bool), n, True)
+
+
 def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=None) -> dict:
     """The lip-sync figures of one dubbed output against the truth of its dubbed audio."""
     from stages.lipsync.measure import jitter, lip_sync_report, mouth_opening_series
@@ -75,7 +81,7 @@ def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=No
     opening, _, _ = mouth_opening_series(output_video, tracker=tracker)
     n = len(opening)
     jaw = _fit(np.asarray(truth["jaw"], np.float64), n, 0.0)
-    silent = _fit(np.asarray(truth["is_silent"], bool), n, True)
+    silent = silent_frames(truth, n)
     truth_opening, _, _ = mouth_opening_series(truth_video, tracker=tracker)
     truth_silent = np.asarray(truth["is_silent"], bool)[: len(truth_opening)]
     neutral = float(np.nanmedian(truth_opening[truth_silent])) if truth_silent.any() else math.nan

@@ -4,13 +4,15 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from lipsync_leak import complete, sentence_pairs  # noqa: E402
+from lipsync_leak import complete, sentence_pairs, silence_figures  # noqa: E402
+from pipeline.lipsync_eval import silent_frames  # noqa: E402
 from stages.completion.imc_unet import IMCUNet, IMCUNetConfig  # noqa: E402
 from stages.completion.vae import LatentVAE, tiny_vae_config  # noqa: E402
 from stages.face import MouthMask  # noqa: E402
@@ -38,3 +40,18 @@ def test_completion_changes_only_the_hole():
         assert out.shape == crops.shape and out.dtype == np.uint8
         np.testing.assert_array_equal(out[:, kept], crops[:, kept])
         assert np.abs(out[:, ~kept].astype(int) - crops[:, ~kept]).mean() > 10  # the hole is repainted
+
+
+def test_silence_figures_put_the_silent_opening_against_closed_and_the_speech_gap():
+    truth = {"is_silent": [True, True, False, False, False, True]}
+    silent = silent_frames(truth, 8)  # past the truth's end the dubbed audio has run out
+    assert silent.tolist() == [True, True, False, False, False, True, True, True]
+    assert silent_frames(truth, 4).tolist() == [True, True, False, False]
+    speech = np.where(silent, 0.0, 0.022)
+    relative, share = silence_figures(speech + np.where(silent, 0.004, 0.0), silent, closed=0.002)
+    assert relative == pytest.approx(1.0) and share == pytest.approx(0.1)  # (0.004 - 0.002) / (0.022 - 0.002)
+    relative, share = silence_figures(speech + np.where(silent, 0.002, 0.0), silent, closed=0.002)
+    assert relative == pytest.approx(0.0, abs=1e-12) and share == pytest.approx(0.0, abs=1e-12)
+    opening = speech + np.where(silent, 0.004, 0.0)
+    opening[0] = np.nan  # no face in that frame: left out of the mean
+    assert silence_figures(opening, silent, closed=0.002)[0] == pytest.approx(1.0)
