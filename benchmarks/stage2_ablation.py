@@ -380,11 +380,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"stage2_ablation: {args.heldout_shards} has no chunks")
 
     stage1 = Audio2Motion.from_pretrained(bundle.path("stage1")).eval()
+    driven = tuple(stage1.cfg.driven_keypoints)
     motion_conditions = {
-        v["video_id"]: frame_conditions("motion", v["neutral_exp"], offsets=stage1_offsets(stage1, v),
-                                        driven=tuple(stage1.cfg.driven_keypoints))
+        v["video_id"]: frame_conditions("motion", v["neutral_exp"], offsets=stage1_offsets(stage1, v), driven=driven)
         for v in heldout
     }
+    true_conditions = {v["video_id"]: true_motion_conditions(v["exp"], v["neutral_exp"], driven) for v in heldout}
     tracker = FaceTracker(smoothing_sigma_frames=0.0, max_gap_frames=0)
     try:
         real_openings = {v["video_id"]: mouth_openings(tracker, v["crops"][v["has_face"]]) for v in heldout}
@@ -405,9 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if model_config.condition == "audio":
                     metrics.update({m: float("nan") for m in TRUE_MOTION_METRICS})
                 else:
-                    driven = tuple(stage1.cfg.driven_keypoints)
-                    truth = evaluate_row(trainer, heldout, {v["video_id"]: true_motion_conditions(
-                        v["exp"], v["neutral_exp"], driven) for v in heldout}, tracker, real_openings, batch)
+                    truth = evaluate_row(trainer, heldout, true_conditions, tracker, real_openings, batch)
                     metrics.update({"psnr_mouth_true_motion": truth["psnr_mouth"],
                                     "lip_r_true_motion": truth["lip_r"]})
                 metrics["seed"] = seed
