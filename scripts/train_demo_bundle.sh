@@ -5,7 +5,7 @@
 #
 #   bash scripts/train_demo_bundle.sh [WORK_DIR] [OUT_BUNDLE]
 #
-# On a 2-core CPU machine it takes about an hour and a half, most of it Stage 2 and the VAE (README, "Proving it learns").
+# On a 2-core CPU machine it takes about an hour and three quarters, most of it Stage 2 and the VAE (README, "Proving it learns").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-demo_train}
@@ -34,12 +34,15 @@ $IMGTALK train stage2 --shards "$WORK/shards" --weights "$WORK/bundle" --output-
 $IMGTALK train stage2 --shards "$WORK/shards" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" --config deploy/demo/stage2.more.yaml
 # 6. a larger corpus (16 speakers x 12 sentences; speakers 0-7 are step 1's, saying 4 more sentences)
 #    for what gains from more speech: the VAE's decoder fine-tuned (its encoder, hence Stage 2's
-#    latents, kept) and Stage 1, a wider one (deploy/demo/stage1.yaml)
+#    latents, kept), twice: on posterior samples, then on the posterior's mode, as the dub decodes
+#    (sharper closed lips), and Stage 1, a wider one (deploy/demo/stage1.yaml)
 $IMGTALK synth-corpus --folder "$WORK/corpus-large" --speakers 16 --sentences 12 --seed 0
 $IMGTALK prepare --corpus "$WORK/corpus-large/corpus.parquet" --weights "$WORK/bundle" --output "$WORK/shards-large" \
     --config deploy/demo/prepare.yaml
 $IMGTALK train vae --shards "$WORK/shards-large" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" \
     --config deploy/demo/vae.decoder.yaml
+$IMGTALK train vae --shards "$WORK/shards-large" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" \
+    --config deploy/demo/vae.decoder.mode.yaml
 $IMGTALK train stage1 --shards "$WORK/shards-large" --weights "$WORK/bundle" --output-bundle "$WORK/bundle" \
     --config deploy/demo/stage1.yaml
 rm -rf "$OUT" && mkdir -p "$(dirname "$OUT")" && cp -r "$WORK/bundle" "$OUT"
