@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     videos = {v["video_id"]: v for v in load_heldout(args.heldout_shards)}
     exp = keypoints(args.heldout_shards, {vid for _, a, b in pairs for vid in (a, b)})
 
-    names = {r["video_id"]: os.path.splitext(os.path.basename(r["video_uri"]))[0]
-             for r in _rows(join_uri(args.heldout_shards, "videos.parquet"))}
+    names = {r["video_id"]: os.path.splitext(os.path.basename(r["video_uri"]))[0]  # to find each truth
+             for r in _rows(join_uri(args.heldout_shards, "videos.parquet"))} if args.heldout else {}
 
     rows = ("vae round trip", "self / Stage 1", "self / oracle", "cross / Stage 1", "cross / oracle")
     results: dict[str, dict[str, list[float]]] = {row: {"A": [], "B": []} for row in rows}
