@@ -3,10 +3,9 @@ through the project's own commands, checked on sentences never used in training.
 
 synth-corpus -> prepare -> train stage1 -> train stage2 -> dub held-out sentences -> measure.
 
-The frozen networks a user downloads (LivePortrait's extractor, the SD VAE) are the demo
-bundle's trained stand-ins (weights/demo), as a user's bundle would hold the real ones;
-HuBERT is the tiny random one. Stage 1 and Stage 2 are trained here from scratch, smaller
-and shorter than the demo's.
+The frozen networks a user downloads (LivePortrait's extractor, HuBERT, the SD VAE) are the
+demo bundle's trained stand-ins (weights/demo), as a user's bundle would hold the real ones.
+Stage 1 and Stage 2 are trained here from scratch, smaller and shorter than the demo's.
 
 What is asserted: Stage 1 alone predicts the held-out sentences' lip keypoints (as the
 bundle's extractor reads them off the real frames) at Pearson r >= 0.5 (an untrained Stage 1
@@ -37,7 +36,7 @@ def chain(tmp_path_factory, local_ray):
     assert main(["synth-corpus", "--folder", str(corpus), "--speakers", str(SPEAKERS), "--sentences", str(SENTENCES),
                  "--seed", "0"]) == 0
     assert main(["weights", "init", "--size", "tiny", "--seed", "0", str(base)]) == 0
-    for component in ("vae", "liveportrait"):  # the "downloaded" frozen networks
+    for component in ("vae", "liveportrait", "hubert"):  # the "downloaded" frozen networks
         shutil.rmtree(base / component)
         shutil.copytree(os.path.join(DEMO_BUNDLE, component), base / component)
     prepare_cfg = root / "prepare.yaml"
