@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.motion.audio2motion import DRIVEN_KEYPOINTS, Audio2Motion, Audio2MotionConfig
+from stages.motion.audio2motion import DRIVEN_KEYPOINTS, Audio2Motion, Audio2MotionConfig, stage1_loss
 from stages.motion.extractor import driven_keypoints, rotation_matrix
 from stages.motion.training import Stage1TrainConfig, Stage1Trainer, sample_clips
 
@@ -175,3 +175,33 @@ def test_resumed_trainer_repeats_the_next_step_exactly():
         assert torch.equal(a, b), name
     # The check can fail: without the saved state the same step gives another loss.
     assert unloaded.step(batch, 3)["loss"] != expected["loss"]
+
+
+def test_free_running_sampling_feeds_back_what_generate_decodes():
+    """At probability 1 the step trains on the inference loop's own output as the previous
+    motion: its loss is L(model(prev=generate(...))) computed by hand, and not the loss of the
+    teacher-forced source's one-step predictions."""
+    rng = np.random.default_rng(6)
+    batch = batch_of([learnable_clip(rng, T=6), learnable_clip(rng, T=6)])
+    losses = {}
+    for source in ("free_running", "teacher_forced"):
+        cfg = Stage1TrainConfig(warmup_steps=1, total_steps=4, scheduled_sampling=1.0, prev_noise_std=0.0,
+                                sampling_source=source)
+        torch.manual_seed(0)
+        trainer = Stage1Trainer(Audio2Motion(tiny_config(dropout=0.0)), cfg)
+        torch.nn.init.normal_(trainer.model.head.weight, std=1.0)  # not the zero init: outputs follow the previous motion
+        b = {key: value.float() for key, value in batch.items()}
+        args = (b["audio"], b["x_c"], b["delta_neutral"])
+        model = trainer.model
+        with torch.no_grad():
+            model.eval()
+            expected_prev = model.generate(*args) if source == "free_running" else model(*args, b["offsets"])
+            model.train()
+            expected, _ = stage1_loss(model(*args, expected_prev), b["x_c"], b["delta_neutral"], b["R"], b["scale"],
+                                      b["t"], b["x_gt"], lip=model.cfg.driven_keypoints, lam=cfg.lam_temp)
+        losses[source] = trainer.step(batch, cfg.total_steps)["loss"]  # probability 1: every frame fed back
+        assert losses[source] == pytest.approx(expected.item(), rel=1e-5)
+        assert model.training
+    assert losses["free_running"] != pytest.approx(losses["teacher_forced"], rel=1e-3)
+    with pytest.raises(ValueError, match="sampling_source"):
+        Stage1Trainer(Audio2Motion(tiny_config()), Stage1TrainConfig(sampling_source="free"))

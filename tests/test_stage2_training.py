@@ -589,3 +589,50 @@ def test_stage1_task_sizes_a_fresh_stage1_from_options_or_the_base_bundle(tmp_pa
         sum(p.numel() for p in Audio2Motion(kept).parameters())
     with pytest.raises(TrainError, match="multiple of n_heads"):
         tasks.Stage1Task(TrainConfig(stage1={"d_model": 50, "n_heads": 4}), card).model_config(Bundle())
+
+
+def test_init_from_bundle_starts_both_stages_from_the_bundles_networks(tiny_bundle):
+    """A fine-tune starts from the bundle's trained weights with the bundle's own statistics
+    (the corpus card's would re-scale what the weights learned); options that would change the
+    network are refused; a fresh start differs, so the check can fail."""
+    import dataclasses
+
+    import pipeline.train.tasks as tasks
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.job import TrainError
+    from pipeline.weights import read_bundle_info
+    from stages.motion.audio2motion import Audio2Motion
+
+    info = read_bundle_info(tiny_bundle)
+
+    def stats(shape, value):
+        return {"mean": np.full(shape, value).tolist(), "std": np.full(shape, 2.0).tolist()}
+
+    card = {"statistics": {name: stats((21, 3), 0.5) for name in ("offset", "exp", "x_c")}}
+    saved = {"stage1": Audio2Motion.from_pretrained(info.path("stage1")),
+             "stage2": IMCUNet.from_pretrained(info.path("stage2"))}
+    for stage, task_class, network in (("stage1", tasks.Stage1Task, "model"), ("stage2", tasks.Stage2Task, "unet")):
+        tuned = task_class(TrainConfig(init_from_bundle=True, stage1={"dropout": 0.0}), card)
+        fresh = task_class(TrainConfig(), card)
+        config = tuned.model_config(info)
+        if stage == "stage1":
+            assert config == dataclasses.replace(saved[stage].cfg, dropout=0.0, max_frames=TrainConfig().stage1.clip_frames)
+        else:
+            assert config == saved[stage].config
+        assert fresh.model_config(info) != config  # the card's statistics
+        trainers = []
+        for task in (tuned, fresh):
+            torch.manual_seed(123)  # not the bundle's seed
+            trainers.append(task.build_trainer(info, task.model_config(info), lambda m: m, "cpu", None, seed=0))
+        want = saved[stage].state_dict()
+        got = getattr(trainers[0], network).state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        other = getattr(trainers[1], network).state_dict()
+        assert any(not torch.equal(other[k], want[k]) for k in want)
+        assert tuned.fine_tunes_base and not fresh.fine_tunes_base  # the bundle keeps the base's record
+    with pytest.raises(TrainError, match="audio_window_after"):  # given, not the default
+        tasks.Stage1Task(TrainConfig(init_from_bundle=True, stage1={"audio_window_after": 3}), card).model_config(info)
+    with pytest.raises(TrainError, match="d_model"):
+        tasks.Stage1Task(TrainConfig(init_from_bundle=True, stage1={"d_model": 48, "n_heads": 4}), card).model_config(info)
+    with pytest.raises(TrainError, match="use_rsca"):
+        tasks.Stage2Task(TrainConfig(init_from_bundle=True, stage2={"use_rsca": False}), card).model_config(info)

@@ -23,6 +23,9 @@ class Stage1Options(_Strict):
     lam_temp: float = Field(0.1, ge=0, description="λ of Eq. 6")
     prev_noise_std: float = Field(0.1, ge=0)
     scheduled_sampling: float = Field(0.25, ge=0, le=1)
+    sampling_source: Literal["teacher_forced", "free_running"] = Field(
+        "teacher_forced", description="what scheduled sampling feeds back: a teacher-forced pass's predictions, "
+        "or free-running decoding's (the inference loop, so drift is seen and corrected)")
     dropout: float = Field(0.1, ge=0, lt=1)
     # the Transformer's size; None keeps the base bundle's (a real bundle's Stage 1 has its own)
     d_model: int | None = Field(None, ge=8, description="width of a fresh Stage 1 (default: the base bundle's)")
@@ -117,6 +120,9 @@ class TrainConfig(_Strict):
                                 "re-reading the shards every epoch: for small corpora whose epochs are a few batches")
     seed: int = 0
     torch_threads: int = Field(1, ge=1)
+    init_from_bundle: bool = Field(False, description="stage1 / stage2: start from the base bundle's trained network, "
+                                   "its architecture and statistics kept (a fine-tune on new footage or for more "
+                                   "steps), instead of a fresh one")
     stage1: Stage1Options = Stage1Options()
     stage2: Stage2Options = Stage2Options()
     vae: VaeOptions = VaeOptions()

@@ -176,6 +176,9 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
     base_root = localize_bundle(weights_uri, storage)
     info = read_bundle_info(base_root)
     task = TASKS[stage](config, card)
+    if config.init_from_bundle and stage not in ("stage1", "stage2"):
+        raise TrainError(f"init_from_bundle starts stage1 or stage2 from the bundle's network, not {stage}"
+                         + (" (vae.decoder_only fine-tunes the VAE's decoder)" if stage == "vae" else ""))
     model_config = task.model_config(info)
     sampler = task.sampler(videos, config.seed, model_config)
 

@@ -35,6 +35,18 @@ def chunk_rng(seed: int, row: dict) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(key[:8], "little"))
 
 
+def _fine_tune_mismatch(stage: str, base, options, names: tuple[str, ...]) -> None:
+    """init_from_bundle keeps the bundle's network: options given (not defaults) that would
+    change it are an error."""
+    changed = {k: (getattr(base, k), getattr(options, k)) for k in names
+               if k in options.model_fields_set and getattr(base, k) != getattr(options, k)}
+    if changed:
+        from pipeline.train.job import TrainError
+
+        raise TrainError(f"{stage}: init_from_bundle keeps the bundle's network, but the options change "
+                         + ", ".join(f"{k} (bundle {b!r}, options {o!r})" for k, (b, o) in changed.items()))
+
+
 def _stats(card: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
     s = card["statistics"][name]
     return np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32)
@@ -46,6 +58,7 @@ class Stage1Task:
 
     def __init__(self, cfg: TrainConfig, card: dict):
         self.cfg, self.card = cfg, card
+        self.fine_tunes_base = cfg.init_from_bundle  # write_bundle keeps the base's record inside the new one
 
     def model_config(self, bundle_info):
         from stages.common.checkpoint import load_config
@@ -53,6 +66,10 @@ class Stage1Task:
 
         o = self.cfg.stage1
         base = load_config(Audio2MotionConfig, bundle_info.path("stage1"))
+        if self.cfg.init_from_bundle:  # the bundle's statistics stay: its weights were trained on them
+            _fine_tune_mismatch("stage1", base, o, ("d_model", "n_layers", "n_heads", "audio_steps_per_frame",
+                                                    "audio_window_before", "audio_window_after"))
+            return dataclasses.replace(base, dropout=o.dropout, max_frames=o.clip_frames)
         config = dataclasses.replace(base, audio_steps_per_frame=o.audio_steps_per_frame, audio_window_before=o.audio_window_before,
                                      audio_window_after=o.audio_window_after, dropout=o.dropout,
                                      max_frames=o.clip_frames,  # it decodes longer sequences in windows of this
@@ -84,9 +101,11 @@ class Stage1Task:
         c, o = self.cfg, self.cfg.stage1
         train_cfg = Stage1TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=c.warmup_steps, total_steps=c.steps,
                                       lam_temp=o.lam_temp, grad_clip=c.grad_clip, prev_noise_std=o.prev_noise_std,
-                                      scheduled_sampling=o.scheduled_sampling)
-        return Stage1Trainer(Audio2Motion(model_config), train_cfg, wrap=wrap, device=device,
-                             autocast_dtype=autocast_dtype, seed=seed)
+                                      scheduled_sampling=o.scheduled_sampling, sampling_source=o.sampling_source)
+        model = Audio2Motion(model_config)
+        if c.init_from_bundle:
+            model.load_state_dict(Audio2Motion.from_pretrained(bundle_info.path("stage1")).state_dict())
+        return Stage1Trainer(model, train_cfg, wrap=wrap, device=device, autocast_dtype=autocast_dtype, seed=seed)
 
     def to_batch(self, batch: dict) -> dict:
         return batch
@@ -108,6 +127,7 @@ class Stage2Task:
 
     def __init__(self, cfg: TrainConfig, card: dict):
         self.cfg, self.card = cfg, card
+        self.fine_tunes_base = cfg.init_from_bundle
 
     def model_config(self, bundle_info):
         from stages.common.checkpoint import load_config
@@ -115,6 +135,9 @@ class Stage2Task:
 
         o = self.cfg.stage2
         base = load_config(IMCUNetConfig, bundle_info.path("stage2"))
+        if self.cfg.init_from_bundle:  # its motion statistics stay: its weights were trained on them
+            _fine_tune_mismatch("stage2", base, o, ("use_rsca", "condition"))
+            return base
         audio = {}
         if o.condition == "audio":
             from transformers import HubertConfig
@@ -166,7 +189,10 @@ class Stage2Task:
         torch.manual_seed(seed)
         d_config = PatchDiscriminatorConfig.tiny() if bundle_info.size == "tiny" else PatchDiscriminatorConfig()
         vgg = VGG19.from_pretrained(o.vgg_weights) if o.vgg_weights and o.perc > 0 else None
-        return Stage2Trainer(IMCUNet(model_config), load_vae(bundle_info), MouthMask().array(), train_cfg,
+        unet = IMCUNet(model_config)
+        if c.init_from_bundle:
+            unet.load_state_dict(IMCUNet.from_pretrained(bundle_info.path("stage2")).state_dict())
+        return Stage2Trainer(unet, load_vae(bundle_info), MouthMask().array(), train_cfg,
                              extractor=load_motion_extractor(bundle_info), vgg=vgg,
                              discriminator=PatchDiscriminator(d_config) if o.adv > 0 else None,
                              wrap=wrap, device=device, autocast_dtype=autocast_dtype)

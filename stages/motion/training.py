@@ -120,6 +120,11 @@ class Stage1TrainConfig:
     grad_clip: float = 1.0
     prev_noise_std: float = 0.1  # Gaussian noise on teacher-forced previous offsets, normalised units
     scheduled_sampling: float = 0.25  # max probability (reached at total_steps) of feeding back own predictions
+    # Where the fed-back predictions come from. "teacher_forced": a teacher-forced pass, so each
+    # is one step off the truth. "free_running": `generate`, the inference loop itself, so the
+    # model also sees the states its own drift leads to (a mouth still open when speech has
+    # stopped) and learns to come back from them to the truth.
+    sampling_source: str = "teacher_forced"
 
 
 BATCH_KEYS = ("audio", "x_c", "delta_neutral", "offsets", "R", "scale", "t", "x_gt")
@@ -130,6 +135,8 @@ class Stage1Trainer:
 
     def __init__(self, model: Audio2Motion, cfg: Stage1TrainConfig, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None, seed: int = 0):
+        if cfg.sampling_source not in ("teacher_forced", "free_running"):
+            raise ValueError(f"training.py: sampling_source {cfg.sampling_source!r} is not teacher_forced or free_running")
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -166,6 +173,15 @@ class Stage1Trainer:
         draw = torch.randn if kind == "normal" else torch.rand
         return draw(*shape, generator=self.generator).to(self.device)
 
+    def _own_predictions(self, args: tuple[Tensor, ...], offsets: Tensor) -> Tensor:
+        if self.cfg.sampling_source == "teacher_forced":
+            return self.net(*args, offsets)
+        self.model.eval()  # generate decodes as inference does: no dropout; under no_grad, no DDP sync
+        try:
+            return self.model.generate(*args)
+        finally:
+            self.model.train()
+
     def sampling_probability(self, step: int) -> float:
         return self.cfg.scheduled_sampling * min(1.0, max(0, step) / max(1, self.cfg.total_steps))
 
@@ -187,7 +203,7 @@ class Stage1Trainer:
             probability = self.sampling_probability(step)
             if probability > 0:  # two-pass scheduled sampling
                 with torch.no_grad(), self._autocast():
-                    own = self.net(*args, offsets).float()
+                    own = self._own_predictions(args, offsets).float()
                 use_own = self._draw(offsets.shape[:2], "uniform") < probability
                 prev = torch.where(use_own[..., None, None], own, prev)
             if self.cfg.prev_noise_std > 0:  # noise in normalised units = std x offset_std in raw units
