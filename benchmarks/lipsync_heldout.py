@@ -63,7 +63,8 @@ def main(argv=None) -> int:
             figures.append(f)
             print(f"{os.path.basename(r['output_uri'])}: r {f['pearson_r']:.3f} (best lag {f['best_lag_frames']:+d}: "
                   f"{f['r_at_best_lag']:.3f}), silent/neutral {1 + f['silent_relative_to_neutral']:.3f} "
-                  f"({f['silent_share_of_speech_gap']:.3f} of the speech gap), "
+                  f"({f['silent_share_of_speech_gap']:.3f} of the speech gap; the truth video "
+                  f"{1 + f['truth_video_silent_relative_to_neutral']:.3f}), "
                   f"jitter {f['jitter']:.4f} vs truth video {f['truth_video_jitter']:.4f}, kept {f['kept_frames_size_fps']}")
     summary = {
         "outputs": len(figures),
@@ -72,6 +73,9 @@ def main(argv=None) -> int:
         "mean_silent_relative_to_neutral": float(np.mean([f["silent_relative_to_neutral"] for f in figures])),
         "max_abs_silent_relative_to_neutral": float(np.max([abs(f["silent_relative_to_neutral"]) for f in figures])),
         "mean_silent_share_of_speech_gap": float(np.mean([f["silent_share_of_speech_gap"] for f in figures])),
+        # the measure's floor: the truth video's own silent frames against their median
+        "mean_truth_video_silent_relative_to_neutral": float(np.mean(
+            [f["truth_video_silent_relative_to_neutral"] for f in figures])),
         "mean_jitter": float(np.mean([f["jitter"] for f in figures])),
         "mean_truth_video_jitter": float(np.mean([f["truth_video_jitter"] for f in figures])),
         "all_kept": all(f["kept_frames_size_fps"] for f in figures),
