@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import glob
 import json
 import math
 import os
@@ -528,3 +529,24 @@ def test_prepare_and_train_configs_fit_the_launcher_cluster(cluster):
         # Multi-node training needs storage every node reaches: never a node-local path.
         assert train.storage_path.startswith("s3://"), name
     assert load_train_config(_path("deploy", "train.stage2.cluster.yaml")).stage2.gradient_checkpointing
+
+
+# --------------------------------------------------------------------------- the demo bundle's recipe
+
+
+def test_every_config_the_demo_bundle_script_names_exists_and_loads():
+    """scripts/train_demo_bundle.sh reproduces the committed bundle: each config it passes
+    must exist and pass its job's schema (a misspelt option would stop the script half-way)."""
+    from pipeline.prepare.config import load_prepare_config
+    from pipeline.train.config import load_train_config
+
+    script = _read("scripts", "train_demo_bundle.sh")
+    named = re.findall(r"--config (deploy/demo/\S+\.yaml)", script)
+    assert len(named) >= 8
+    assert set(named) == {os.path.relpath(p, ROOT) for p in glob.glob(_path("deploy", "demo", "*.yaml"))}
+    for path in set(named):
+        if os.path.basename(path) == "prepare.yaml":
+            load_prepare_config(_path(path))
+        else:
+            cfg = load_train_config(_path(path))
+            assert cfg.storage_path == "demo_train/runs", path  # the script clears it before training
