@@ -636,3 +636,24 @@ def test_init_from_bundle_starts_both_stages_from_the_bundles_networks(tiny_bund
         tasks.Stage1Task(TrainConfig(init_from_bundle=True, stage1={"d_model": 48, "n_heads": 4}), card).model_config(info)
     with pytest.raises(TrainError, match="use_rsca"):
         tasks.Stage2Task(TrainConfig(init_from_bundle=True, stage2={"use_rsca": False}), card).model_config(info)
+
+
+def test_free_running_sampling_is_refused_under_fsdp(tiny_bundle):
+    """generate() reads the unwrapped Stage 1, whose weights FSDP shards: refused before training."""
+    import pipeline.train.tasks as tasks
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.job import TrainError
+    from pipeline.weights import read_bundle_info
+
+    info = read_bundle_info(tiny_bundle)
+    card = {"statistics": {name: {"mean": np.zeros((21, 3)).tolist(), "std": np.ones((21, 3)).tolist()}
+                           for name in ("offset", "exp", "x_c")}}
+    for strategy, refused in (("fsdp", True), ("ddp", False)):
+        task = tasks.Stage1Task(TrainConfig(num_workers=2, strategy=strategy, stage1={"sampling_source": "free_running"}),
+                                card)
+        if refused:
+            with pytest.raises(TrainError, match="free_running needs strategy ddp"):
+                task.build_trainer(info, task.model_config(info), lambda m: m, "cpu", None, seed=0)
+        else:
+            trainer = task.build_trainer(info, task.model_config(info), lambda m: m, "cpu", None, seed=0)
+            assert trainer.cfg.sampling_source == "free_running"

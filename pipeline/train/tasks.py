@@ -99,6 +99,12 @@ class Stage1Task:
         from stages.motion.training import Stage1Trainer, Stage1TrainConfig
 
         c, o = self.cfg, self.cfg.stage1
+        if o.sampling_source == "free_running" and c.strategy == "fsdp" and c.num_workers > 1:
+            from pipeline.train.job import TrainError
+
+            # generate() runs the unwrapped network, whose parameters FSDP keeps sharded
+            raise TrainError("stage1: sampling_source free_running needs strategy ddp (FSDP shards the weights "
+                             "that free-running decoding reads outside the wrapped forward)")
         train_cfg = Stage1TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=c.warmup_steps, total_steps=c.steps,
                                       lam_temp=o.lam_temp, grad_clip=c.grad_clip, prev_noise_std=o.prev_noise_std,
                                       scheduled_sampling=o.scheduled_sampling, sampling_source=o.sampling_source)

@@ -10,9 +10,11 @@ is conditioned on the video's neutral state (neutral x_c, neutral expression) an
 Optimisation. `Stage1Trainer.step` runs Eq. 4-6 (`stage1_loss`, λ_temp) with AdamW and the
 shared warm-up + cosine schedule, gradient clipping, and two input corruptions against
 exposure bias: Gaussian noise (in normalised units) on the teacher-forced previous offsets,
-and two-pass scheduled sampling (a first no-grad teacher-forced pass; each previous offset is
-replaced by the model's own prediction with a probability ramped linearly from 0 to
-`scheduled_sampling` over `total_steps`). All randomness of a step (noise, sampling masks,
+and two-pass scheduled sampling (a first no-grad pass; each previous offset is replaced by the
+model's own prediction with a probability ramped linearly from 0 to `scheduled_sampling` over
+`total_steps`). The first pass is teacher-forced (`sampling_source="teacher_forced"`: every
+prediction one step off the truth) or free-running `generate` (`"free_running"`: the states
+the inference loop's own drift leads to; it reads the unwrapped network, so DDP, not FSDP). All randomness of a step (noise, sampling masks,
 dropout) comes from the trainer's own torch.Generator, which is part of `state_dict()`, so a
 resumed trainer reproduces the next step exactly. Under DDP give each rank its own `seed`.
 `autocast_dtype` is meant for bfloat16 (no loss scaling is done).
