@@ -81,6 +81,7 @@ def write_corpus(root: str, chunk_frames: dict[str, list[int]], seed: int = 0) -
 def _config(tmp_path, name, **extra) -> TrainConfig:
     base = dict(name=name, storage_path=str(tmp_path / "runs"), num_workers=2, cpus_per_worker=0.5, batch_size=2,
                 steps=6, warmup_steps=1, val_every=3, val_batches=1, checkpoint_every=2, num_to_keep=2, max_failures=0,
+                collective_timeout_s=120,  # a rank left waiting fails the test in minutes, not after 30
                 shuffle_buffer=8, stage1=Stage1Options(clip_frames=8, lr=3e-3, dropout=0.0),
                 stage2=Stage2Options(pairs_per_chunk=2, min_gap_frames=2, max_pose_deg=50.0, gan_start_step=3,
                                      perc=0.0, motion=0.1, adv=0.01, lr=1e-3))
@@ -166,6 +167,26 @@ def test_worker_failure_restarts_from_the_checkpoint_and_uneven_inputs_keep_step
     ranks = [json.loads(storage.read_bytes(os.path.join(run_dir_of(config), "ranks", "stage1", f"rank{r}.json"))) for r in (0, 1)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 5  # steps 3..7 after the restart, on both ranks
     assert max(r["epoch"] for r in _steps(rows).values()) >= 1  # the short rank ended epochs early for both
+
+
+def test_a_rank_that_hangs_without_dying_fails_the_group_which_restarts_from_the_checkpoint(local_ray, tiny_bundle,
+                                                                                             tmp_path):
+    """Rank 1 stalls before step 4 with its process alive; rank 0's all-reduce of that step
+    gives up after collective_timeout_s, the group restarts from step 2's checkpoint, and the
+    run completes with equal steps on both ranks."""
+    from pipeline.train.job import read_curve, run_dir_of, run_train
+
+    corpus = write_corpus(str(tmp_path / "corpus"), {"a": [40, 40], "b": [40, 40], "c": [40]})
+    storage = Storage()
+    config = _config(tmp_path, "stall", steps=5, max_failures=1, collective_timeout_s=10)
+    result = run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle"), config, progress=False,
+                       fault={"step": 4, "marker": str(tmp_path / "fault"), "stall_rank": 1})
+    assert result.steps == 5
+    rows = read_curve(storage, run_dir_of(config), "stage1")
+    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [2]
+    assert sorted(_steps(rows)) == [1, 2, 3, 4, 5]
+    ranks = [json.loads(storage.read_bytes(os.path.join(run_dir_of(config), "ranks", "stage1", f"rank{r}.json"))) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 3  # steps 3..5 after the restart
 
 
 def test_stage2_trains_with_the_gan_and_the_trained_bundle_dubs(local_ray, tiny_bundle, tmp_path):

@@ -115,6 +115,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(200, ge=1)
     num_to_keep: int = Field(3, ge=1)
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    collective_timeout_s: int = Field(1800, ge=10, description="how long a rank waits in a collective (gradient "
+                                      "all-reduce, the step barrier) for the others before failing: a rank lost "
+                                      "without its process dying then ends as a failure, restarted from the checkpoint")
     shuffle_buffer: int = Field(64, ge=1, description="rows in each rank's local shuffle buffer")
     cache_samples: bool = Field(False, description="materialise the training samples once (object store) instead of "
                                 "re-reading the shards every epoch: for small corpora whose epochs are a few batches")

@@ -152,12 +152,14 @@ def write_bundle(base_root: str, out_uri: str, stage: str, network, card: dict, 
 
 def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, config: TrainConfig | None = None,
               address: str | None = None, progress: bool | None = None, fault: dict | None = None) -> TrainResult:
-    """fault: {"step": N, "marker": uri} makes rank 0 fail once before step N (tests of restarts)."""
+    """fault (tests of restarts): {"step": N, "marker": uri} makes every rank fail once before
+    step N; with "stall_rank": r that rank hangs there instead, without dying, and the others
+    go on into the step's all-reduce."""
     import ray
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.dub.job import _init_ray
     from pipeline.train.loop import CHECKPOINT_STATE, train_loop
@@ -206,6 +208,7 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
         run_dir = run_dir_of(config)
         trainer = TorchTrainer(
             train_loop,
+            torch_config=TorchConfig(timeout_s=config.collective_timeout_s),  # backend: nccl on GPUs, gloo on CPUs
             train_loop_config={"stage": stage, "train": config.model_dump(mode="json"), "card": card,
                                "bundle": _absolute(weights_uri),  # the workers' working folder may not be ours
                                "run_dir": run_dir, "has_val": bool(files["val"]), "fault": fault},

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -110,6 +111,10 @@ def train_loop(loop_config: dict) -> None:
         resumed_from = state["step"]
 
     fault = loop_config.get("fault") or {}
+    # Decided by every rank at its start, before any rank can write the marker, so all ranks
+    # fail at the same step: one rank failing alone would leave the others blocked in a
+    # collective waiting for it until the process group's timeout.
+    inject_fault = bool(fault) and not storage.exists(fault["marker"])
     train_data = ray.train.get_dataset_shard(f"train_{rank}")
     val_data = ray.train.get_dataset_shard("val") if rank == 0 and loop_config.get("has_val") else None
     curve: list[dict] = []
@@ -177,9 +182,15 @@ def train_loop(loop_config: dict) -> None:
             batch = next(batches, None)
             if not _all_have(batch is not None, device):
                 break
-            if fault.get("step") == state["step"] + 1 and rank == 0 and not storage.exists(fault["marker"]):
-                storage.write_bytes_atomic(b"failed once", fault["marker"])
-                raise RuntimeError(f"injected failure before step {state['step'] + 1}")
+            if inject_fault and fault["step"] == state["step"] + 1:
+                if rank == 0:
+                    storage.write_bytes_atomic(b"failed once", fault["marker"])
+                if "stall_rank" in fault:  # a rank that hangs without dying; the others go on
+                    if rank == fault["stall_rank"]:
+                        threading.Event().wait()  # until the group is torn down
+                    inject_fault = False  # this step's all-reduce waits for the stalled rank
+                else:
+                    raise RuntimeError(f"injected failure before step {state['step'] + 1}")
             values = trainer.step(task.to_batch(batch), state["step"])
             state["step"] += 1
             state["batch_in_epoch"] += 1
