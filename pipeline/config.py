@@ -116,6 +116,12 @@ class MotionConfig(_Strict):
     warmup_seconds: float = Field(
         1.0, ge=0, description="audio before a segment fed to Stage 1 so motion is continuous across segments"
     )
+    silence_gate_db: float | None = Field(
+        -35.0, le=0, description="the silence gate: frames of the dubbed track whose speech-band level is this many dB "
+        "below its loudest frame, in runs of at least silence_gate_frames, get the neutral (closed) mouth whatever "
+        "Stage 1 predicts; null turns the gate off (README, Operator guide)")
+    silence_gate_frames: int = Field(3, ge=1, description="25 Hz frames a quiet run needs to count as silence: a "
+                                     "shorter one (a stop consonant, a breath between words) is left to Stage 1")
 
 
 class CompleteConfig(_Strict):

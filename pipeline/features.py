@@ -24,25 +24,48 @@ def cached_features(cache, hubert, data: bytes):
     return cache.store(hubert.model_id, sha, features, duration_s=len(wave) / 16000.0), sha, False
 
 
+def _cached_of_track(cache, model_id: str, data: bytes, sha: str, rows_of):
+    """CachedFeatures of what `rows_of(wave_16k)` computes from the audio file `data` (sha256
+    `sha`): 50 Hz rows, two per 25 Hz frame; decoded and computed only on a miss."""
+    from stages.audio import load_audio
+
+    cached = cache.lookup(model_id, sha)
+    if cached is not None:
+        return cached
+    wave = load_audio(io.BytesIO(data))
+    return cache.store(model_id, sha, rows_of(wave), duration_s=len(wave) / 16000.0)
+
+
 # The speech itself, kept beside its features for `imgtalk train hubert`: the same cache,
 # the same 50 Hz rows (320 samples each, two per 25 fps frame), so a chunk's window of it is
 # read exactly as its features are.
 WAVEFORM_ID = "waveform-16k"
+# The speech level the dub's silence gate reads (stages/audio/speech_level.py), each 25 Hz
+# frame's value on both of its rows.
+SPEECH_LEVEL_ID = "speech-level-db-v1"
 
 
 def cached_waveform(cache, data: bytes, sha: str):
     """CachedFeatures of the 16 kHz waveform of the audio file `data` (sha256 `sha`), rows of
     320 samples at 50 Hz, zero-padded to whole 40 ms frames; decoded and stored on a miss."""
-    from stages.audio import load_audio
     from stages.audio.hubert import ROWS_PER_FRAME, SAMPLES_PER_FEATURE, num_feature_frames
 
-    cached = cache.lookup(WAVEFORM_ID, sha)
-    if cached is not None:
-        return cached
-    wave = load_audio(io.BytesIO(data))
-    padded = np.zeros(num_feature_frames(len(wave)) * SAMPLES_PER_FEATURE, np.float32)
-    padded[: len(wave)] = wave
-    return cache.store(WAVEFORM_ID, sha, padded.reshape(-1, SAMPLES_PER_FEATURE // ROWS_PER_FRAME), duration_s=len(wave) / 16000.0)
+    def rows(wave):
+        padded = np.zeros(num_feature_frames(len(wave)) * SAMPLES_PER_FEATURE, np.float32)
+        padded[: len(wave)] = wave
+        return padded.reshape(-1, SAMPLES_PER_FEATURE // ROWS_PER_FRAME)
+
+    return _cached_of_track(cache, WAVEFORM_ID, data, sha, rows)
+
+
+def cached_speech_level(cache, data: bytes, sha: str):
+    """CachedFeatures (dim 1) of the audio file's speech level in dB against its loudest 25 Hz
+    frame, each frame's value on both of its 50 Hz rows."""
+    from stages.audio.hubert import ROWS_PER_FRAME
+    from stages.audio.speech_level import speech_level_db_25hz
+
+    return _cached_of_track(cache, SPEECH_LEVEL_ID, data, sha,
+                            lambda wave: np.repeat(speech_level_db_25hz(wave), ROWS_PER_FRAME)[:, None])
 
 
 def hubert_and_cache(config, bundle, storage):

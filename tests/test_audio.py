@@ -480,3 +480,51 @@ def test_cache_file_of_another_rate_is_a_miss(cache):
     table = pa.table({"frame": pa.array(np.arange(4, dtype=np.int32))})
     pq.write_table(table.replace_schema_metadata({b"imgtalk": json.dumps(info).encode()}), path)
     assert cache.lookup("m1", "b" * 64) is None
+
+
+def test_speech_level_is_the_voice_band_against_the_loudest_frame():
+    """0 dB on the loudest frames, -20 dB for a tone at a tenth of the amplitude, and mains
+    hum (50 Hz, below the voice band) far below the silence gate's -35 dB however loud it is.
+    F frames as HuBERT counts them (a partial 40 ms counts)."""
+    from stages.audio import num_feature_frames
+    from stages.audio.speech_level import FLOOR_DB, speech_level_db_25hz
+
+    t = np.arange(16000) / 16000.0  # 1 s: 25 frames of 640 samples
+    tone = np.sin(2 * np.pi * 1000 * t).astype(np.float32)
+    hum = 0.9 * np.sin(2 * np.pi * 50 * t).astype(np.float32)
+    wave = np.concatenate([0.5 * tone, 0.05 * tone, hum, np.zeros(320, np.float32)])  # 75.5 frames
+    level = speech_level_db_25hz(wave)
+    assert level.shape == (num_feature_frames(len(wave)),) == (76,) and level.dtype == np.float32
+    inner = slice(3, 22)  # away from each second's edges, where the filter rings across
+    np.testing.assert_allclose(level[:25][inner], 0.0, atol=0.1)
+    np.testing.assert_allclose(level[25:50][inner], -20.0, atol=0.1)
+    assert (level[50:75][inner] < -50.0).all()
+    assert (speech_level_db_25hz(np.zeros(1000, np.float32)) == FLOOR_DB).all()
+
+
+def test_cached_speech_level_holds_each_frames_level_on_both_rows(cache, tmp_path):
+    from pipeline.features import cached_speech_level
+    from stages.audio.speech_level import speech_level_db_25hz
+
+    rng = np.random.default_rng(0)
+    wave = np.concatenate([rng.normal(0, 0.3, 8000), np.zeros(8000), rng.normal(0, 0.01, 4000)]).astype(np.float32)
+    path = tmp_path / "speech.wav"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray((wave * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    data = path.read_bytes()
+    sha = content_hash(data)
+    stored = cached_speech_level(cache, data, sha)
+    assert stored.dim == 1 and stored.n_frames == 32
+    rows = cache.read_window(stored, 0, stored.n_frames)[:, 0]
+    expected = speech_level_db_25hz(load_audio(str(path)))
+    np.testing.assert_array_equal(rows[0::2], expected)
+    np.testing.assert_array_equal(rows[1::2], expected)
+    assert rows.max() == 0.0 and rows[:24].min() > -3.0 and rows[2 * 14:2 * 23].max() < -35.0  # speech, then silence
+    # Found again by content, never recomputed: the same file comes back.
+    assert cached_speech_level(cache, data, sha).path == stored.path

@@ -3,7 +3,6 @@ on generated media: once on local folders, once against a real S3 endpoint on lo
 (moto server) for manifest, cache, outputs and report."""
 import os
 import shutil
-import subprocess
 from fractions import Fraction
 
 import av
@@ -235,7 +234,9 @@ def test_dub_against_s3(ray_local, bundle, media, s3_endpoint, tmp_path):
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="catalogue", Prefix="out/").get("Contents", []))
     assert keys == ["out/a25.mp4", "out/b2997.mp4"]  # no temporary keys left behind
     cache_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="catalogue", Prefix="cache/hubert/")["Contents"]]
-    assert len(cache_keys) == 2 and all(k.endswith(".parquet") for k in cache_keys)
+    # Per dubbed track: its HuBERT features and its speech level (the silence gate's).
+    assert len(cache_keys) == 4 and all(k.endswith(".parquet") for k in cache_keys)
+    assert sum("/speech-level-db-v1/" in k for k in cache_keys) == 2
 
     def fetch(uri):
         local = str(tmp_path / os.path.basename(uri))

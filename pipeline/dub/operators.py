@@ -25,7 +25,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 from pipeline import metrics
 from pipeline.config import JobConfig
-from pipeline.features import cached_features, hubert_and_cache
+from pipeline.features import cached_features, cached_speech_level, hubert_and_cache
 from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
@@ -317,10 +317,13 @@ class AudioOp(_Op):
 
     @row_step("audio", _audio)
     def __call__(self, row: dict) -> dict:
-        cached, sha, hit = cached_features(self.cache, self.hubert, self.storage.read_bytes(row["audio_uri"]))
+        data = self.storage.read_bytes(row["audio_uri"])
+        cached, sha, hit = cached_features(self.cache, self.hubert, data)
+        level = cached_speech_level(self.cache, data, sha) if self.config.motion.silence_gate_db is not None else None
         return dict(
             audio_sha256=sha,
             features_path=cached.path,
+            speech_level_path=level.path if level is not None else "",
             feature_frames=cached.n_frames,
             feature_dim=cached.dim,
             audio_duration_s=cached.duration_s,
@@ -425,6 +428,8 @@ class MotionOp(_Op):
             load_stage1(self.bundle),
             batch_frames=self.config.batch.motion_frames,
             min_reference_gap_frames=self.config.analyse.min_reference_gap_frames,
+            silence_gate_db=self.config.motion.silence_gate_db,
+            silence_gate_frames=self.config.motion.silence_gate_frames,
             # Ray hides GPUs from actors that reserved none, so "auto" lands on the CPU there.
             device=resolve_device(self.config.device),
         )
@@ -458,6 +463,11 @@ class MotionOp(_Op):
             rows_50hz = np.concatenate([rows_50hz, pad]) if len(rows_50hz) else pad
         # Exactly the audio steps per frame Stage 1 was trained with (k=2: the 50 Hz rows; k=1: their pair means).
         features = steps_per_frame(rows_50hz, stage1.audio_steps_per_frame)
+        level_db = None
+        if row.get("speech_level_path"):
+            level = self.cache.read_window(CachedFeatures(row["speech_level_path"], cached.n_frames, cached.duration_s, 1),
+                                           first, last)
+            level_db = level[::2, 0]  # a frame's value sits on both of its rows
         out = self.stage(
             crops=unpack(row["crops"]),
             has_face=unpack(row["has_face"]),
@@ -470,6 +480,8 @@ class MotionOp(_Op):
             neutral_exp=unpack(row["neutral_exp"]),
             ref_frames=unpack(row["ref_frames"]),
             ref_pose=unpack(row["ref_pose"]),
+            speech_level_db=level_db,
+            neutral_frame=int(row["neutral_frame"]),
         )
         driving = out["driving"]
         if self.audio_window is not None:

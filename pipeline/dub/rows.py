@@ -65,6 +65,7 @@ ROW_DEFAULTS: dict = {
     # audio
     "audio_sha256": "",
     "features_path": "",
+    "speech_level_path": "",  # the track's speech level per frame (pipeline.features.cached_speech_level)
     "feature_frames": 0,
     "feature_dim": 0,
     "audio_duration_s": 0.0,

@@ -145,8 +145,14 @@ def silence_mask(energy: np.ndarray, threshold_db: float = -35.0, min_frames: in
     if peak <= 0:
         return np.ones(energy.shape, dtype=bool)
     quiet = ~(energy >= peak * 10.0 ** (threshold_db / 20.0))  # NaN counts as quiet
-    out = np.zeros_like(quiet)
-    edges = np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]]))
+    return long_runs(quiet, min_frames)
+
+
+def long_runs(mask: np.ndarray, min_frames: int) -> np.ndarray:
+    """(N,) bool: `mask` with its runs of True shorter than `min_frames` cleared."""
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros_like(mask)
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
     for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
         if stop - start >= min_frames:
             out[start:stop] = True

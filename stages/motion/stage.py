@@ -28,6 +28,14 @@ def resample_25hz(values: np.ndarray, first_index: int, times_s: np.ndarray) -> 
     return values[lo] * (1 - w) + values[hi] * w
 
 
+def silent_frames_25hz(level_db: np.ndarray, threshold_db: float, min_frames: int) -> np.ndarray:
+    """(F,) bool: 25 Hz frames in silence: speech level (dB against the track's loudest frame,
+    stages/audio/speech_level.py) below `threshold_db`, in runs of at least `min_frames`."""
+    from stages.lipsync.measure import long_runs
+
+    return long_runs(np.asarray(level_db) < threshold_db, min_frames)
+
+
 def frame_centres(frame_indices: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
     """The middle of each frame's display interval, from presentation times (frame starts,
     index / fps). A 25 Hz row stands for its 40 ms interval and is centred in it, so a frame
@@ -57,8 +65,12 @@ class MotionStage:
         batch_frames: int = 64,
         min_reference_gap_frames: int = 12,
         device: str = "cpu",
+        silence_gate_db: float | None = None,
+        silence_gate_frames: int = 3,
     ):
         self.extractor = extractor.to(device).eval()
+        self.silence_gate_db = silence_gate_db
+        self.silence_gate_frames = silence_gate_frames
         self.stage1 = stage1.to(device).eval()
         self.batch_frames = batch_frames
         self.min_gap = min_reference_gap_frames
@@ -98,6 +110,8 @@ class MotionStage:
         neutral_exp: np.ndarray,
         ref_frames: np.ndarray,
         ref_pose: np.ndarray,
+        speech_level_db: np.ndarray | None = None,  # (F,) dB per 25 Hz frame from `first_feature`; None: no gate
+        neutral_frame: int | None = None,  # the neutral frame's index, a member of ref_frames (the analysis puts it first)
     ) -> dict[str, np.ndarray]:
         self.check_features(features)
         n = len(crops)
@@ -110,7 +124,18 @@ class MotionStage:
         source = extract_motion(self.extractor, crops[face], batch_size=self.batch_frames)
         pose[face] = np.stack([source["pitch"], source["yaw"], source["roll"]], axis=-1)
         centres = frame_centres(frame_indices, frame_times)[face]
-        offsets = resample_25hz(self.offsets_25hz(features, neutral_x_c, neutral_exp), first_feature, centres)
+        offsets_25hz = self.offsets_25hz(features, neutral_x_c, neutral_exp)
+        gated_25hz = np.zeros(len(offsets_25hz), bool)
+        if self.silence_gate_db is not None and speech_level_db is not None:
+            # Stage 1 shuts a frame or two late after speech (its own fed-back motion carries
+            # the opening on), and a still-open mouth in a pause reads as a wrong lip shape at
+            # once; where the track is silent the mouth is the neutral one. The run test leaves
+            # short quiet spans (stops, breaths between words) to Stage 1.
+            level = np.full(len(offsets_25hz), np.inf, np.float32)  # frames past the level's end: not gated here
+            level[: min(len(level), len(speech_level_db))] = speech_level_db[: len(level)]
+            gated_25hz = silent_frames_25hz(level, self.silence_gate_db, self.silence_gate_frames)
+            offsets_25hz[gated_25hz] = 0.0
+        offsets = resample_25hz(offsets_25hz, first_feature, centres)
         # Past the end of the dubbed track the audio is padded silence: hold the neutral
         # (closed) mouth rather than trusting Stage 1 on padding.
         offsets[frame_times[face] >= audio_duration_s] = 0.0
@@ -118,4 +143,10 @@ class MotionStage:
             torch.from_numpy(neutral_exp).float(), torch.from_numpy(offsets), self.stage1.cfg.driven_keypoints
         ).numpy()
         ref_index[face] = choose_references(frame_indices[face], pose[face], ref_frames, ref_pose, self.min_gap)
+        if neutral_frame is not None and gated_25hz.any() and neutral_frame in ref_frames:
+            # A gated frame shows the closed neutral mouth, and the neutral frame (in the bank)
+            # shows exactly that: RSCA then copies closed lips, not a reference's open ones.
+            # Its time gap does not matter here: what it could leak is the mouth wanted.
+            gated = resample_25hz(gated_25hz.astype(np.float32), first_feature, centres) >= 0.5
+            ref_index[face[gated]] = int(np.flatnonzero(ref_frames == neutral_frame)[0])
         return {"driving": driving, "ref_index": ref_index, "pose": pose}
