@@ -1,7 +1,7 @@
 """Lip-sync of a weights bundle on sentences never used in training (README, "Proving it learns").
 
     .venv/bin/python benchmarks/lipsync_heldout.py --weights weights/demo --heldout DIR [--work DIR]
-        [--prepared HELDOUT_SHARDS]
+        [--prepared HELDOUT_SHARDS] [--silence-gate-db DB|off]
 
 --heldout is a held-out synthetic corpus (`imgtalk synth-corpus --heldout`, the training
 corpus's speakers and seed). Each speaker's clip 1 is dubbed with its clip 0's audio by
@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="lipsync_heldout_out")
     p.add_argument("--prepared")
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--silence-gate-db", default="default",
+                   help="the dub's motion.silence_gate_db: a number, 'off', or 'default' (the job's default)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
@@ -48,8 +50,12 @@ def main(argv=None) -> int:
     manifest = os.path.join(work, "manifest.parquet")
     write_manifest([{k: r[k] for k in ("video_uri", "audio_uri", "output_uri")} | {"options": None} for r in rows],
                    manifest, Storage())
-    result = run_dub(manifest, args.weights, os.path.join(work, "report.parquet"),
-                     JobConfig(cache_uri=os.path.join(work, "cache")))
+    config = JobConfig(cache_uri=os.path.join(work, "cache"))
+    if args.silence_gate_db != "default":
+        gate = None if args.silence_gate_db == "off" else float(args.silence_gate_db)
+        config = config.model_copy(update={"motion": config.motion.model_copy(update={"silence_gate_db": gate})})
+    print(f"silence gate: {config.motion.silence_gate_db} dB, {config.motion.silence_gate_frames} frames")
+    result = run_dub(manifest, args.weights, os.path.join(work, "report.parquet"), config)
     figures = []
     with FaceTracker(smoothing_sigma_frames=0, max_gap_frames=0) as tracker:
         for r, rep in zip(rows, sorted(result.rows, key=lambda x: x.row_index)):
@@ -68,6 +74,7 @@ def main(argv=None) -> int:
                   f"jitter {f['jitter']:.4f} vs truth video {f['truth_video_jitter']:.4f}, kept {f['kept_frames_size_fps']}")
     summary = {
         "outputs": len(figures),
+        "silence_gate_db": config.motion.silence_gate_db,
         "mean_r": float(np.mean([f["pearson_r"] for f in figures])),
         "min_r": float(np.min([f["pearson_r"] for f in figures])),
         "mean_silent_relative_to_neutral": float(np.mean([f["silent_relative_to_neutral"] for f in figures])),
