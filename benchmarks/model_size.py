@@ -66,7 +66,6 @@ def main() -> None:
         me = MotionExtractor().to(device).eval()
         x = torch.rand(1, 3, 256, 256, device=device)
         rows.append(("motion extractor (per frame)", params(me), count_flops(lambda: me(x)), lambda: me(x)))
-        del me
 
         vae = LatentVAE.from_config(sd_vae_config()).to(device).eval()
         z = vae.encode(x)
@@ -76,7 +75,6 @@ def main() -> None:
         unet = IMCUNet(IMCUNetConfig()).to(device).eval()
         motion = torch.randn(1, 21, 3, device=device) * 0.02
         rows.append(("IMC-UNet (per frame)", params(unet), count_flops(lambda: unet(z, motion, z)), lambda: unet(z, motion, z)))
-        del unet
 
         cfg1 = Audio2MotionConfig()
         a2m = Audio2Motion(cfg1).to(device).eval()
@@ -84,7 +82,6 @@ def main() -> None:
         xc, d0 = torch.randn(1, 21, 3, device=device), torch.randn(1, 21, 3, device=device)
         prev = torch.zeros(1, 25, len(cfg1.driven_keypoints), 3, device=device)
         rows.append(("Stage 1 (per 25 frames)", params(a2m), count_flops(lambda: a2m(audio, xc, d0, prev)), lambda: a2m(audio, xc, d0, prev)))
-        del a2m
 
         hubert = HubertModel(hubert_large_config()).to(device).eval()
         wave = torch.randn(1, 16000 + 80, device=device)
