@@ -504,19 +504,13 @@ def test_speech_level_is_the_voice_band_against_the_loudest_frame():
 
 def test_cached_speech_level_holds_each_frames_level_on_both_rows(cache, tmp_path):
     from pipeline.features import cached_speech_level
+    from stages.synth.speaker import write_wav
     from stages.audio.speech_level import speech_level_db_25hz
 
     rng = np.random.default_rng(0)
     wave = np.concatenate([rng.normal(0, 0.3, 8000), np.zeros(8000), rng.normal(0, 0.01, 4000)]).astype(np.float32)
     path = tmp_path / "speech.wav"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray((wave * 32767).astype(np.int16)[None], format="s16", layout="mono")
-        frame.sample_rate = 16000
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+    write_wav(str(path), wave)
     data = path.read_bytes()
     sha = content_hash(data)
     stored = cached_speech_level(cache, data, sha)

@@ -209,8 +209,10 @@ def test_dub_local_folders(ray_local, bundle, media, tmp_path):
     assert report4[0].output_frames == report[1].output_frames
 
 
-def test_dub_against_s3(ray_local, bundle, media, s3_endpoint, tmp_path):
+def test_dub_against_s3(ray_local, bundle, media, s3_endpoint, tmp_path, monkeypatch):
     import boto3
+
+    monkeypatch.chdir(tmp_path)  # the job log of a report in object storage goes to the current folder
 
     from pipeline.config import StorageConfig
     from pipeline.dub.job import run_dub

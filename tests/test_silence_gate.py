@@ -4,7 +4,6 @@ operator gives the frames in a long silence the neutral expression and the neutr
 their reference. Turned off, neither happens."""
 from fractions import Fraction
 
-import av
 import numpy as np
 import pytest
 
@@ -13,19 +12,9 @@ from pipeline.config import JobConfig
 from pipeline.dub import operators as ops
 from pipeline.dub.rows import new_row
 from pipeline.sample_catalogue import SampleVideo, write_video
+from stages.synth.speaker import write_wav
 
 SPEECH_S, SILENCE_S = 1.0, 1.4
-
-
-def _write_wav(path, wave: np.ndarray) -> None:
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray((wave * 32767).astype(np.int16)[None], format="s16", layout="mono")
-        frame.sample_rate = 16000
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +26,7 @@ def media(tmp_path_factory):
     t = np.arange(int(16000 * SPEECH_S)) / 16000.0
     voiced = 0.4 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t)) + 0.05 * rng.normal(size=t.size)
     audio = root / "dub.wav"
-    _write_wav(audio, np.concatenate([voiced, np.zeros(int(16000 * SILENCE_S))]).astype(np.float32))
+    write_wav(str(audio), np.concatenate([voiced, np.zeros(int(16000 * SILENCE_S))]).astype(np.float32))
     return {"video": str(video), "audio": str(audio), "root": root}
 
 
