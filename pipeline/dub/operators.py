@@ -481,7 +481,6 @@ class MotionOp(_Op):
             ref_frames=unpack(row["ref_frames"]),
             ref_pose=unpack(row["ref_pose"]),
             speech_level_db=level_db,
-            neutral_frame=int(row["neutral_frame"]),
         )
         driving = out["driving"]
         if self.audio_window is not None:

@@ -111,7 +111,6 @@ class MotionStage:
         ref_frames: np.ndarray,
         ref_pose: np.ndarray,
         speech_level_db: np.ndarray | None = None,  # (F,) dB per 25 Hz frame from `first_feature`; None: no gate
-        neutral_frame: int | None = None,  # the neutral frame's index, a member of ref_frames (the analysis puts it first)
     ) -> dict[str, np.ndarray]:
         self.check_features(features)
         n = len(crops)
@@ -125,16 +124,22 @@ class MotionStage:
         pose[face] = np.stack([source["pitch"], source["yaw"], source["roll"]], axis=-1)
         centres = frame_centres(frame_indices, frame_times)[face]
         offsets_25hz = self.offsets_25hz(features, neutral_x_c, neutral_exp)
-        gated_25hz = np.zeros(len(offsets_25hz), bool)
         if self.silence_gate_db is not None and speech_level_db is not None:
             # Stage 1 shuts a frame or two late after speech (its own fed-back motion carries
             # the opening on), and a still-open mouth in a pause reads as a wrong lip shape at
-            # once; where the track is silent the mouth is the neutral one. The run test leaves
-            # short quiet spans (stops, breaths between words) to Stage 1.
+            # once. Fed no previous motion it shuts at once, so each silent run is decoded
+            # again from a fresh start on its own audio. Not Δδ = 0: that is the neutral
+            # frame's mouth, which may be parted (FaceMesh, which picks it, can read parted
+            # lips as closed), and a 0 there drew a mouth as open as in speech on the
+            # held-out demo (README, Proving it learns). The run test leaves short quiet spans
+            # (stops, breaths between words) to Stage 1's continuous decoding.
             level = np.full(len(offsets_25hz), np.inf, np.float32)  # frames past the level's end: not gated here
             level[: min(len(level), len(speech_level_db))] = speech_level_db[: len(level)]
-            gated_25hz = silent_frames_25hz(level, self.silence_gate_db, self.silence_gate_frames)
-            offsets_25hz[gated_25hz] = 0.0
+            gated = silent_frames_25hz(level, self.silence_gate_db, self.silence_gate_frames)
+            k = self.stage1.cfg.audio_steps_per_frame
+            edges = np.diff(np.concatenate([[0], gated.astype(np.int8), [0]]))
+            for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+                offsets_25hz[start:stop] = self.offsets_25hz(features[start * k: stop * k], neutral_x_c, neutral_exp)
         offsets = resample_25hz(offsets_25hz, first_feature, centres)
         # Past the end of the dubbed track the audio is padded silence: hold the neutral
         # (closed) mouth rather than trusting Stage 1 on padding.
@@ -143,10 +148,4 @@ class MotionStage:
             torch.from_numpy(neutral_exp).float(), torch.from_numpy(offsets), self.stage1.cfg.driven_keypoints
         ).numpy()
         ref_index[face] = choose_references(frame_indices[face], pose[face], ref_frames, ref_pose, self.min_gap)
-        if neutral_frame is not None and gated_25hz.any() and neutral_frame in ref_frames:
-            # A gated frame shows the closed neutral mouth, and the neutral frame (in the bank)
-            # shows exactly that: RSCA then copies closed lips, not a reference's open ones.
-            # Its time gap does not matter here: what it could leak is the mouth wanted.
-            gated = resample_25hz(gated_25hz.astype(np.float32), first_feature, centres) >= 0.5
-            ref_index[face[gated]] = int(np.flatnonzero(ref_frames == neutral_frame)[0])
         return {"driving": driving, "ref_index": ref_index, "pose": pose}
