@@ -7,33 +7,48 @@ import io
 import numpy as np
 
 
-def cached_features(cache, hubert, data: bytes):
-    """(CachedFeatures, audio sha256, cache hit) for the audio file `data`: read from the
-    cache when this model has seen these bytes before, else computed and stored."""
-    from stages.audio import AudioError, load_audio
-    from stages.audio.cache import content_hash
+class TrackAudio:
+    """One audio file: its bytes, their sha256 (the cache's key) and its 16 kHz mono samples,
+    decoded once, when something not in the cache first needs them."""
 
-    sha = content_hash(data)
-    cached = cache.lookup(hubert.model_id, sha)
+    def __init__(self, data: bytes):
+        from stages.audio.cache import content_hash
+
+        self.data = data
+        self.sha = content_hash(data)
+        self._wave: np.ndarray | None = None
+
+    @property
+    def wave(self) -> np.ndarray:
+        if self._wave is None:
+            from stages.audio import load_audio
+
+            self._wave = load_audio(io.BytesIO(self.data))
+        return self._wave
+
+
+def cached_features(cache, hubert, track: TrackAudio):
+    """(CachedFeatures, cache hit) of the track: read from the cache when this model has seen
+    these bytes before, else computed and stored."""
+    from stages.audio import AudioError
+
+    cached = cache.lookup(hubert.model_id, track.sha)
     if cached is not None:
-        return cached, sha, True
-    wave = load_audio(io.BytesIO(data))
-    if len(wave) == 0:
+        return cached, True
+    if len(track.wave) == 0:
         raise AudioError("no samples")
-    features = hubert(wave)
-    return cache.store(hubert.model_id, sha, features, duration_s=len(wave) / 16000.0), sha, False
+    return _store(cache, hubert.model_id, track, hubert(track.wave)), False
 
 
-def _cached_of_track(cache, model_id: str, data: bytes, sha: str, rows_of):
-    """CachedFeatures of what `rows_of(wave_16k)` computes from the audio file `data` (sha256
-    `sha`): 50 Hz rows, two per 25 Hz frame; decoded and computed only on a miss."""
-    from stages.audio import load_audio
+def _store(cache, model_id: str, track: TrackAudio, rows_50hz: np.ndarray):
+    return cache.store(model_id, track.sha, rows_50hz, duration_s=len(track.wave) / 16000.0)
 
-    cached = cache.lookup(model_id, sha)
-    if cached is not None:
-        return cached
-    wave = load_audio(io.BytesIO(data))
-    return cache.store(model_id, sha, rows_of(wave), duration_s=len(wave) / 16000.0)
+
+def _cached_of_track(cache, model_id: str, track: TrackAudio, rows_of):
+    """CachedFeatures of what `rows_of(wave_16k)` computes from the track: 50 Hz rows, two
+    per 25 Hz frame; computed only on a miss."""
+    cached = cache.lookup(model_id, track.sha)
+    return cached if cached is not None else _store(cache, model_id, track, rows_of(track.wave))
 
 
 # The speech itself, kept beside its features for `imgtalk train hubert`: the same cache,
@@ -45,9 +60,9 @@ WAVEFORM_ID = "waveform-16k"
 SPEECH_LEVEL_ID = "speech-level-db-v1"
 
 
-def cached_waveform(cache, data: bytes, sha: str):
-    """CachedFeatures of the 16 kHz waveform of the audio file `data` (sha256 `sha`), rows of
-    320 samples at 50 Hz, zero-padded to whole 40 ms frames; decoded and stored on a miss."""
+def cached_waveform(cache, track: TrackAudio):
+    """CachedFeatures of the track's 16 kHz waveform, rows of 320 samples at 50 Hz,
+    zero-padded to whole 40 ms frames."""
     from stages.audio.hubert import ROWS_PER_FRAME, SAMPLES_PER_FEATURE, num_feature_frames
 
     def rows(wave):
@@ -55,16 +70,16 @@ def cached_waveform(cache, data: bytes, sha: str):
         padded[: len(wave)] = wave
         return padded.reshape(-1, SAMPLES_PER_FEATURE // ROWS_PER_FRAME)
 
-    return _cached_of_track(cache, WAVEFORM_ID, data, sha, rows)
+    return _cached_of_track(cache, WAVEFORM_ID, track, rows)
 
 
-def cached_speech_level(cache, data: bytes, sha: str):
-    """CachedFeatures (dim 1) of the audio file's speech level in dB against its loudest 25 Hz
+def cached_speech_level(cache, track: TrackAudio):
+    """CachedFeatures (dim 1) of the track's speech level in dB against its loudest 25 Hz
     frame, each frame's value on both of its 50 Hz rows."""
     from stages.audio.hubert import ROWS_PER_FRAME
     from stages.audio.speech_level import speech_level_db_25hz
 
-    return _cached_of_track(cache, SPEECH_LEVEL_ID, data, sha,
+    return _cached_of_track(cache, SPEECH_LEVEL_ID, track,
                             lambda wave: np.repeat(speech_level_db_25hz(wave), ROWS_PER_FRAME)[:, None])
 
 

@@ -503,7 +503,7 @@ def test_speech_level_is_the_voice_band_against_the_loudest_frame():
 
 
 def test_cached_speech_level_holds_each_frames_level_on_both_rows(cache, tmp_path):
-    from pipeline.features import cached_speech_level
+    from pipeline.features import TrackAudio, cached_speech_level
     from stages.synth.speaker import write_wav
     from stages.audio.speech_level import speech_level_db_25hz
 
@@ -511,9 +511,9 @@ def test_cached_speech_level_holds_each_frames_level_on_both_rows(cache, tmp_pat
     wave = np.concatenate([rng.normal(0, 0.3, 8000), np.zeros(8000), rng.normal(0, 0.01, 4000)]).astype(np.float32)
     path = tmp_path / "speech.wav"
     write_wav(str(path), wave)
-    data = path.read_bytes()
-    sha = content_hash(data)
-    stored = cached_speech_level(cache, data, sha)
+    track = TrackAudio(path.read_bytes())
+    assert track.sha == content_hash(path.read_bytes())
+    stored = cached_speech_level(cache, track)
     assert stored.dim == 1 and stored.n_frames == 32
     rows = cache.read_window(stored, 0, stored.n_frames)[:, 0]
     expected = speech_level_db_25hz(load_audio(str(path)))
@@ -521,4 +521,5 @@ def test_cached_speech_level_holds_each_frames_level_on_both_rows(cache, tmp_pat
     np.testing.assert_array_equal(rows[1::2], expected)
     assert rows.max() == 0.0 and rows[:24].min() > -3.0 and rows[2 * 14:2 * 23].max() < -35.0  # speech, then silence
     # Found again by content, never recomputed: the same file comes back.
-    assert cached_speech_level(cache, data, sha).path == stored.path
+    again = TrackAudio(path.read_bytes())
+    assert cached_speech_level(cache, again).path == stored.path and again._wave is None

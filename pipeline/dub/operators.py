@@ -25,7 +25,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 from pipeline import metrics
 from pipeline.config import JobConfig
-from pipeline.features import cached_features, cached_speech_level, hubert_and_cache
+from pipeline.features import TrackAudio, cached_features, cached_speech_level, hubert_and_cache
 from pipeline.dub.rows import fail, fps_of, normalise, pack, unpack
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
@@ -317,11 +317,11 @@ class AudioOp(_Op):
 
     @row_step("audio", _audio)
     def __call__(self, row: dict) -> dict:
-        data = self.storage.read_bytes(row["audio_uri"])
-        cached, sha, hit = cached_features(self.cache, self.hubert, data)
-        level = cached_speech_level(self.cache, data, sha) if self.config.motion.silence_gate_db is not None else None
+        track = TrackAudio(self.storage.read_bytes(row["audio_uri"]))
+        cached, hit = cached_features(self.cache, self.hubert, track)
+        level = cached_speech_level(self.cache, track) if self.config.motion.silence_gate_db is not None else None
         return dict(
-            audio_sha256=sha,
+            audio_sha256=track.sha,
             features_path=cached.path,
             speech_level_path=level.path if level is not None else "",
             feature_frames=cached.n_frames,

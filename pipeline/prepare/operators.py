@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 from pipeline.arrays import pack
-from pipeline.features import cached_features, cached_waveform, hubert_and_cache
+from pipeline.features import TrackAudio, cached_features, cached_waveform, hubert_and_cache
 from pipeline.prepare.config import PrepareConfig
 from pipeline.steps import ConfiguredOp, RowError, make_row_step, open_source, video_subject
 from pipeline.storage import join_uri
@@ -113,9 +113,9 @@ class PrepAudioOp(_Op):
 
     @row_step("audio", _audio)
     def __call__(self, row: dict) -> dict:
-        data = self.storage.read_bytes(row["audio_uri"] or row["video_uri"])
-        cached, sha, _ = cached_features(self.cache, self.hubert, data)
-        wave = cached_waveform(self.cache, data, sha)
+        track = TrackAudio(self.storage.read_bytes(row["audio_uri"] or row["video_uri"]))
+        cached, _ = cached_features(self.cache, self.hubert, track)
+        wave = cached_waveform(self.cache, track)
         return dict(features_path=cached.path, feature_frames=cached.n_frames, feature_dim=cached.dim, wave_path=wave.path)
 
 
