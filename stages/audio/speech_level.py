@@ -1,5 +1,5 @@
 """The dubbed track's speech level per 25 Hz frame, in dB against the track's loudest frame:
-what the motion stage's silence gate reads (stages/motion/stage.py, `silent_frames_25hz`).
+what the motion stage's silence gate reads (stages/motion/stage.py, `silent_runs_25hz`).
 
 The level is the 300-3000 Hz band's RMS over each 40 ms frame (stages/lipsync's
 speech_energy, the same definition the lip-sync measure uses when it has no ground truth),

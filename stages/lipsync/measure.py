@@ -148,12 +148,16 @@ def silence_mask(energy: np.ndarray, threshold_db: float = -35.0, min_frames: in
     return long_runs(quiet, min_frames)
 
 
+def true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[(start, stop), ...]: the runs of True in a (N,) bool mask, as half-open ranges."""
+    edges = np.diff(np.concatenate([[0], np.asarray(mask, dtype=bool).astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
 def long_runs(mask: np.ndarray, min_frames: int) -> np.ndarray:
     """(N,) bool: `mask` with its runs of True shorter than `min_frames` cleared."""
-    mask = np.asarray(mask, dtype=bool)
-    out = np.zeros_like(mask)
-    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
-    for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+    out = np.zeros(np.shape(mask), dtype=bool)
+    for start, stop in true_runs(mask):
         if stop - start >= min_frames:
             out[start:stop] = True
     return out

@@ -28,12 +28,12 @@ def resample_25hz(values: np.ndarray, first_index: int, times_s: np.ndarray) -> 
     return values[lo] * (1 - w) + values[hi] * w
 
 
-def silent_frames_25hz(level_db: np.ndarray, threshold_db: float, min_frames: int) -> np.ndarray:
-    """(F,) bool: 25 Hz frames in silence: speech level (dB against the track's loudest frame,
-    stages/audio/speech_level.py) below `threshold_db`, in runs of at least `min_frames`."""
-    from stages.lipsync.measure import long_runs
+def silent_runs_25hz(level_db: np.ndarray, threshold_db: float, min_frames: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] of 25 Hz frames in silence: speech level (dB against the track's
+    loudest frame, stages/audio/speech_level.py) below `threshold_db`, runs of at least `min_frames`."""
+    from stages.lipsync.measure import long_runs, true_runs
 
-    return long_runs(np.asarray(level_db) < threshold_db, min_frames)
+    return true_runs(long_runs(np.asarray(level_db) < threshold_db, min_frames))
 
 
 def frame_centres(frame_indices: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
@@ -135,10 +135,8 @@ class MotionStage:
             # (stops, breaths between words) to Stage 1's continuous decoding.
             level = np.full(len(offsets_25hz), np.inf, np.float32)  # frames past the level's end: not gated here
             level[: min(len(level), len(speech_level_db))] = speech_level_db[: len(level)]
-            gated = silent_frames_25hz(level, self.silence_gate_db, self.silence_gate_frames)
             k = self.stage1.cfg.audio_steps_per_frame
-            edges = np.diff(np.concatenate([[0], gated.astype(np.int8), [0]]))
-            for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            for start, stop in silent_runs_25hz(level, self.silence_gate_db, self.silence_gate_frames):
                 offsets_25hz[start:stop] = self.offsets_25hz(features[start * k: stop * k], neutral_x_c, neutral_exp)
         offsets = resample_25hz(offsets_25hz, first_feature, centres)
         # Past the end of the dubbed track the audio is padded silence: hold the neutral
