@@ -11,7 +11,9 @@ from pipeline.dub.rows import ROW_DEFAULTS, fail, new_row, pack, unpack
 from pipeline.dub.schemas import ManifestError, ReportRow, read_manifest, read_report, write_manifest, write_report
 from pipeline.storage import Storage
 from stages.audio.cache import FeatureCache, content_hash
-from stages.motion.selection import choose_references, mouth_opening, select_neutral_and_references
+from stages.motion.selection import (
+    choose_references, dark_lip_gap, mouth_opening, neutral_score, select_neutral_and_references,
+)
 from stages.motion.stage import resample_25hz
 
 
@@ -219,6 +221,30 @@ def test_neutral_is_frontal_and_closed():
     np.testing.assert_array_equal(a.neutral_exp, motion["exp"][2])
     assert a.ref_frames[0] == 20 and len(set(a.ref_frames)) == 3 and 40 not in a.ref_frames
     assert a.sampled_face_fraction == pytest.approx(5 / 6)
+
+
+def test_dark_lip_gap_is_the_dark_band_on_the_lips_centre_line():
+    img = np.full((100, 100, 3), 180, np.uint8)  # lips and skin alike: bright
+    lm = np.full((478, 2), np.nan, np.float32)
+    lm[61], lm[291] = (30, 50), (70, 50)  # mouth 40 px wide
+    lm[0], lm[17] = (50, 40), (50, 60)  # the outer lips' top and bottom, 20 px apart
+    assert dark_lip_gap(img, lm) == 0.0  # lips that touch
+    img[48:52, 35:65] = 30  # a 4-px dark gap between them
+    assert dark_lip_gap(img, lm) == pytest.approx(4 / 40, abs=0.01)
+    img[48:52, 35:65] = 120  # a shadow, not a cavity: above half the lips' brightness
+    assert dark_lip_gap(img, lm) == 0.0
+    lm[0] = np.nan  # no face
+    assert np.isnan(dark_lip_gap(img, lm))
+
+
+def test_neutral_prefers_lips_that_touch_over_a_dark_gap_the_mesh_reads_as_closed():
+    pose = np.zeros((2, 3), np.float32)
+    pose[1] = (4, 0, 0)  # the truly closed frame is a little less frontal
+    mesh = np.array([0.001, 0.004])  # the mesh reads the parted frame as the more closed
+    gap = np.array([0.06, 0.0])
+    assert np.argmin(neutral_score(pose, mesh)) == 0
+    assert np.argmin(neutral_score(pose, mesh, gap)) == 1
+    assert np.argmin(neutral_score(pose, mesh, np.array([np.nan, np.nan]))) == 0  # no pixels: the mesh decides
 
 
 def test_mouth_opening_ratio():

@@ -136,6 +136,23 @@ def test_rendered_mouth_opens_with_jaw_and_the_eyes_stay(tracker, identity):
                   - frames[-1][my0:my1, mx0:mx1].astype(np.float32)).mean() > 10
 
 
+def test_dark_lip_gap_sees_parted_lips_that_the_mesh_reads_as_closed(tracker):
+    from stages.motion.selection import dark_lip_gap, mouth_opening
+
+    identity = SpeakerIdentity.from_seed(0, 1)
+    jaws = [0.0, 0.0, 0.1, 0.14, 0.4]
+    frames = [render_frame(None, identity, j, 0.5, t) for j, t in zip(jaws, [0.0, 1.3, 0.0, 0.0, 0.0])]
+    track = tracker(frames)
+    assert track.has_face.all()
+    mesh = mouth_opening(track.landmarks)
+    gap = np.array([dark_lip_gap(f, lm) for f, lm in zip(frames, track.landmarks)])
+    print(f"mesh {np.round(mesh, 4).tolist()}, dark gap {np.round(gap, 3).tolist()}")
+    assert gap[0] == 0.0 and gap[1] == 0.0  # pressed lips, two head poses
+    assert 0.02 < gap[2] <= gap[3] < gap[4]  # 2-3 pixels apart, then wide open
+    # the mesh reads lips 2-3 pixels apart about as closed as pressed ones (not so the pixels)
+    assert mesh[2] < 3 * max(mesh[0], mesh[1]) and gap[2] > 0.02 + max(gap[0], gap[1])
+
+
 def test_width_moves_the_corners(tracker):
     frames = [render_frame(None, SpeakerIdentity(), 0.4, w, 0.0) for w in (0.0, 0.5, 1.0)]
     lm = tracker(frames).landmarks.astype(np.float64)

@@ -224,7 +224,7 @@ class AnalyseOp(_Op):
         )
         from stages.media import decode_frames
         from stages.motion.extractor import extract_motion
-        from stages.motion.selection import NoFaceError, mouth_opening, select_neutral_and_references
+        from stages.motion.selection import NoFaceError, dark_lip_gap, mouth_opening, select_neutral_and_references
 
         n = int(row["n_frames"])
         rotation = int(row["rotation"])  # faces are found upright; the box option is in upright pixels too
@@ -241,6 +241,7 @@ class AnalyseOp(_Op):
         # faces are cropped (24 sampled 4K frames held together would be 0.6 GB).
         sampled: list[SampledFace] = []
         sampled_crops: list[np.ndarray] = []
+        sampled_gaps: list[float] = []  # dark_lip_gap: the pixels' mouth opening
         anchor = None  # the box option's face: its signature
         with open_source(self.storage, row["video_uri"]) as src:
             for k, i in enumerate(indices):
@@ -249,6 +250,7 @@ class AnalyseOp(_Op):
                     for landmarks in self.tracker.faces(frame):
                         sampled.append(SampledFace(k, landmarks, face_signature(frame, landmarks)))
                         sampled_crops.append(crop_of(frame, landmarks))
+                        sampled_gaps.append(dark_lip_gap(frame, landmarks))
             if choice.mode == "box":
                 at = min(n - 1, max(0, int(round(choice.t * float(fps_of(row))))))
                 for _, frame in decode_frames(src, at, at + 1, threads=self.threads):
@@ -272,13 +274,14 @@ class AnalyseOp(_Op):
         landmarks = np.full((len(indices), 478, 2), np.nan, np.float32)  # (S, 478, 2)
         crops = np.zeros((len(indices), 256, 256, 3), np.uint8)  # (S, 256, 256, 3)
         has_face = np.zeros(len(indices), bool)
+        gaps = np.full(len(indices), np.nan)
         chosen = []
         for k in range(len(indices)):
             here = [j for j, f in enumerate(sampled) if f.frame == k]
             match = best_match([sampled[j].signature for j in here], identity, max_distance)
             if match is not None:
                 j = here[match]
-                landmarks[k], crops[k], has_face[k] = sampled[j].landmarks, sampled_crops[j], True
+                landmarks[k], crops[k], has_face[k], gaps[k] = sampled[j].landmarks, sampled_crops[j], True, sampled_gaps[j]
                 chosen.append(sampled[j].signature)
         if anchor is not None and chosen:
             # The box names one look; the person's average over the video matches their other looks better.
@@ -286,7 +289,8 @@ class AnalyseOp(_Op):
         motion = extract_motion(self.extractor, crops, batch_size=self.config.batch.motion_frames)
         try:
             analysis = select_neutral_and_references(
-                indices, crops, has_face, mouth_opening(landmarks), motion, self.config.analyse.reference_bank
+                indices, crops, has_face, mouth_opening(landmarks), motion, self.config.analyse.reference_bank,
+                dark_gap=gaps,
             )
         except NoFaceError:
             raise RowError(

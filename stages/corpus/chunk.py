@@ -29,7 +29,7 @@ import numpy as np
 from stages.face import crop_faces
 from stages.media.decode import iter_at_rate
 from stages.motion.extractor import extract_motion
-from stages.motion.selection import mouth_opening, neutral_score
+from stages.motion.selection import dark_lip_gap, mouth_opening, neutral_score
 
 CROP_SIZE = 256
 # LivePortrait's crop (scale 2.3) makes the face 1/2.3 of the crop wide.
@@ -124,15 +124,18 @@ class CorpusChunkStage:
         # Two decodes (landmarks, then crops and cut thumbnails), one frame in memory at a
         # time: a whole chunk of 4K frames would be gigabytes.
         thumbnails: list[np.ndarray] = []
+        dark_gap = np.full(n, np.nan, np.float32)  # the pixels' mouth opening, for the neutral choice
 
-        def frames(note_thumbnails: bool = False):
-            for frame in iter_at_rate(source, first, stop, source_fps, source_frames, threads=self.threads):
-                if note_thumbnails:
+        def frames(second_pass: bool = False):
+            for i, frame in enumerate(iter_at_rate(source, first, stop, source_fps, source_frames, threads=self.threads)):
+                if second_pass:
                     thumbnails.append(cut_thumbnail(frame))
+                    if i < n and track.has_face[i]:
+                        dark_gap[i] = dark_lip_gap(frame, track.landmarks[i])
                 yield frame
 
         track = self.tracker(frames())
-        crops, affines = crop_faces(frames(note_thumbnails=True), track, CROP_SIZE)
+        crops, affines = crop_faces(frames(second_pass=True), track, CROP_SIZE)
         if len(crops) != n:
             raise ValueError(f"chunk [{first}, {stop}): the second decode gave {len(crops)} frames, want {n}")
         has_face = track.has_face.astype(bool)
@@ -161,7 +164,7 @@ class CorpusChunkStage:
 
         neutral = None
         if usable.any():
-            scores = np.where(usable, neutral_score(motion["pose"], opening), np.inf)
+            scores = np.where(usable, neutral_score(motion["pose"], opening, dark_gap), np.inf)
             best = int(np.argmin(scores))
             neutral = {"frame": first + best, "score": float(scores[best]), "x_c": motion["x_c"][best],
                        "exp": motion["exp"][best], "crop": stored[best]}

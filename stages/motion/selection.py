@@ -4,7 +4,11 @@ and per target frame, which reference to use.
 
 Neutral frame (paper, "Datasets"): the frame whose head pose is closest to frontal and
 whose mouth is closed. Pose comes from the motion extractor; mouth opening from the face
-mesh (inner-lip gap over mouth width), which is an explicit, detector-independent signal.
+mesh (inner-lip gap over mouth width), which is an explicit, detector-independent signal,
+and from the pixels: the mesh can put both inner-lip points inside a dark gap between
+parted lips and read them as closed (on the synthetic held-out videos it read lips 3 pixels
+apart, jaw 0.14, as more closed than pressed ones), while the dark band on the lips'
+centre line is that gap (`dark_lip_gap`).
 
 Reference frames: MuseTalk uses the target frame itself as its reference at inference,
 so the original mouth leaks into the output. We pick references from *other* frames with
@@ -21,11 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 # Face-mesh indices: inner lips (upper 13, lower 14) and mouth corners (61, 291).
 MESH_UPPER_INNER_LIP, MESH_LOWER_INNER_LIP = 13, 14
 MESH_MOUTH_LEFT, MESH_MOUTH_RIGHT = 61, 291
+# Outer lip contour at the centre: top of the upper lip (0), bottom of the lower lip (17).
+MESH_UPPER_LIP_TOP, MESH_LOWER_LIP_BOTTOM = 0, 17
+# A pixel on the lips' centre line darker than this share of the line's bright lip
+# (75th percentile) is mouth cavity. Measured on the synthetic videos: the darkest pixel of
+# a pressed mouth is 0.65-0.87 of it, of a mouth open by 2-3 pixels 0.16-0.26.
+DARK_GAP_SHARE = 0.5
 
 
 class NoFaceError(ValueError):
@@ -39,13 +50,36 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
     return gap / np.maximum(width, 1e-6)
 
 
-def neutral_score(pose: np.ndarray, opening: np.ndarray) -> np.ndarray:
+def dark_lip_gap(image: np.ndarray, landmarks: np.ndarray) -> float:
+    """One (H, W, 3) uint8 image and its (478, 2) mesh landmarks in its pixels -> the height
+    of the dark band on the lips' centre line (mesh 0 to 17) over the mouth width: 0 for
+    lips that touch, about the gap for parted ones, whatever the mesh reads. NaN without a
+    face (NaN landmarks)."""
+    top, bottom = landmarks[MESH_UPPER_LIP_TOP], landmarks[MESH_LOWER_LIP_BOTTOM]
+    width = float(np.linalg.norm(landmarks[MESH_MOUTH_LEFT] - landmarks[MESH_MOUTH_RIGHT]))
+    length = float(np.linalg.norm(bottom - top))
+    if not (np.isfinite(length) and np.isfinite(width)) or width < 1e-6:
+        return float("nan")
+    n = max(16, int(np.ceil(4 * length)))  # a quarter pixel apart
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    points = (top[None] * (1 - t) + bottom[None] * t).astype(np.float32)  # (n, 2) x, y
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    line = cv2.remap(grey, points[:, :1].copy(), points[:, 1:].copy(), cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE)[:, 0].astype(np.float32)  # (n,)
+    dark = line < DARK_GAP_SHARE * np.percentile(line, 75)
+    return float(dark.mean() * length / width)
+
+
+def neutral_score(pose: np.ndarray, opening: np.ndarray, dark_gap: np.ndarray | None = None) -> np.ndarray:
     """(N,) lower = better neutral frame: distance from a frontal pose plus mouth opening.
     15 degrees off-frontal costs as much as a mouth open by 10% of its width; an unknown
-    opening (NaN) counts as wide open."""
+    opening (NaN) counts as wide open. With `dark_gap` (N,) the opening is the larger of
+    the mesh's and the pixels' (`dark_lip_gap`; NaN there defers to the mesh)."""
     frontal = np.linalg.norm(pose, axis=-1) / 15.0
-    closed = np.nan_to_num(opening, nan=1.0) / 0.10
-    return frontal + closed
+    opening = np.nan_to_num(opening, nan=1.0)
+    if dark_gap is not None:
+        opening = np.maximum(opening, np.nan_to_num(dark_gap, nan=0.0))
+    return frontal + opening / 0.10
 
 
 @dataclass
@@ -66,15 +100,18 @@ def select_neutral_and_references(
     opening: np.ndarray,
     motion: dict[str, np.ndarray],
     bank_size: int,
+    dark_gap: np.ndarray | None = None,
 ) -> VideoAnalysis:
     """Choose from sampled frames. `crops` (S, 256, 256, 3) are the dubbed person's faces,
     `has_face` (S,) True only where that person is present (never another person's face);
-    `motion` is extract_motion's output for `crops`."""
+    `motion` is extract_motion's output for `crops`; `opening` and `dark_gap` (S,) are the
+    mesh's and the pixels' mouth opening (neutral_score)."""
     idx = np.flatnonzero(has_face)
     if len(idx) == 0:
         raise NoFaceError("the dubbed person's face is in no sampled frame")
     pose = np.stack([motion["pitch"], motion["yaw"], motion["roll"]], axis=-1)  # (S, 3)
-    neutral = idx[int(np.argmin(neutral_score(pose[idx], opening[idx])))]
+    gap = None if dark_gap is None else dark_gap[idx]
+    neutral = idx[int(np.argmin(neutral_score(pose[idx], opening[idx], gap)))]
 
     # Bank: greedy farthest-point sampling in pose space, starting at the neutral frame,
     # so the bank covers the poses the video visits.
