@@ -1,7 +1,7 @@
 """Lip-sync of a weights bundle on sentences never used in training (README, "Proving it learns").
 
     .venv/bin/python benchmarks/lipsync_heldout.py --weights weights/demo --heldout DIR [--work DIR]
-        [--prepared HELDOUT_SHARDS] [--silence-gate-db DB|off]
+        [--prepared HELDOUT_SHARDS] [--silence-gate-db DB|off] [--silence-gate-mode stage1|neutral]
 
 --heldout is a held-out synthetic corpus (`imgtalk synth-corpus --heldout`, the training
 corpus's speakers and seed). Each speaker's clip 1 is dubbed with its clip 0's audio by
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--silence-gate-db", default="default",
                    help="the dub's motion.silence_gate_db: a number, 'off', or 'default' (the job's default)")
+    p.add_argument("--silence-gate-mode", choices=("stage1", "neutral"),
+                   help="the dub's motion.silence_gate_mode (default: the job's)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
@@ -54,7 +56,10 @@ def main(argv=None) -> int:
     if args.silence_gate_db != "default":
         gate = None if args.silence_gate_db == "off" else float(args.silence_gate_db)
         config = config.model_copy(update={"motion": config.motion.model_copy(update={"silence_gate_db": gate})})
-    print(f"silence gate: {config.motion.silence_gate_db} dB, {config.motion.silence_gate_frames} frames")
+    if args.silence_gate_mode:
+        config = config.model_copy(update={"motion": config.motion.model_copy(update={"silence_gate_mode": args.silence_gate_mode})})
+    print(f"silence gate: {config.motion.silence_gate_db} dB, {config.motion.silence_gate_frames} frames, "
+          f"mode {config.motion.silence_gate_mode}")
     result = run_dub(manifest, args.weights, os.path.join(work, "report.parquet"), config)
     figures = []
     with FaceTracker(smoothing_sigma_frames=0, max_gap_frames=0) as tracker:
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
     summary = {
         "outputs": len(figures),
         "silence_gate_db": config.motion.silence_gate_db,
+        "silence_gate_mode": config.motion.silence_gate_mode,
         "mean_r": float(np.mean([f["pearson_r"] for f in figures])),
         "min_r": float(np.min([f["pearson_r"] for f in figures])),
         "mean_silent_relative_to_neutral": float(np.mean([f["silent_relative_to_neutral"] for f in figures])),

@@ -118,9 +118,12 @@ class MotionConfig(_Strict):
     )
     silence_gate_db: float | None = Field(
         -35.0, le=0, description="the silence gate: frames of the dubbed track whose speech-band level is this many dB "
-        "below its loudest frame, in runs of at least silence_gate_frames, are decoded by Stage 1 afresh over that run's "
-        "audio alone (no motion fed back from the speech before it, so the mouth shuts on time); null turns the gate "
-        "off (README, Operator guide)")
+        "below its loudest frame, in runs of at least silence_gate_frames, show a closed mouth (silence_gate_mode); "
+        "null turns the gate off (README, Operator guide)")
+    silence_gate_mode: Literal["neutral", "stage1"] = Field(
+        "neutral", description="what a gated run shows: neutral, the neutral frame's own mouth (Δδ = 0) with the "
+        "neutral frame as its RSCA reference; stage1, Stage 1 decoded afresh over the run's audio alone (no motion "
+        "fed back from the speech before it)")
     silence_gate_frames: int = Field(3, ge=1, description="25 Hz frames a quiet run needs to count as silence: a "
                                      "shorter one (a stop consonant, a breath between words) is left to Stage 1")
 

@@ -172,7 +172,7 @@ def test_motion_driving_is_neutral_with_stage1_offsets(clip, motion_models):
 
 
 def test_motion_silence_gate_decodes_each_long_quiet_run_afresh(clip, motion_models):
-    """On a quiet run of at least silence_gate_frames (level below silence_gate_db) the driven
+    """silence_gate_mode "stage1": on a quiet run of at least silence_gate_frames (level below silence_gate_db) the driven
     keypoints are Stage 1 decoded from a fresh start over that run's audio alone (no motion
     fed back from the speech before it); a shorter quiet run, a frame above the threshold and
     every frame outside the runs keep the continuous decoding's motion, and no reference
@@ -184,7 +184,8 @@ def test_motion_silence_gate_decodes_each_long_quiet_run_afresh(clip, motion_mod
     level[14:16] = -50.0  # frames 20..21: two frames, a stop consonant
     level[17] = -30.0  # frame 23: quiet, but above the threshold
     ungated = MotionStage(extractor, stage1, batch_frames=8)(**seg)
-    gate = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0, silence_gate_frames=3)
+    gate = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0, silence_gate_frames=3,
+                       silence_gate_mode="stage1")
     gated = gate(**seg, speech_level_db=level)
 
     face = seg["has_face"]
@@ -200,6 +201,34 @@ def test_motion_silence_gate_decodes_each_long_quiet_run_afresh(clip, motion_mod
     np.testing.assert_array_equal(MotionStage(extractor, stage1, batch_frames=8)(**seg, speech_level_db=level)["driving"],
                                   ungated["driving"])
     np.testing.assert_array_equal(gate(**seg)["driving"], ungated["driving"])
+
+
+def test_motion_silence_gate_in_neutral_mode_shows_the_neutral_frame_there(clip, motion_models):
+    """silence_gate_mode "neutral" (the default): a gated run's frames take the neutral expression exactly
+    (Δδ = 0) and the neutral frame as their RSCA reference, whatever its time gap; every
+    other frame keeps its motion and its pose-matched reference."""
+    extractor, stage1 = motion_models
+    seg = motion_segment(clip, extractor)  # window frames 6..31, the segment 10..29
+    level = np.zeros(26, np.float32)
+    level[8:12] = -50.0  # frames 14..17: a long quiet run
+    level[14:16] = -50.0  # frames 20..21: too short to gate
+    ungated = MotionStage(extractor, stage1, batch_frames=8)(**seg)
+    neutral_at = len(seg["ref_frames"]) - 1
+    neutral_frame = int(seg["ref_frames"][neutral_at])
+    gate = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0, silence_gate_frames=3)
+    gated = gate(**seg, speech_level_db=level, neutral_frame=neutral_frame)
+
+    face = seg["has_face"]
+    in_run = np.isin(seg["frame_indices"], [14, 15, 16, 17]) & face
+    assert in_run.sum() >= 2
+    np.testing.assert_array_equal(gated["driving"][in_run],
+                                  np.broadcast_to(seg["neutral_exp"], gated["driving"][in_run].shape))
+    assert np.abs(ungated["driving"][in_run] - seg["neutral_exp"]).max() > 1e-3  # Stage 1 moved them
+    assert (gated["ref_index"][in_run] == neutral_at).all() and (ungated["ref_index"][in_run] != neutral_at).any()
+    np.testing.assert_array_equal(gated["driving"][~in_run], ungated["driving"][~in_run])
+    np.testing.assert_array_equal(gated["ref_index"][~in_run], ungated["ref_index"][~in_run])
+    with pytest.raises(ValueError, match="silence_gate_mode"):
+        MotionStage(extractor, stage1, silence_gate_mode="closed")
 
 
 def test_motion_driving_never_sees_the_source_expression(clip, motion_models):

@@ -1,7 +1,8 @@
 """The silence gate through the dub job's own operators (plan, analyse, audio, split, face,
 motion; no Ray): the audio operator caches the dubbed track's speech level, and the motion
-operator decodes Stage 1 afresh over the track's long silences (stages/motion/stage.py has
-the exact values). Turned off, neither happens."""
+operator shows the analysed neutral frame's mouth over the track's long silences (or, in
+the "stage1" mode, decodes Stage 1 afresh there; stages/motion/stage.py has the exact
+values). Turned off, neither happens."""
 from fractions import Fraction
 
 import numpy as np
@@ -63,16 +64,17 @@ def moving_bundle(tiny_bundle, tmp_path_factory):
 
 
 def test_the_dub_job_gates_the_dubbed_tracks_silence_and_nothing_else(media, moving_bundle):
-    """Through the job's operators: the audio operator caches the track's speech level; the
-    motion operator's driving expression changes in the track's long silence only (Stage 1
-    decoded afresh there) and is the ungated one over the speech; off, no level is made."""
+    """Through the job's operators, the "stage1" mode: the audio operator caches the track's
+    speech level; the motion operator's driving expression changes in the track's long
+    silence only (Stage 1 decoded afresh there) and is the ungated one over the speech; off,
+    no level is made."""
     import fsspec
 
     from stages.audio import load_audio
     from stages.audio.cache import CachedFeatures, FeatureCache
     from stages.audio.speech_level import speech_level_db_25hz
 
-    gated_video, gated = _motion_rows(media, moving_bundle, JobConfig(), "on")
+    gated_video, gated = _motion_rows(media, moving_bundle, JobConfig(motion={"silence_gate_mode": "stage1"}), "on")
     level = FeatureCache(fsspec.filesystem("file"), "/").read_window(
         CachedFeatures(gated_video["speech_level_path"], gated_video["feature_frames"], 0.0, 1), 0, 1000)[::2, 0]
     np.testing.assert_array_equal(level, speech_level_db_25hz(load_audio(media["audio"])))
@@ -89,3 +91,22 @@ def test_the_dub_job_gates_the_dubbed_tracks_silence_and_nothing_else(media, mov
     assert np.abs(on_driving[silent_from:] - off_driving[silent_from:]).max() > 1e-3
     np.testing.assert_array_equal(np.concatenate([unpack(s["ref_index"]) for s in gated]),
                                   np.concatenate([unpack(s["ref_index"]) for s in off]))
+
+
+def test_the_neutral_gate_mode_shows_the_analysed_neutral_frame_in_the_silence(media, moving_bundle):
+    """The default mode ("neutral") through the operators: in the track's long silence
+    the driving expression is the neutral frame's and the reference is the neutral frame the
+    analysis chose (the motion operator passes it on); over the speech nothing changes."""
+    video, neutral = _motion_rows(media, moving_bundle, JobConfig(), "neutral")
+    _, off = _motion_rows(media, moving_bundle, JobConfig(motion={"silence_gate_db": None}), "off-n")
+    silent_from = int(SPEECH_S * 25) + 1
+    driving = np.concatenate([unpack(s["driving"]) for s in neutral])
+    ref_index = np.concatenate([unpack(s["ref_index"]) for s in neutral])
+    neutral_at = int(np.flatnonzero(unpack(video["ref_frames"]) == video["neutral_frame"])[0])
+    np.testing.assert_array_equal(driving[silent_from:],
+                                  np.broadcast_to(unpack(video["neutral_exp"]), driving[silent_from:].shape))
+    off_ref_index = np.concatenate([unpack(s["ref_index"]) for s in off])
+    assert (ref_index[silent_from:] == neutral_at).all() and (off_ref_index[silent_from:] != neutral_at).any()
+    speech = slice(0, silent_from - 2)
+    np.testing.assert_array_equal(driving[speech], np.concatenate([unpack(s["driving"]) for s in off])[speech])
+    np.testing.assert_array_equal(ref_index[speech], off_ref_index[speech])

@@ -434,6 +434,7 @@ class MotionOp(_Op):
             min_reference_gap_frames=self.config.analyse.min_reference_gap_frames,
             silence_gate_db=self.config.motion.silence_gate_db,
             silence_gate_frames=self.config.motion.silence_gate_frames,
+            silence_gate_mode=self.config.motion.silence_gate_mode,
             # Ray hides GPUs from actors that reserved none, so "auto" lands on the CPU there.
             device=resolve_device(self.config.device),
         )
@@ -485,6 +486,7 @@ class MotionOp(_Op):
             ref_frames=unpack(row["ref_frames"]),
             ref_pose=unpack(row["ref_pose"]),
             speech_level_db=level_db,
+            neutral_frame=int(row["neutral_frame"]),
         )
         driving = out["driving"]
         if self.audio_window is not None:

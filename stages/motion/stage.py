@@ -67,10 +67,14 @@ class MotionStage:
         device: str = "cpu",
         silence_gate_db: float | None = None,
         silence_gate_frames: int = 3,
+        silence_gate_mode: str = "neutral",
     ):
+        if silence_gate_mode not in ("stage1", "neutral"):
+            raise ValueError(f"silence_gate_mode must be 'stage1' or 'neutral', got {silence_gate_mode!r}")
         self.extractor = extractor.to(device).eval()
         self.silence_gate_db = silence_gate_db
         self.silence_gate_frames = silence_gate_frames
+        self.silence_gate_mode = silence_gate_mode
         self.stage1 = stage1.to(device).eval()
         self.batch_frames = batch_frames
         self.min_gap = min_reference_gap_frames
@@ -111,6 +115,7 @@ class MotionStage:
         ref_frames: np.ndarray,
         ref_pose: np.ndarray,
         speech_level_db: np.ndarray | None = None,  # (F,) dB per 25 Hz frame from `first_feature`; None: no gate
+        neutral_frame: int | None = None,  # a member of ref_frames; the "neutral" gate's RSCA reference
     ) -> dict[str, np.ndarray]:
         self.check_features(features)
         n = len(crops)
@@ -124,20 +129,26 @@ class MotionStage:
         pose[face] = np.stack([source["pitch"], source["yaw"], source["roll"]], axis=-1)
         centres = frame_centres(frame_indices, frame_times)[face]
         offsets_25hz = self.offsets_25hz(features, neutral_x_c, neutral_exp)
+        gated_25hz = np.zeros(len(offsets_25hz), bool)
         if self.silence_gate_db is not None and speech_level_db is not None:
             # Stage 1 shuts a frame or two late after speech (its own fed-back motion carries
             # the opening on), and a still-open mouth in a pause reads as a wrong lip shape at
-            # once. Fed no previous motion it shuts at once, so each silent run is decoded
-            # again from a fresh start on its own audio. Not Δδ = 0: that is the neutral
-            # frame's mouth, which may be parted (FaceMesh, which picks it, can read parted
-            # lips as closed), and a 0 there drew a mouth as open as in speech on the
-            # held-out demo (README, Proving it learns). The run test leaves short quiet spans
-            # (stops, breaths between words) to Stage 1's continuous decoding.
+            # once. "neutral" (the default) shows the neutral frame's own mouth over each
+            # silent run; "stage1" decodes Stage 1 afresh over the run's audio alone, which
+            # shuts on time but still opens a little on some silent audio. The neutral frame
+            # is the analysis' most frontal closed mouth, closed by the pixels as well as the
+            # mesh (selection.dark_lip_gap): the mesh alone once picked parted lips, and the
+            # neutral mouth was then as open as speech (README, Proving it learns). The run
+            # test leaves short quiet spans (stops, breaths between words) to Stage 1.
             level = np.full(len(offsets_25hz), np.inf, np.float32)  # frames past the level's end: not gated here
             level[: min(len(level), len(speech_level_db))] = speech_level_db[: len(level)]
             k = self.stage1.cfg.audio_steps_per_frame
             for start, stop in silent_runs_25hz(level, self.silence_gate_db, self.silence_gate_frames):
-                offsets_25hz[start:stop] = self.offsets_25hz(features[start * k: stop * k], neutral_x_c, neutral_exp)
+                gated_25hz[start:stop] = True
+                if self.silence_gate_mode == "stage1":
+                    offsets_25hz[start:stop] = self.offsets_25hz(features[start * k: stop * k], neutral_x_c, neutral_exp)
+                else:  # the neutral frame's own mouth
+                    offsets_25hz[start:stop] = 0.0
         offsets = resample_25hz(offsets_25hz, first_feature, centres)
         # Past the end of the dubbed track the audio is padded silence: hold the neutral
         # (closed) mouth rather than trusting Stage 1 on padding.
@@ -146,4 +157,12 @@ class MotionStage:
             torch.from_numpy(neutral_exp).float(), torch.from_numpy(offsets), self.stage1.cfg.driven_keypoints
         ).numpy()
         ref_index[face] = choose_references(frame_indices[face], pose[face], ref_frames, ref_pose, self.min_gap)
+        if self.silence_gate_mode == "neutral" and neutral_frame is not None and neutral_frame in ref_frames:
+            # A gated frame shows the neutral mouth, and the neutral frame shows exactly
+            # that: RSCA copies its closed lips, not a pose-matched reference's open ones. Its
+            # time gap does not matter here: what it could leak is the mouth wanted. (Frames
+            # past the track's end, Δδ = 0 too, keep their pose-matched reference: the
+            # neutral one there measured more open on the held-out speaker it touched.)
+            gated = resample_25hz(gated_25hz.astype(np.float32), first_feature, centres) >= 0.5
+            ref_index[face[gated]] = int(np.flatnonzero(ref_frames == neutral_frame)[0])
         return {"driving": driving, "ref_index": ref_index, "pose": pose}
