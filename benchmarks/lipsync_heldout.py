@@ -76,6 +76,8 @@ def main(argv=None) -> int:
                   f"{f['r_at_best_lag']:.3f}), silent/neutral {1 + f['silent_relative_to_neutral']:.3f} "
                   f"({f['silent_share_of_speech_gap']:.3f} of the speech gap; the truth video "
                   f"{1 + f['truth_video_silent_relative_to_neutral']:.3f}), "
+                  f"cavity in {f['silent_frames_with_cavity']} of {f['silent_frames_measured']} silent frames "
+                  f"(the truth video {f['truth_video_silent_frames_with_cavity']}), "
                   f"jitter {f['jitter']:.4f} vs truth video {f['truth_video_jitter']:.4f}, kept {f['kept_frames_size_fps']}")
     summary = {
         "outputs": len(figures),
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
         # the measure's floor: the truth video's own silent frames against their median
         "mean_truth_video_silent_relative_to_neutral": float(np.mean(
             [f["truth_video_silent_relative_to_neutral"] for f in figures])),
+        "silent_frames_with_cavity": int(sum(f["silent_frames_with_cavity"] for f in figures)),
+        "silent_frames_measured": int(sum(f["silent_frames_measured"] for f in figures)),
+        "truth_video_silent_frames_with_cavity": int(sum(f["truth_video_silent_frames_with_cavity"] for f in figures)),
         "mean_jitter": float(np.mean([f["jitter"] for f in figures])),
         "mean_truth_video_jitter": float(np.mean([f["truth_video_jitter"] for f in figures])),
         "all_kept": all(f["kept_frames_size_fps"] for f in figures),

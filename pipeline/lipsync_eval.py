@@ -16,9 +16,10 @@ B, B's audio and B's ground-truth mouth (truth JSON). Two checks follow:
   (stages/lipsync/measure.py) against B's truth jaw (padded with closed-mouth silence or
   trimmed to the source's length, as the dub pads or trims the audio). Also: the mouth's
   opening in B's silent frames against the speaker's neutral opening (FaceMesh on B's own
-  video in its silent frames, where the mouth is closed by construction), and the jitter of
-  the opening against that of B's own rendered video (the ground truth, measured the same
-  way).
+  video in its silent frames, where the mouth is closed by construction), how many silent
+  frames show a mouth cavity to the pixels (stages/lipsync/measure.py's dark gap), and the
+  jitter of the opening against that of B's own rendered video (the ground truth, measured
+  the same way).
 """
 from __future__ import annotations
 
@@ -72,17 +73,24 @@ def silent_frames(truth: dict, n: int) -> np.ndarray:
     return _fit(np.asarray(truth["is_silent"], bool), n, True)
 
 
+def cavity_frames(dark_gap: np.ndarray, silent: np.ndarray) -> int:
+    """How many of the silent frames show a mouth cavity (dark_gap > 0; NaN, no face, does not count)."""
+    return int((np.nan_to_num(np.asarray(dark_gap, np.float64)[np.asarray(silent, bool)], nan=0.0) > 0).sum())
+
+
 def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=None) -> dict:
     """The lip-sync figures of one dubbed output against the truth of its dubbed audio."""
-    from stages.lipsync.measure import jitter, lip_sync_report, mouth_opening_series
+    from stages.lipsync.measure import jitter, lip_sync_report, mouth_series
 
     with open(truth_json) as f:
         truth = json.load(f)
-    opening, _, _ = mouth_opening_series(output_video, tracker=tracker)
+    output = mouth_series(output_video, tracker=tracker)
+    opening = output.opening
     n = len(opening)
     jaw = _fit(np.asarray(truth["jaw"], np.float64), n, 0.0)
     silent = silent_frames(truth, n)
-    truth_opening, _, _ = mouth_opening_series(truth_video, tracker=tracker)
+    true_video = mouth_series(truth_video, tracker=tracker)
+    truth_opening = true_video.opening
     truth_silent = np.asarray(truth["is_silent"], bool)[: len(truth_opening)]
     neutral = float(np.nanmedian(truth_opening[truth_silent])) if truth_silent.any() else math.nan
     report = lip_sync_report(opening, jaw, silent=silent, neutral=neutral, reference_is_opening=True)
@@ -105,6 +113,11 @@ def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=No
         "truth_video_jitter": jitter(truth_opening),
         "truth_video_r": truth_report.pearson_r,
         "truth_video_silent_relative_to_neutral": truth_report.silent_relative_to_neutral,
+        # The pixels' view of silence: silent frames (with a face) whose lips show a dark
+        # cavity between them, where the truth video shows none by construction.
+        "silent_frames_measured": int((silent & output.has_face).sum()),
+        "silent_frames_with_cavity": cavity_frames(output.dark_gap, silent),
+        "truth_video_silent_frames_with_cavity": cavity_frames(true_video.dark_gap, truth_silent),
         "frames": n,
     }
 

@@ -222,6 +222,30 @@ def test_mouth_opening_series_sees_the_opened_frames(talking_video, tracker):
     np.testing.assert_allclose(again, opening, atol=2e-3)
 
 
+def test_mouth_series_dark_gap_is_zero_on_pressed_lips_and_sees_parted_ones(tracker, tmp_path):
+    """The pixels' closure through an encoded video: a synthetic speaker's pressed lips read
+    exactly 0 (the mesh's opening there is a fraction of a pixel and scatters), lips a few
+    pixels apart and wide open read more; cavity_frames counts the silent frames that show one."""
+    from pipeline.lipsync_eval import cavity_frames
+    from stages.lipsync.measure import mouth_series
+    from stages.synth.speaker import SpeakerIdentity, render_frame
+
+    jaws = np.array([0.0, 0.0, 0.15, 0.5, 0.0, 0.3, 0.0, 0.0])
+    frames = [render_frame(None, SpeakerIdentity.from_seed(0, 2), float(j), 0.5, i / 25) for i, j in enumerate(jaws)]
+    path = str(tmp_path / "speaker.mp4")
+    assert encode_frames(path, frames, 320, 240, Fraction(25), preset="veryfast") == len(jaws)
+    series = mouth_series(path, tracker=tracker)
+    assert series.has_face.all() and series.fps == 25
+    closed, opened = jaws == 0, jaws > 0
+    print(f"dark gap {np.round(series.dark_gap, 3).tolist()}, opening {np.round(series.opening, 4).tolist()}")
+    assert (series.dark_gap[closed] == 0).all() and (series.dark_gap[opened] > 0.02).all()
+    assert series.dark_gap[3] > series.dark_gap[5] > series.dark_gap[2]  # in the order of the jaw
+    opening, has_face, fps = mouth_opening_series(path, tracker=tracker)  # the same measurement
+    np.testing.assert_array_equal(opening, series.opening)
+    assert cavity_frames(series.dark_gap, closed) == 0 and cavity_frames(series.dark_gap, ~closed) == 3
+    assert cavity_frames(np.array([np.nan, 0.1, 0.0]), np.array([True, True, False])) == 1  # no face: no cavity
+
+
 def test_measure_video_against_speech_and_truth(talking_video, tracker, tmp_path):
     # Speech (a 1 kHz tone) exactly on the opened frames, silence elsewhere.
     bounds = frame_bounds(N_FRAMES, FPS)

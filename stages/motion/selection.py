@@ -74,7 +74,9 @@ def neutral_score(pose: np.ndarray, opening: np.ndarray, dark_gap: np.ndarray | 
     """(N,) lower = better neutral frame: distance from a frontal pose plus mouth opening.
     15 degrees off-frontal costs as much as a mouth open by 10% of its width; an unknown
     opening (NaN) counts as wide open. With `dark_gap` (N,) the opening is the larger of
-    the mesh's and the pixels' (`dark_lip_gap`; NaN there defers to the mesh)."""
+    the mesh's and the pixels' (`dark_lip_gap`; NaN there defers to the mesh): the pixels
+    can only add to the mesh's reading, so where they mislead (a dark lip line, a moustache,
+    lips as dark as the mouth) they cost every frame alike or nothing."""
     frontal = np.linalg.norm(pose, axis=-1) / 15.0
     opening = np.nan_to_num(opening, nan=1.0)
     if dark_gap is not None:
