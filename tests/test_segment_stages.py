@@ -227,6 +227,14 @@ def test_motion_silence_gate_in_neutral_mode_shows_the_neutral_frame_there(clip,
     assert (gated["ref_index"][in_run] == neutral_at).all() and (ungated["ref_index"][in_run] != neutral_at).any()
     np.testing.assert_array_equal(gated["driving"][~in_run], ungated["driving"][~in_run])
     np.testing.assert_array_equal(gated["ref_index"][~in_run], ungated["ref_index"][~in_run])
+    # A neutral frame posed far from the gated frames (another shot, a turned head): they
+    # keep the neutral mouth but their pose-matched references.
+    far_pose = seg["ref_pose"].copy()
+    far_pose[neutral_at] += np.array([0.0, 25.0, 0.0], np.float32)
+    turned = gate(**dict(seg, ref_pose=far_pose), speech_level_db=level, neutral_frame=neutral_frame)
+    unturned = MotionStage(extractor, stage1, batch_frames=8)(**dict(seg, ref_pose=far_pose))
+    np.testing.assert_array_equal(turned["ref_index"], unturned["ref_index"])
+    np.testing.assert_array_equal(turned["driving"][in_run], gated["driving"][in_run])
     with pytest.raises(ValueError, match="silence_gate_mode"):
         MotionStage(extractor, stage1, silence_gate_mode="closed")
 

@@ -28,6 +28,11 @@ def resample_25hz(values: np.ndarray, first_index: int, times_s: np.ndarray) -> 
     return values[lo] * (1 - w) + values[hi] * w
 
 
+# The neutral gate's RSCA reference is the neutral frame only for heads posed within this
+# many degrees (pitch, yaw, roll together) of it.
+NEUTRAL_REFERENCE_MAX_DEG = 10.0
+
+
 def silent_runs_25hz(level_db: np.ndarray, threshold_db: float, min_frames: int) -> list[tuple[int, int]]:
     """[(start, stop), ...] of 25 Hz frames in silence: speech level (dB against the track's
     loudest frame, stages/audio/speech_level.py) below `threshold_db`, runs of at least `min_frames`."""
@@ -160,9 +165,13 @@ class MotionStage:
         if self.silence_gate_mode == "neutral" and neutral_frame is not None and neutral_frame in ref_frames:
             # A gated frame shows the neutral mouth, and the neutral frame shows exactly
             # that: RSCA copies its closed lips, not a pose-matched reference's open ones. Its
-            # time gap does not matter here: what it could leak is the mouth wanted. (Frames
-            # past the track's end, Δδ = 0 too, keep their pose-matched reference: the
-            # neutral one there measured more open on the held-out speaker it touched.)
+            # time gap does not matter here: what it could leak is the mouth wanted. Not for
+            # a head turned far from the neutral frame's pose (another shot, a profile): there
+            # the pose-matched reference's appearance matters more. (Frames past the track's
+            # end, Δδ = 0 too, keep their pose-matched reference: the neutral one there
+            # measured more open on the held-out speaker it touched.)
+            neutral_at = int(np.flatnonzero(ref_frames == neutral_frame)[0])
             gated = resample_25hz(gated_25hz.astype(np.float32), first_feature, centres) >= 0.5
-            ref_index[face[gated]] = int(np.flatnonzero(ref_frames == neutral_frame)[0])
+            gated &= np.linalg.norm(pose[face] - ref_pose[neutral_at], axis=-1) <= NEUTRAL_REFERENCE_MAX_DEG
+            ref_index[face[gated]] = neutral_at
         return {"driving": driving, "ref_index": ref_index, "pose": pose}
