@@ -233,6 +233,8 @@ def test_dark_lip_gap_is_the_dark_band_on_the_lips_centre_line():
     assert dark_lip_gap(img, lm) == pytest.approx(4 / 40, abs=0.01)
     img[48:52, 35:65] = 120  # a shadow, not a cavity: above half the lips' brightness
     assert dark_lip_gap(img, lm) == 0.0
+    lm[17] = (50, 130)  # a chin out of the frame: the edge pixels carry on, no error
+    assert 0.0 <= dark_lip_gap(img, lm) < 1.0
     lm[0] = np.nan  # no face
     assert np.isnan(dark_lip_gap(img, lm))
 

@@ -62,9 +62,14 @@ def dark_lip_gap(image: np.ndarray, landmarks: np.ndarray) -> float:
         return float("nan")
     n = max(16, int(np.ceil(4 * length)))  # a quarter pixel apart
     t = np.linspace(0.0, 1.0, n)[:, None]
-    points = (top[None] * (1 - t) + bottom[None] * t).astype(np.float32)  # (n, 2) x, y
-    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-    line = cv2.remap(grey, points[:, :1].copy(), points[:, 1:].copy(), cv2.INTER_LINEAR,
+    points = top[None] * (1 - t) + bottom[None] * t  # (n, 2) x, y
+    # Only the patch around the line is turned grey (a 4K frame is 8 million pixels).
+    h, w = image.shape[:2]
+    x0, y0 = (int(max(0, min(np.floor(points[:, i].min()) - 1, size - 1))) for i, size in ((0, w), (1, h)))
+    x1, y1 = (int(max(lo + 1, min(np.ceil(points[:, i].max()) + 2, size))) for i, lo, size in ((0, x0, w), (1, y0, h)))
+    grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+    local = (points - np.array([x0, y0])).astype(np.float32)
+    line = cv2.remap(grey, local[:, :1].copy(), local[:, 1:].copy(), cv2.INTER_LINEAR,
                      borderMode=cv2.BORDER_REPLICATE)[:, 0].astype(np.float32)  # (n,)
     dark = line < DARK_GAP_SHARE * np.percentile(line, 75)
     return float(dark.mean() * length / width)
