@@ -64,11 +64,11 @@ def dark_lip_gap(image: np.ndarray, landmarks: np.ndarray) -> float:
     t = np.linspace(0.0, 1.0, n)[:, None]
     points = top[None] * (1 - t) + bottom[None] * t  # (n, 2) x, y
     # Only the patch around the line is turned grey (a 4K frame is 8 million pixels).
-    h, w = image.shape[:2]
-    x0, y0 = (int(max(0, min(np.floor(points[:, i].min()) - 1, size - 1))) for i, size in ((0, w), (1, h)))
-    x1, y1 = (int(max(lo + 1, min(np.ceil(points[:, i].max()) + 2, size))) for i, lo, size in ((0, x0, w), (1, y0, h)))
-    grey = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
-    local = (points - np.array([x0, y0])).astype(np.float32)
+    size = np.array(image.shape[1::-1])  # (W, H), as points are (x, y)
+    lo = np.clip(np.floor(points.min(0)) - 1, 0, size - 1).astype(int)
+    hi = np.maximum(np.clip(np.ceil(points.max(0)) + 2, 0, size), lo + 1).astype(int)
+    grey = cv2.cvtColor(np.ascontiguousarray(image[lo[1]:hi[1], lo[0]:hi[0]]), cv2.COLOR_RGB2GRAY)
+    local = (points - lo).astype(np.float32)
     line = cv2.remap(grey, local[:, :1].copy(), local[:, 1:].copy(), cv2.INTER_LINEAR,
                      borderMode=cv2.BORDER_REPLICATE)[:, 0].astype(np.float32)  # (n,)
     dark = line < DARK_GAP_SHARE * np.percentile(line, 75)
