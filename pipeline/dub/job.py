@@ -26,6 +26,7 @@ from typing import Callable
 
 from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
+from pipeline.raydata import one_row_per_block, stream_rows
 from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, FusedVideoOp, fused_pool
 from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
 from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
@@ -461,14 +462,13 @@ def _run_graph(
     def fused(apply, op: type, names: tuple[str, ...], size: int):  # one pool for the stages
         return apply(op, fn_constructor_args=([steps[n] for n in names],), **fused_pool(pools, names, size).actor_args())
 
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    # One row per block: a video's segments then spread over the actor pools instead of
+    # travelling (and being processed) together, and no block grows with video length.
+    ds = one_row_per_block(ray.data.from_items(todo, override_num_blocks=len(todo)))
     if layout == "fused":  # the video actor cuts its videos into segment rows itself
         ds = fused(ds.flat_map, FusedVideoOp, VIDEO_STAGES, 1)
     else:
         ds = pooled(ds, VIDEO_STAGES).flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
-    # One segment per block: a video's segments then spread over the actor pools instead
-    # of travelling (and being processed) together, and no block grows with video length.
-    ds = ds.repartition(target_num_rows_per_block=1)
     if layout == "fused":  # one segment actor per CPU: the segment stages are where the time goes
         ds = fused(ds.map, FusedOp, SEGMENT_STAGES, max(1, int(ray.cluster_resources().get("CPU", 1))))
     else:
@@ -597,7 +597,7 @@ def _run_graph(
 
     poller = threading.Thread(target=poll_finalize, name="imgtalk-finalize-poller", daemon=True)
     poller.start()
-    rows = iter(ds.iter_rows())
+    rows = stream_rows(ds)
     try:
         for raw in rows:
             with lock:
@@ -608,9 +608,7 @@ def _run_graph(
         log.exception("the Ray Data stream failed")
         stopped = f"the pipeline failed: {type(e).__name__}: {e}"
     finally:
-        close = getattr(rows, "close", None)
-        if close is not None:
-            close()  # shuts the streaming executor down: queued and running work is cancelled
+        rows.close()  # shuts the streaming executor down: queued and running work is cancelled
 
     poller_stop.set()
     poller.join()

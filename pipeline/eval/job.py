@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.eval.config import INCEPTION_FILES, SYNCNET_FILE, EVAL_SCHEMA, EvalConfig, EvalRow
+from pipeline.raydata import stream_rows
 from pipeline.storage import Storage, join_uri
 
 log = logging.getLogger("imgtalk")
@@ -237,7 +238,7 @@ def _score(ray, config: EvalConfig, weights: dict, pairs: list[dict]) -> tuple[l
     ds = ray.data.from_items(pairs, override_num_blocks=len(pairs))
     ds = ds.map(ScoreOp, fn_constructor_args=(config.model_dump(), weights), **config.pool.actor_args())
     rows, features = [], {}
-    for raw in ds.iter_rows():
+    for raw in stream_rows(ds):
         figures = json.loads(raw["figures"] or "{}")
         row = EvalRow(bundle=raw["bundle"], protocol=raw["protocol"], video_uri=raw["video_uri"],
                       audio_uri=raw["audio_uri"], output_uri=raw["output_uri"], status=raw["status"],

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.arrays import pack
+from pipeline.raydata import one_row_per_block, stream_rows
 from pipeline.prepare.config import CorpusRow, PrepareConfig, PrepareReportRow, read_corpus, write_prepare_report
 from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
 from pipeline.storage import Storage, join_uri
@@ -190,11 +191,10 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: PrepareConfig, 
     def actors(name: str):
         return pools[name].actor_args()
 
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = one_row_per_block(ray.data.from_items(todo, override_num_blocks=len(todo)))  # a video's chunks spread
     ds = ds.map(ops.PrepPlanOp, fn_constructor_args=(cfg,), **actors("plan"))
     ds = ds.map(ops.PrepAudioOp, fn_constructor_args=(cfg, weights_uri), **actors("audio"))
     ds = ds.flat_map(ops.chunk_splitter(config.chunk_seconds), num_cpus=0.25)
-    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map(ops.ChunkOp, fn_constructor_args=(cfg, weights_uri, output_uri), **actors("chunk"))
 
     pending: dict[str, list[dict]] = {}
@@ -209,7 +209,7 @@ def _run_graph(ray, ActorPoolStrategy, DataContext, ops, config: PrepareConfig, 
                frames=int(row["frames"]) or None)
         storage.rm(join_uri(output_uri, "chunks", vid), recursive=True)
 
-    for raw in ds.iter_rows():
+    for raw in stream_rows(ds):
         row = ops.normalise(raw)
         vid = row["video_id"]
         if vid in failed:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.config import JobConfig
 from pipeline.dub.schemas import read_manifest
+from pipeline.raydata import stream_rows
 from pipeline.security import URIPolicy, redact
 from pipeline.storage import Storage
 from pipeline.validate.estimate import Estimate, estimate
@@ -80,7 +81,7 @@ def run_validate(manifest_uri: str, config: JobConfig | None = None, report_uri:
             ds = ray.data.from_items(todo, override_num_blocks=len(todo))
             ds = ds.map(ProbeOp, fn_constructor_args=(config.model_dump(), face_frames), **config.pools["analyse"].actor_args())
             by_index = {r["row_index"]: r for r in todo}
-            for out in ds.iter_rows():
+            for out in stream_rows(ds):
                 index = int(out["row_index"])
                 found = json.loads(out["found"])
                 rows[index] = _row(index, json.loads(by_index[index]["manifest"]), [redact(p) for p in found.pop("problems")], **found)
