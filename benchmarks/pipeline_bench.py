@@ -2,7 +2,7 @@
 memory against video length, and the CPU cost per frame of the pixel stages at 1080p.
 
     .venv/bin/python benchmarks/pipeline_bench.py [--part all|throughput|memory|stages]
-                                                  [--device cpu|cuda] [--out DIR]
+                                                  [--device cpu|cuda] [--out DIR] [--fused-lead on|off]
 
 It prints figures and asserts nothing: timings on a shared machine move from run to run,
 so every part prints the device, the machine (cores, CPU, torch) and the load average it
@@ -206,7 +206,7 @@ def fps(frames: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- throughput
 
 
-def part_throughput(out: str, device: str) -> None:
+def part_throughput(out: str, device: str, fused_lead: bool = True) -> None:
     import ray
 
     from pipeline.dub.job import run_dub
@@ -239,7 +239,7 @@ def part_throughput(out: str, device: str) -> None:
     ray_dir = fresh_dir(os.path.join(root, "ray"))
     manifest = os.path.join(ray_dir, "manifest.parquet")
     write_manifest(manifest_rows(ray_dir), manifest, Storage())
-    config = job_config(device, os.path.join(ray_dir, "cache"), ray_pools=True)
+    config = job_config(device, os.path.join(ray_dir, "cache"), ray_pools=True).model_copy(update={"fused_lead": fused_lead})
     t0 = time.perf_counter()
 
     def ray_ok(args, result) -> bool:  # GraphSink.settle(self, index, row)
@@ -280,7 +280,7 @@ def part_throughput(out: str, device: str) -> None:
           f"batch complete {config.batch.complete_frames} / motion {config.batch.motion_frames}")
     print(f"Ray pools: {pools}")
     print(f"Ray stage layout: {layout} (config {config.stage_layout}; fused: plan+analyse+audio in one actor, "
-          "face..compose in one actor per CPU)")
+          f"face..compose in one actor per CPU; fused_lead {'on' if config.fused_lead else 'off'})")
     print(f"videos dubbed: Ray {len(ok)}/{len(SAMPLES)}, loop {loop_ok}/{len(SAMPLES)}; "
           f"source frames: Ray {ray_frames}, loop {loop_frames}")
     print(f"{'':58s}{'frames':>7s}{'seconds':>10s}{'frames/s':>10s}")
@@ -635,6 +635,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "imgtalk-bench"),
                     help="inputs are made here once and reused; run outputs are replaced")
+    ap.add_argument("--fused-lead", choices=["on", "off"], default="on",
+                    help="throughput: the job's fused_lead setting for the Ray run (on, the default: one segment "
+                         "actor leads, the others run in the idle scheduling class)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--loop-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -662,7 +665,7 @@ def main() -> None:
     if args.part in ("all", "memory"):
         part_memory(out, args.device)
     if args.part in ("all", "throughput"):
-        part_throughput(out, args.device)
+        part_throughput(out, args.device, fused_lead=args.fused_lead == "on")
     if args.part in ("all", "stages"):
         part_stages(out, args.device)
     print(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")

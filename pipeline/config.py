@@ -238,6 +238,11 @@ class JobConfig(_Strict):
         "per-segment stages in another, copied per CPU (a laptop, where every actor's start-up costs seconds of the "
         "only cores there are); auto: fused on a single node with at most 4 CPUs and no GPU, else pools",
     )
+    fused_lead: bool = Field(
+        True,
+        description="fused layout: one segment actor runs as usual and the others in the idle scheduling class, so the "
+        "first video is not held back by every actor starting at once (pipeline/dub/fused.py); false: all alike",
+    )
     output: OutputConfig = OutputConfig()
     face: FaceConfig = FaceConfig()
     analyse: AnalyseConfig = AnalyseConfig()

@@ -4,10 +4,14 @@ with each operator's own failure handling. tests/test_resilience.py shows that t
 layouts give the same bytes (its reference run uses pools, its other runs fused)."""
 from __future__ import annotations
 
+import os
+import tempfile
+import threading
+
 import pytest
 
 from pipeline.config import JobConfig, PoolConfig
-from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, FusedVideoOp, fused_pool
+from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, FusedVideoOp, claim_lead, fused_pool
 from pipeline.dub.job import stage_layout
 from pipeline.dub.rows import new_row
 
@@ -97,3 +101,58 @@ def test_the_fused_video_actor_hands_on_each_video_as_its_segment_rows():
     assert {s["video_id"] for s in segments} == {"v"}
     [marker] = FusedVideoOp([(Probe, ("plan",)), (Broken, ("analyse",))])(video)
     assert (marker["n_segments"], marker["error_stage"]) == (0, "analyse")
+
+
+@pytest.fixture
+def lock_folder(tmp_path, monkeypatch):
+    """The node's temporary folder, where the lead's lock lives, as a folder of the test's own."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_one_actor_claims_the_lead_until_it_lets_go(lock_folder):
+    name = "imgtalk-segment-lead"
+    first = claim_lead(name)
+    assert first is not None
+    assert claim_lead(name) is None  # flock locks are per open file: a second open conflicts too
+    assert claim_lead(f"{name}-other") is not None  # another job's pool has its own lead
+    first.close()  # what the kernel does when the lead's process ends
+    again = claim_lead(name)
+    assert again is not None
+    again.close()
+    assert {p.name for p in lock_folder.iterdir()} == {f"{name}-{os.getuid()}.lock", f"{name}-other-{os.getuid()}.lock"}
+
+
+def test_the_segment_actors_that_are_not_the_lead_build_and_run_in_the_idle_class(lock_folder):
+    """Scheduling classes are per thread on Linux, so each actor is a thread here (the
+    test's own thread must not end up in the idle class)."""
+    name = "imgtalk-segment-lead"
+    seen = {}
+
+    class Policy(Stamp):  # notes the scheduling class its actor's models would load under
+        def __init__(self, name: str):
+            super().__init__(name)
+            seen[name] = os.sched_getscheduler(0)
+
+    def actor(key: str):
+        op = FusedOp([(Policy, (key,))], lead=name)
+        seen[key + " lead"] = op.lead is not None
+        seen[key + " row"] = op({"id": "a", "trail": []})["trail"]
+        seen[key + " runs in"] = os.sched_getscheduler(0)
+        if op.lead is not None:
+            op.lead.close()
+
+    lead = FusedOp([(Stamp, ("face",))], lead=name)  # the first actor to start
+    assert lead.lead is not None and os.sched_getscheduler(0) == os.SCHED_OTHER
+    other = threading.Thread(target=actor, args=("second",))
+    other.start()
+    other.join()
+    assert seen["second lead"] is False
+    assert seen["second"] == seen["second runs in"] == os.SCHED_IDLE
+    assert seen["second row"] == ["second"]  # it works all the same
+    lead.lead.close()  # the lead's process ends: its replacement takes the lead
+    replacement = threading.Thread(target=actor, args=("replacement",))
+    replacement.start()
+    replacement.join()
+    assert seen["replacement lead"] is True and seen["replacement"] == os.SCHED_OTHER
+    assert FusedOp([(Stamp, ("face",))]).lead is None and os.sched_getscheduler(0) == os.SCHED_OTHER  # no lead asked

@@ -14,16 +14,62 @@ that task is one more worker process starting, and one more hand-over before a v
 first segment (the README's "What is missing" has the timeline)."""
 from __future__ import annotations
 
+import os
+import tempfile
+from typing import IO
+
 from pipeline.config import PoolConfig
 
 VIDEO_STAGES = ("plan", "analyse", "audio")
 SEGMENT_STAGES = ("face", "motion", "complete", "compose")
 
 
-class FusedOp:
-    """`steps`: (operator class, its constructor arguments) in the order rows pass them."""
+def claim_lead(name: str) -> IO | None:
+    """The lock `name` (a file `<temp folder>/<name>-<uid>.lock` on this node), held for as
+    long as the returned file stays open: the kernel lets go when its process ends, so an
+    actor that replaces a dead lead can take it, and no stale lock outlives a job. None when
+    someone else holds it. The file itself stays, empty, for the next job to lock."""
+    import fcntl
 
-    def __init__(self, steps: list[tuple[type, tuple]]):
+    try:
+        handle = open(os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}.lock"), "a")
+    except OSError:  # no temp folder to write: nobody leads
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def run_in_idle_class() -> bool:
+    """This thread, and the threads it starts from now on, in Linux's idle scheduling class
+    (SCHED_IDLE): they run on what CPU time other threads leave, down to a few percent of a
+    core beside a busy one. There is no way back without privileges. False where the
+    platform has no such class."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    return True
+
+
+class FusedOp:
+    """`steps`: (operator class, its constructor arguments) in the order rows pass them.
+
+    `lead`: the name of a node-wide lock (`claim_lead`) that the segment actors compete for
+    (one name for every job: two jobs on one laptop share a lead). The actor that takes it
+    runs as usual; the others run in the idle scheduling class from before their models
+    load. On two cores, three actors importing torch, diffusers and mediapipe at once put the
+    first video behind all of them; this way the video actor and one segment actor start
+    first, and the first video's segments go to that one (Ray Data hands rows only to
+    actors whose constructors have finished) while the others take the CPU time left over,
+    which is all of a core nobody else wants, and never less than a few percent of one."""
+
+    def __init__(self, steps: list[tuple[type, tuple]], lead: str | None = None):
+        self.lead = claim_lead(lead) if lead else None
+        if lead and self.lead is None:
+            run_in_idle_class()
         self.ops = [op(*args) for op, args in steps]
 
     def __call__(self, row: dict) -> dict:

@@ -459,8 +459,8 @@ def _run_graph(
             ds = ds.map(op, fn_constructor_args=args, **actors(n))
         return ds
 
-    def fused(apply, op: type, names: tuple[str, ...], size: int):  # one pool for the stages
-        return apply(op, fn_constructor_args=([steps[n] for n in names],), **fused_pool(pools, names, size).actor_args())
+    def fused(apply, op: type, names: tuple[str, ...], size: int, *extra):  # one pool for the stages
+        return apply(op, fn_constructor_args=([steps[n] for n in names], *extra), **fused_pool(pools, names, size).actor_args())
 
     # One row per block: a video's segments then spread over the actor pools instead of
     # travelling (and being processed) together, and no block grows with video length.
@@ -469,8 +469,9 @@ def _run_graph(
         ds = fused(ds.flat_map, FusedVideoOp, VIDEO_STAGES, 1)
     else:
         ds = pooled(ds, VIDEO_STAGES).flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
-    if layout == "fused":  # one segment actor per CPU: the segment stages are where the time goes
-        ds = fused(ds.map, FusedOp, SEGMENT_STAGES, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    if layout == "fused":  # one segment actor per CPU, one of them the lead (pipeline/dub/fused.py)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds = fused(ds.map, FusedOp, SEGMENT_STAGES, cpus, "imgtalk-segment-lead" if config.fused_lead else None)
     else:
         ds = pooled(ds, SEGMENT_STAGES)
 
