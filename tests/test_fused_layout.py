@@ -124,35 +124,44 @@ def test_one_actor_claims_the_lead_until_it_lets_go(lock_folder):
 
 
 def test_the_segment_actors_that_are_not_the_lead_build_and_run_in_the_idle_class(lock_folder):
-    """Scheduling classes are per thread on Linux, so each actor is a thread here (the
-    test's own thread must not end up in the idle class)."""
+    """Scheduling classes are per thread on Linux, so each actor is a thread here, started
+    from the test's own thread, which never claims anything (it must not end up in the
+    idle class, whatever happens)."""
     name = "imgtalk-segment-lead"
-    seen = {}
+    main_policy = os.sched_getscheduler(0)
 
-    class Policy(Stamp):  # notes the scheduling class its actor's models would load under
-        def __init__(self, name: str):
-            super().__init__(name)
-            seen[name] = os.sched_getscheduler(0)
+    class Policy(Stamp):  # notes the scheduling class its actor's models load under
+        def __init__(self, label: str):
+            super().__init__(label)
+            self.loaded_under = os.sched_getscheduler(0)
 
-    def actor(key: str):
-        op = FusedOp([(Policy, (key,))], lead=name)
-        seen[key + " lead"] = op.lead is not None
-        seen[key + " row"] = op({"id": "a", "trail": []})["trail"]
-        seen[key + " runs in"] = os.sched_getscheduler(0)
-        if op.lead is not None:
-            op.lead.close()
+    def start_actor(label: str, release: threading.Event | None = None) -> dict:
+        seen, built = {}, threading.Event()
 
-    lead = FusedOp([(Stamp, ("face",))], lead=name)  # the first actor to start
-    assert lead.lead is not None and os.sched_getscheduler(0) == os.SCHED_OTHER
-    other = threading.Thread(target=actor, args=("second",))
-    other.start()
-    other.join()
-    assert seen["second lead"] is False
-    assert seen["second"] == seen["second runs in"] == os.SCHED_IDLE
-    assert seen["second row"] == ["second"]  # it works all the same
-    lead.lead.close()  # the lead's process ends: its replacement takes the lead
-    replacement = threading.Thread(target=actor, args=("replacement",))
-    replacement.start()
-    replacement.join()
-    assert seen["replacement lead"] is True and seen["replacement"] == os.SCHED_OTHER
-    assert FusedOp([(Stamp, ("face",))]).lead is None and os.sched_getscheduler(0) == os.SCHED_OTHER  # no lead asked
+        def actor():
+            op = FusedOp([(Policy, (label,))], lead=name)
+            seen.update(lead=op.lead is not None, loaded_under=op.ops[0].loaded_under,
+                        trail=op({"id": "a", "trail": []})["trail"], runs_in=os.sched_getscheduler(0))
+            built.set()
+            if release is not None:
+                release.wait()  # a lead holds its lock until its process ends
+            if op.lead is not None:
+                op.lead.close()
+
+        thread = threading.Thread(target=actor)
+        thread.start()
+        built.wait()
+        return dict(seen, thread=thread)
+
+    first_ends = threading.Event()
+    first = start_actor("first", first_ends)
+    second = start_actor("second")
+    assert (first["lead"], first["loaded_under"], first["runs_in"]) == (True, main_policy, main_policy)
+    assert (second["lead"], second["loaded_under"], second["runs_in"]) == (False, os.SCHED_IDLE, os.SCHED_IDLE)
+    assert second["trail"] == ["second"]  # it works all the same
+    first_ends.set()  # the lead's process ends: the actor that replaces it takes the lead
+    first["thread"].join()
+    replacement = start_actor("replacement")
+    assert (replacement["lead"], replacement["runs_in"]) == (True, main_policy)
+    assert FusedOp([(Stamp, ("face",))]).lead is None  # no lead asked for: nothing claimed, nothing changed
+    assert os.sched_getscheduler(0) == main_policy == os.SCHED_OTHER
