@@ -238,6 +238,11 @@ class JobConfig(_Strict):
         "per-segment stages in another, copied per CPU (a laptop, where every actor's start-up costs seconds of the "
         "only cores there are); auto: fused on a single node with at most 4 CPUs and no GPU, else pools",
     )
+    max_videos_in_flight: int | None = Field(
+        None, ge=1,
+        description="backpressure: at most this many videos between the start of their plan stage and the return of "
+        "their last segment (pipeline/dub/gate.py); default twice the segment actors plus two",
+    )
     fused_lead: bool = Field(
         True,
         description="fused layout: one segment actor runs as usual and the others in the idle scheduling class, so the "

@@ -703,6 +703,34 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
 # --------------------------------------------------------------------------- the error budget
 
 
+@pytest.mark.parametrize("layout", ["fused", "pools"])
+def test_backpressure_admits_one_video_at_a_time_and_changes_no_output(ray_local, bundle, media, reference, tmp_path,
+                                                                        monkeypatch, layout):
+    """max_videos_in_flight: 1 (pipeline/dub/gate.py): each video's per-video work starts
+    only once the one before has all its segments back at the driver, in both layouts, and
+    the outputs are the uninterrupted run's."""
+    import pipeline.dub.job as job_module
+    from pipeline.dub.gate import VideoGate
+
+    entered = str(tmp_path / "entered")
+
+    class RecordingGate(VideoGate):  # defined here, so Ray ships it by value
+        async def enter(self, video: int) -> int:
+            in_flight = await super().enter(video)
+            with open(entered, "a") as f:
+                f.write(f"{video} {in_flight}\n")
+            return in_flight
+
+    monkeypatch.setattr(job_module, "VideoGate", RecordingGate)
+    write_manifest(_rows(media, str(tmp_path / "out")), str(tmp_path / "manifest.parquet"), Storage())
+    result = job_module.run_dub(str(tmp_path / "manifest.parquet"), bundle, str(tmp_path / "report.parquet"),
+                                _config(str(tmp_path / "cache"), stage_layout=layout, max_videos_in_flight=1))
+    _check_against_reference(result.rows, reference, media, fetch=lambda u: u)
+    admissions = [tuple(map(int, line.split())) for line in open(entered).read().splitlines()]
+    assert sorted(video for video, _ in admissions) == [0, 1, 2]  # each video once
+    assert {in_flight for _, in_flight in admissions} == {1}  # never two at a time
+
+
 def test_error_budget_stops_the_job_cleanly(ray_local, bundle, media, tmp_path, capsys):
     from pipeline.cli import main
 

@@ -3,11 +3,12 @@
     manifest rows ─ plan ─ analyse ─ audio ─ flat_map(segments) ─ face ─ motion ─ complete ─ compose ─┐
       (tasks)      (actors)  (actors)                       (actors) (actors)  (GPU actors) (actors)    │
                                                                                                      ▼
-    driver: iter_rows (streaming) → when every segment of a video is back → finalize task → report row
+    driver: stream_rows → when every segment of a video is back → finalize task → report row
 
 One streaming Ray Data graph over videos; a video becomes its segments inside the graph
 (flat_map), so segments of the first videos reach the GPU while later videos are still
-being planned. Nothing is shuffled: the driver regroups segments by (video_id, seg_idx).
+being planned, but at most `max_videos_in_flight` of them (pipeline/dub/gate.py). Nothing
+is shuffled: the driver regroups segments by (video_id, seg_idx).
 On one small machine (`stage_layout`, pipeline/dub/fused.py) the same operators run
 fused: plan, analyse and audio in one actor, face to compose in one actor per CPU.
 """
@@ -28,6 +29,7 @@ from pipeline.config import JobConfig
 from pipeline.progress import JobTracker, Report
 from pipeline.raydata import one_row_per_block, stream_rows
 from pipeline.dub.fused import SEGMENT_STAGES, VIDEO_STAGES, FusedOp, FusedVideoOp, fused_pool
+from pipeline.dub.gate import VideoGate, gate_limit
 from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
 from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
 from pipeline.dub.rows import new_row, normalise
@@ -462,16 +464,20 @@ def _run_graph(
     def fused(apply, op: type, names: tuple[str, ...], size: int, *extra):  # one pool for the stages
         return apply(op, fn_constructor_args=([steps[n] for n in names], *extra), **fused_pool(pools, names, size).actor_args())
 
+    # Backpressure (pipeline/dub/gate.py): the first per-video stage waits on the gate
+    # before each video; the driver lets each one go once its segments are all back.
+    segment_actors = max(1, int(ray.cluster_resources().get("CPU", 1))) if layout == "fused" else pools["complete"].size
+    gate = ray.remote(num_cpus=0)(VideoGate).remote(gate_limit(config.max_videos_in_flight, segment_actors))
     # One row per block: a video's segments then spread over the actor pools instead of
     # travelling (and being processed) together, and no block grows with video length.
     ds = one_row_per_block(ray.data.from_items(todo, override_num_blocks=len(todo)))
     if layout == "fused":  # the video actor cuts its videos into segment rows itself
-        ds = fused(ds.flat_map, FusedVideoOp, VIDEO_STAGES, 1)
+        ds = fused(ds.flat_map, FusedVideoOp, VIDEO_STAGES, 1, None, gate)
     else:
-        ds = pooled(ds, VIDEO_STAGES).flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
+        ds = ds.map(FusedOp, fn_constructor_args=([steps["plan"]], None, gate), **actors("plan"))
+        ds = pooled(ds, VIDEO_STAGES[1:]).flat_map(ops.split_segments, num_cpus=pools["plan"].num_cpus)
     if layout == "fused":  # one segment actor per CPU, one of them the lead (pipeline/dub/fused.py)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = fused(ds.map, FusedOp, SEGMENT_STAGES, cpus, "imgtalk-segment-lead" if config.fused_lead else None)
+        ds = fused(ds.map, FusedOp, SEGMENT_STAGES, segment_actors, "imgtalk-segment-lead" if config.fused_lead else None)
     else:
         ds = pooled(ds, SEGMENT_STAGES)
 
@@ -580,6 +586,7 @@ def _run_graph(
         row = normalise(raw)
         vid = row["video_id"]
         if int(row["n_segments"]) == 0:  # failed before it was split
+            gate.leave.remote(int(row["row_index"]))
             settle(int(row["row_index"]), _video_report(job_id, row, [], None, row["error"] or "no segments", row["error_stage"] or "plan"))
             drop([row])  # its reference bank, if analyse got that far
         elif vid in closed or any(s["seg_idx"] == row["seg_idx"] for s in pending.get(vid, [])):
@@ -590,6 +597,7 @@ def _run_graph(
             reused += bool(row["segment_reused"])
             if len(pending[vid]) == int(row["n_segments"]):
                 closed.add(vid)
+                gate.leave.remote(int(row["row_index"]))
                 close_video(pending.pop(vid))
         if over_budget():
             total = failures + config.max_failed_videos - max_failures  # with those failed before the graph
@@ -610,6 +618,7 @@ def _run_graph(
         stopped = f"the pipeline failed: {type(e).__name__}: {e}"
     finally:
         rows.close()  # shuts the streaming executor down: queued and running work is cancelled
+        ray.kill(gate)
 
     poller_stop.set()
     poller.join()
