@@ -141,7 +141,7 @@ def test_the_segment_actors_that_are_not_the_lead_build_and_run_in_the_idle_clas
 
         def actor():
             op = FusedOp([(Policy, (label,))], lead=name)
-            seen.update(lead=op.lead is not None, loaded_under=op.ops[0].loaded_under,
+            seen.update(lead=op.lead is not None, idle=op.idle, loaded_under=op.ops[0].loaded_under,
                         trail=op({"id": "a", "trail": []})["trail"], runs_in=os.sched_getscheduler(0))
             built.set()
             if release is not None:
@@ -157,12 +157,13 @@ def test_the_segment_actors_that_are_not_the_lead_build_and_run_in_the_idle_clas
     first_ends = threading.Event()
     first = start_actor("first", first_ends)
     second = start_actor("second")
-    assert (first["lead"], first["loaded_under"], first["runs_in"]) == (True, main_policy, main_policy)
-    assert (second["lead"], second["loaded_under"], second["runs_in"]) == (False, os.SCHED_IDLE, os.SCHED_IDLE)
+    assert (first["lead"], first["idle"], first["loaded_under"], first["runs_in"]) == (True, False, main_policy, main_policy)
+    assert (second["lead"], second["idle"], second["loaded_under"], second["runs_in"]) == (False, True, os.SCHED_IDLE, os.SCHED_IDLE)
     assert second["trail"] == ["second"]  # it works all the same
     first_ends.set()  # the lead's process ends: the actor that replaces it takes the lead
     first["thread"].join()
     replacement = start_actor("replacement")
     assert (replacement["lead"], replacement["runs_in"]) == (True, main_policy)
-    assert FusedOp([(Stamp, ("face",))]).lead is None  # no lead asked for: nothing claimed, nothing changed
+    unled = FusedOp([(Stamp, ("face",))])
+    assert (unled.lead, unled.idle) == (None, False)  # no lead asked for: nothing claimed, nothing changed
     assert os.sched_getscheduler(0) == main_policy  # (not always SCHED_OTHER: some earlier test of a full run leaves it FIFO)

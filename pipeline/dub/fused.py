@@ -56,8 +56,6 @@ def run_in_idle_class() -> bool:
 
 class FusedOp:
     """`steps`: (operator class, its constructor arguments) in the order rows pass them.
-    `gate`: for the first per-video stage, the job's VideoGate (pipeline/dub/gate.py), which
-    each row waits on before its operators run.
 
     `lead`: the name of a node-wide lock (`claim_lead`) that the segment actors compete for
     (one name for every job: two jobs on one laptop share a lead). The actor that takes it
@@ -66,12 +64,15 @@ class FusedOp:
     first video behind all of them; this way the video actor and one segment actor start
     first, and the first video's segments go to that one (Ray Data hands rows only to
     actors whose constructors have finished) while the others take the CPU time left over,
-    which is all of a core nobody else wants, and never less than a few percent of one."""
+    which is all of a core nobody else wants, and never less than a few percent of one.
+    `idle` says whether this actor went into that class.
+
+    `gate`: for the first per-video stage, the job's VideoGate (pipeline/dub/gate.py), which
+    each row waits on before its operators run."""
 
     def __init__(self, steps: list[tuple[type, tuple]], lead: str | None = None, gate=None):
         self.lead = claim_lead(lead) if lead else None
-        if lead and self.lead is None:
-            run_in_idle_class()
+        self.idle = bool(lead) and self.lead is None and run_in_idle_class()
         self.gate = gate
         self.ops = [op(*args) for op, args in steps]
 
