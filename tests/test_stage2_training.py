@@ -120,6 +120,43 @@ def test_sample_pairs_drops_what_cannot_be_paired():
         sample_pairs(chunk, video, rng, pairs=3, min_gap_frames=0)
 
 
+def test_sample_pairs_source_swap_shows_another_frame_around_the_targets_mouth():
+    chunk, video = make_chunk()
+    mask = MouthMask(dsize=S).array()
+    before = sample_pairs(chunk, video, np.random.default_rng(3), pairs=30, max_pose_deg=10.0)
+    off = sample_pairs(chunk, video, np.random.default_rng(3), pairs=30, max_pose_deg=10.0, source_swap=0.0, mouth_mask=mask)
+    assert [(p["target_index"], p["reference_index"], p["source_index"]) for p in off] == \
+        [(p["target_index"], p["reference_index"], p["target_index"]) for p in before]  # p = 0: the pairs of before
+    assert all(np.array_equal(a["target"], b["target"]) for a, b in zip(off, before))
+
+    n, hidden = len(chunk["has_face"]), mask.astype(bool)
+    swapped = sample_pairs(chunk, video, np.random.default_rng(3), pairs=30, max_pose_deg=10.0, source_swap=1.0, mouth_mask=mask)
+    assert len(swapped) == len(before)
+    for p in swapped:
+        t, src = p["target_index"], p["source_index"]
+        assert src != t and abs(src - t) >= 12 and chunk["has_face"][src] and chunk["shot"][src] == chunk["shot"][t]
+        assert np.linalg.norm(chunk["pose"][src] - chunk["pose"][t]) <= 10.0
+        # the network sees s through its hole and must draw t's mouth: t under the mask, s elsewhere
+        assert np.array_equal(p["target"][hidden], chunk["crops"][t][hidden])
+        assert np.array_equal(p["target"][~hidden], chunk["crops"][src][~hidden])
+        assert not np.array_equal(p["target"], chunk["crops"][t])
+        assert np.array_equal(p["motion"][list(DRIVEN_KEYPOINTS)], chunk["exp"][t][list(DRIVEN_KEYPOINTS)])
+        assert np.array_equal(p["target_exp"], chunk["exp"][t]) and np.array_equal(p["reference"], chunk["crops"][p["reference_index"]])
+    sources = {p["source_index"] for p in swapped}
+    assert len(sources) > len(swapped) // 2  # drawn at random, not always the pose-nearest frame
+    assert sources != {p["reference_index"] for p in swapped}
+
+    half = sample_pairs(chunk, video, np.random.default_rng(4), pairs=n, max_pose_deg=10.0, source_swap=0.5, mouth_mask=mask)
+    share = np.mean([p["source_index"] != p["target_index"] for p in half])
+    assert 0.25 < share < 0.75
+    with pytest.raises(ValueError, match="source_swap needs the mouth_mask"):
+        sample_pairs(chunk, video, np.random.default_rng(0), pairs=3, source_swap=0.5)
+    with pytest.raises(ValueError, match="source_swap needs the mouth_mask"):
+        sample_pairs(chunk, video, np.random.default_rng(0), pairs=3, source_swap=0.5, mouth_mask=MouthMask(dsize=2 * S).array())
+    with pytest.raises(ValueError, match=r"source_swap must be in \[0, 1\]"):
+        sample_pairs(chunk, video, np.random.default_rng(0), pairs=3, source_swap=1.5, mouth_mask=mask)
+
+
 def test_motion_statistics_feed_the_unet_config():
     chunk, video = make_chunk()
     pairs = sample_pairs(chunk, video, np.random.default_rng(0), pairs=40, max_pose_deg=1e9)
@@ -519,7 +556,7 @@ def test_audio_conditioned_trainer_overfits_and_trains_the_audio_tokens(batch, t
     assert after < 0.5 * before
 
 
-def test_stage2_task_audio_mode_config_and_samples(tmp_path, monkeypatch):
+def test_stage2_task_audio_mode_and_source_swap_reach_the_samples(tmp_path, monkeypatch):
     from transformers import HubertConfig
 
     import pipeline.train.tasks as tasks
@@ -559,6 +596,21 @@ def test_stage2_task_audio_mode_config_and_samples(tmp_path, monkeypatch):
         np.testing.assert_array_equal(s["target_exp"], chunk["exp"][t])
     motion_samples = motion_task.sampler({"v": video}, 0, motion_task.model_config(Bundle()))(row)
     assert all(s["motion"].shape == (21, 3) for s in motion_samples)
+
+    # stage2.source_swap reaches the pairs, with the trainer's own hole (MouthMask() at the 256 crop)
+    crops256 = chunk["crops"].repeat(4, axis=1).repeat(4, axis=2)
+    monkeypatch.setattr(tasks, "decode_chunk", lambda row, crops=False: dict(chunk, crops=crops256))
+    swap_task = tasks.Stage2Task(TrainConfig(stage2={"source_swap": 1.0, "pairs_per_chunk": 4}), card)
+    swapped = swap_task.sampler({"v": video}, 0, swap_task.model_config(Bundle()))(row)
+    hole = MouthMask().array().astype(bool)
+    assert len(swapped) == 4
+    for s in swapped:
+        whole = [i for i, c in enumerate(crops256) if np.array_equal(c[hole], s["target"][hole])]
+        seen = [i for i, c in enumerate(crops256) if np.array_equal(c[~hole], s["target"][~hole])]
+        assert len(whole) == 1 and len(seen) == 1 and whole != seen
+        np.testing.assert_array_equal(s["target_exp"], chunk["exp"][whole[0]])
+    with pytest.raises(ValueError, match="source_swap"):
+        TrainConfig(stage2={"source_swap": 1.5})
 
 
 def test_stage1_task_sizes_a_fresh_stage1_from_options_or_the_base_bundle(tmp_path):

@@ -50,6 +50,9 @@ class Stage2Options(_Strict):
     latent: float = Field(0.0, ge=0, description="optional L1 on the completed latent inside the mask")
     motion_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the driven keypoints' δ of the "
                                 "condition in training: robustness to Stage 1's errors")
+    source_swap: float = Field(0.0, ge=0, le=1, description="share of pairs whose masked source is another frame of "
+                               "the shot (pose-matched) with the target's mouth pasted in: Stage 2 cannot read the "
+                               "mouth off what its hole leaves in view, as a dub's speaking source would have it do")
     vgg_weights: str | None = Field(None, description="torchvision vgg19-dcbb9e9d.pth for L_perc; without it perc is 0")
     gradient_checkpointing: bool = False
     use_rsca: bool = Field(True, description="False: the paper's concatenation ablation")

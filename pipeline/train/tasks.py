@@ -161,11 +161,16 @@ class Stage2Task:
 
         o = self.cfg.stage2
         audio = o.condition == "audio"
+        swap = {}
+        if o.source_swap > 0:
+            from stages.face import MouthMask
+
+            swap = dict(source_swap=o.source_swap, mouth_mask=MouthMask().array())  # the trainer's hole
 
         def samples(row: dict) -> list[dict]:
             pairs = sample_pairs(decode_chunk(row, crops=True), videos[row["video_id"]], chunk_rng(seed, row),
                                  o.pairs_per_chunk, o.min_gap_frames, o.max_pose_deg,
-                                 audio_window_frames=o.audio_window_frames if audio else None)
+                                 audio_window_frames=o.audio_window_frames if audio else None, **swap)
             keys = ("target", "reference", "motion", "target_exp", "target_x_c")
             out = [{k: p[k] for k in keys} for p in pairs]
             if audio:  # the UNet's condition is batch["motion"], whatever it holds

@@ -80,6 +80,8 @@ def sample_pairs(
     max_pose_deg: float = 10.0,
     driven: tuple = DRIVEN_KEYPOINTS,
     audio_window_frames: int | None = None,
+    source_swap: float = 0.0,
+    mouth_mask: np.ndarray | None = None,
 ) -> list[dict]:
     """Up to `pairs` (target, reference) training pairs from one prepared chunk (25 fps).
 
@@ -96,6 +98,16 @@ def sample_pairs(
     (int, |Δt| in frames); target_index, reference_index (int). With `audio_window_frames`
     w given, also audio_condition (2*(2w+1), A) float32: `audio_window` of chunk["audio"]
     (n, 2, A) at the target, the condition of the audio-conditioned ablation.
+
+    `source_swap` p: in a share p of the pairs, drawn at random, the frame the network sees
+    through its hole is another one, s: at random among the frames allowed as the reference
+    (same shot, `min_gap_frames` away, pose within `max_pose_deg`), and the pair's target is
+    s with t's pixels under `mouth_mask` (S,S), 1 = hidden. That is what a dub asks of Stage
+    2: the mouth of the condition drawn into a source whose own mouth, still speaking, is
+    another, and whatever the hole leaves in view of it (cheeks, the shading the warp moves)
+    tells nothing about the mouth wanted, so Stage 2 cannot learn to read it there. Each pair
+    also has source_index (s, or t when not swapped). p = 0 draws nothing from `rng`: the
+    pairs are those of before this option.
     """
     if min_gap_frames < 1:
         raise ValueError(f"sample_pairs: min_gap_frames must be >= 1 (never the target itself), got {min_gap_frames}")
@@ -106,6 +118,13 @@ def sample_pairs(
     exp, x_c, crops = chunk["exp"], chunk["x_c"], chunk["crops"]
     neutral = np.asarray(video["neutral_exp"], dtype=np.float32)
     frames = np.arange(n)
+    if not 0.0 <= source_swap <= 1.0:
+        raise ValueError(f"sample_pairs: source_swap must be in [0, 1], got {source_swap}")
+    if source_swap > 0:
+        if mouth_mask is None or np.shape(mouth_mask) != np.shape(crops[0])[:2]:
+            raise ValueError(f"sample_pairs: source_swap needs the mouth_mask of the crops' size "
+                             f"{np.shape(crops[0])[:2]}, got {None if mouth_mask is None else np.shape(mouth_mask)}")
+        hidden = np.asarray(mouth_mask, dtype=np.float32)[..., None]  # (S,S,1)
     audio = None
     if audio_window_frames is not None:
         audio = np.asarray(chunk["audio"])
@@ -126,8 +145,13 @@ def sample_pairs(
             continue
         r = int(candidates[best])
         t = int(t)
+        target, source = np.asarray(crops[t]), t
+        if source_swap > 0 and rng.random() < source_swap:
+            source = int(rng.choice(candidates[distance <= max_pose_deg]))
+            seen = np.asarray(crops[source], dtype=np.float32)
+            target = np.rint(seen * (1.0 - hidden) + target.astype(np.float32) * hidden).astype(target.dtype)
         pair = {
-            "target": np.asarray(crops[t]),
+            "target": target,
             "reference": np.asarray(crops[r]),
             "motion": stage2_condition(exp[t], neutral, driven),
             "target_exp": np.asarray(exp[t], dtype=np.float32),
@@ -135,6 +159,7 @@ def sample_pairs(
             "gap": abs(r - t),
             "target_index": t,
             "reference_index": r,
+            "source_index": source,
         }
         if audio is not None:
             pair["audio_condition"] = audio_window(audio, t, audio_window_frames)
