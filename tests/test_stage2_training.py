@@ -609,6 +609,9 @@ def test_stage2_task_audio_mode_and_source_swap_reach_the_samples(tmp_path, monk
         seen = [i for i, c in enumerate(crops256) if np.array_equal(c[~hole], s["target"][~hole])]
         assert len(whole) == 1 and len(seen) == 1 and whole != seen
         np.testing.assert_array_equal(s["target_exp"], chunk["exp"][whole[0]])
+    # validation pairs are never swapped: a val figure means the same with and without the option
+    val = swap_task.sampler({"v": video}, 0, swap_task.model_config(Bundle()), split="val")(row)
+    assert len(val) == 4 and all(any(np.array_equal(c, s["target"]) for c in crops256) for s in val)
     with pytest.raises(ValueError, match="source_swap"):
         TrainConfig(stage2={"source_swap": 1.5})
 

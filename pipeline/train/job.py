@@ -182,21 +182,21 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
         raise TrainError(f"init_from_bundle starts stage1 or stage2 from the bundle's network, not {stage}"
                          + (" (vae.decoder_only fine-tunes the VAE's decoder)" if stage == "vae" else ""))
     model_config = task.model_config(info)
-    sampler = task.sampler(videos, config.seed, model_config)
 
     started_ray = _init_ray(address)
     try:
-        def samples(uris: list[str]):
+        def samples(uris: list[str], split: str):
             fs, paths = _filesystem(storage, uris)
+            sampler = task.sampler(videos, config.seed, model_config, split)
             dataset = ray.data.read_parquet(paths, filesystem=fs).flat_map(sampler)
             # Samples are drawn from a chunk by a seed of its own (tasks.chunk_rng), so every
             # epoch reads the same samples: materialising them once changes nothing but the time.
             return dataset.materialize() if config.cache_samples else dataset
 
         world = config.num_workers
-        datasets = {f"train_{r}": samples(files["train"][r::world]) for r in range(world)}
+        datasets = {f"train_{r}": samples(files["train"][r::world], "train") for r in range(world)}
         if files["val"]:
-            datasets["val"] = samples(files["val"])
+            datasets["val"] = samples(files["val"], "val")
         storage_fs, storage_path = _storage_filesystem(config)
         run_config = RunConfig(
             name=config.name,

@@ -2,6 +2,10 @@
 the network and its config (with the corpus statistics), how a prepared chunk becomes
 training samples, how a batch reaches the Ray-free trainer, and what goes into the bundle.
 
+A task's `sampler(videos, seed, model_config, split)` maps a shard row to samples; `split`
+is "train" or "val", and validation samples carry no training-only augmentation (Stage 2's
+`source_swap`), so a val figure means the same in every run.
+
 The training steps themselves live beside their networks (stages/motion/training.py,
 stages/completion/training.py) and never import Ray.
 """
@@ -84,7 +88,7 @@ class Stage1Task:
         xc_mean, xc_std = _stats(self.card, "x_c")
         return config.with_statistics(off_mean[driven], off_std[driven], exp_mean, exp_std, xc_mean, xc_std)
 
-    def sampler(self, videos: dict, seed: int, model_config):
+    def sampler(self, videos: dict, seed: int, model_config, split: str = "train"):
         from stages.motion.training import sample_clips
 
         clip, k, driven = self.cfg.stage1.clip_frames, model_config.audio_steps_per_frame, tuple(model_config.driven_keypoints)
@@ -156,13 +160,13 @@ class Stage2Task:
             return dataclasses.replace(config, motion_mean=None, motion_std=None)
         return config.with_motion_statistics(*_stats(self.card, "exp"))
 
-    def sampler(self, videos: dict, seed: int, model_config):
+    def sampler(self, videos: dict, seed: int, model_config, split: str = "train"):
         from stages.completion.training import sample_pairs
 
         o = self.cfg.stage2
         audio = o.condition == "audio"
         swap = {}
-        if o.source_swap > 0:
+        if o.source_swap > 0 and split == "train":
             from stages.face import MouthMask
 
             swap = dict(source_swap=o.source_swap, mouth_mask=MouthMask().array())  # the trainer's hole
@@ -256,7 +260,7 @@ class VaeTask:
             config.update(block_out_channels=list(widths), norm_num_groups=groups)
         return config
 
-    def sampler(self, videos: dict, seed: int, model_config):
+    def sampler(self, videos: dict, seed: int, model_config, split: str = "train"):
         from stages.completion.vae_training import sample_crops
 
         count = self.cfg.vae.crops_per_chunk
@@ -306,7 +310,7 @@ class ExtractorTask:
 
         return load_motion_extractor(bundle_info).config
 
-    def sampler(self, videos: dict, seed: int, model_config):
+    def sampler(self, videos: dict, seed: int, model_config, split: str = "train"):
         from stages.motion.extractor_training import sample_frames
 
         count = self.cfg.extractor.frames_per_chunk
@@ -370,7 +374,7 @@ class HubertTask:
 
         return HubertConfig.from_pretrained(bundle_info.path("hubert"))
 
-    def sampler(self, videos: dict, seed: int, model_config):
+    def sampler(self, videos: dict, seed: int, model_config, split: str = "train"):
         from stages.audio.hubert_training import sample_audio_clips
 
         o = self.cfg.hubert
