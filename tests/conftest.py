@@ -51,6 +51,28 @@ def tiny_bundle(tmp_path_factory):
     return path
 
 
+def _ordinary_scheduling() -> None:
+    """The calling thread back in Linux's ordinary scheduling class. Something in a full run
+    leaves pytest's main thread SCHED_FIFO (not found which), and a Ray started from such a
+    thread runs its raylet, GCS and every worker and task real-time (checked: a task reports
+    policy 1); on two cores Ray Data's busy scheduling loops then starve the tasks they wait
+    for, which is how a training test stalled for 19 minutes in a fresh-clone run."""
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+@pytest.fixture(autouse=True)
+def _ordinary_scheduling_per_test():  # for a Ray a test starts itself
+    _ordinary_scheduling()
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ordinary_scheduling_per_module():  # autouse goes first in its scope: before a module's Ray
+    _ordinary_scheduling()
+    yield
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray for one test module (3 logical CPUs: two training ranks plus data),
