@@ -7,6 +7,7 @@ The corpus is written in the shard layout of `imgtalk prepare` (its own writers)
 synthetic motion whose mouth keypoints follow the audio, so the tests need no video."""
 import json
 import os
+import threading
 
 import cv2
 import numpy as np
@@ -182,6 +183,50 @@ def test_a_rank_that_hangs_without_dying_fails_the_group_which_restarts_from_the
     result = run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle"), config, progress=False,
                        fault={"step": 4, "marker": str(tmp_path / "fault"), "stall_rank": 1})
     assert result.steps == 5
+    rows = read_curve(storage, run_dir_of(config), "stage1")
+    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [2]
+    assert sorted(_steps(rows)) == [1, 2, 3, 4, 5]
+    ranks = [json.loads(storage.read_bytes(os.path.join(run_dir_of(config), "ranks", "stage1", f"rank{r}.json"))) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 3  # steps 3..5 after the restart
+
+
+def test_next_within_hands_batches_and_errors_on_and_gives_up_on_a_read_that_never_returns():
+    from pipeline.train.loop import next_within
+
+    batches = iter([1, 2])
+    assert [next_within(batches, 60, "rank 0") for _ in range(3)] == [1, 2, None]
+
+    def broken():
+        raise OSError("shard 00003.parquet: gone")
+        yield
+
+    with pytest.raises(OSError, match="00003.parquet: gone"):
+        next_within(broken(), 60, "rank 0")
+    release = threading.Event()
+
+    def stuck():
+        release.wait()
+        yield 1
+
+    with pytest.raises(TimeoutError, match=r"rank 1, epoch 2: no batch within data_timeout_s=0.05 s"):
+        next_within(stuck(), 0.05, "rank 1, epoch 2")
+    release.set()
+
+
+def test_a_data_read_that_hangs_on_every_rank_fails_the_group_which_restarts_from_the_checkpoint(
+        local_ray, tiny_bundle, tmp_path):
+    """Every rank's read of step 4's batch hangs, so no rank is left in a collective to time
+    out; each gives up after data_timeout_s, the group restarts from step 2's checkpoint and
+    the run completes with equal steps on both ranks."""
+    from pipeline.train.job import read_curve, run_dir_of, run_train
+
+    corpus = write_corpus(str(tmp_path / "corpus"), {"a": [40, 40], "b": [40, 40], "c": [40]})
+    storage = Storage()
+    config = _config(tmp_path, "data-stall", steps=5, max_failures=1, data_timeout_s=60)
+    result = run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle"), config, progress=False,
+                       fault={"step": 4, "marker": str(tmp_path / "fault"), "data_stall": True})
+    assert result.steps == 5
+    assert storage.exists(str(tmp_path / "fault"))
     rows = read_curve(storage, run_dir_of(config), "stage1")
     assert [r["step"] for r in rows if r.get("event") == "resumed"] == [2]
     assert sorted(_steps(rows)) == [1, 2, 3, 4, 5]

@@ -121,6 +121,9 @@ class TrainConfig(_Strict):
     collective_timeout_s: int = Field(1800, ge=10, description="how long a rank waits in a collective (gradient "
                                       "all-reduce, the step barrier) for the others before failing: a rank lost "
                                       "without its process dying then ends as a failure, restarted from the checkpoint")
+    data_timeout_s: int = Field(1800, ge=1, description="how long a rank waits for its next training batch before "
+                                "failing: a data read that hangs on every rank (no collective left to time out) "
+                                "then ends as a failure, restarted from the checkpoint")
     shuffle_buffer: int = Field(64, ge=1, description="rows in each rank's local shuffle buffer")
     cache_samples: bool = Field(False, description="materialise the training samples once (object store) instead of "
                                 "re-reading the shards every epoch: for small corpora whose epochs are a few batches")

@@ -154,7 +154,8 @@ def run_train(stage: str, shards_uri: str, weights_uri: str, output_uri: str, co
               address: str | None = None, progress: bool | None = None, fault: dict | None = None) -> TrainResult:
     """fault (tests of restarts): {"step": N, "marker": uri} makes every rank fail once before
     step N; with "stall_rank": r that rank hangs there instead, without dying, and the others
-    go on into the step's all-reduce."""
+    go on into the step's all-reduce; with "data_stall": true every rank's read of that
+    step's batch hangs instead."""
     import ray
     import ray.data
     from ray.data import ExecutionOptions

@@ -7,7 +7,9 @@ network with `prepare_model` (DDP, or FSDP on GPUs), and steps the Ray-free trai
 
 Equal steps on every rank: before each step the ranks agree (all-reduce MIN) that every one
 of them has a batch; when any rank runs dry the epoch ends for all, so DDP never waits on
-a rank that has stopped (Ray issue #66085).
+a rank that has stopped (Ray issue #66085). A rank waits at most `data_timeout_s` for its next
+batch: a read that never finishes, on every rank at once, would otherwise hang the job with
+no collective to time out, and it ends as a failure the group restarts from instead.
 
 Checkpoints (every `checkpoint_every` steps and at the end) hold the trainer (model,
 optimisers, schedulers, the trainer's generator), the global RNG states and the data
@@ -42,6 +44,34 @@ def _all_have(has: bool, device) -> bool:
     flag = torch.tensor([1 if has else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def next_within(batches, timeout_s: float, waiting_for: str):
+    """next(batches, None), read in a helper thread so that a read that never returns raises
+    TimeoutError after timeout_s instead of blocking the rank for good. The helper is a
+    daemon: one left blocked dies with the worker when the group is torn down."""
+    result: dict = {}
+
+    def read() -> None:
+        try:
+            result["batch"] = next(batches, None)
+        except BaseException as error:  # handed to the rank's own thread below
+            result["error"] = error
+
+    reader = threading.Thread(target=read, name="imgtalk-next-batch", daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if reader.is_alive():
+        raise TimeoutError(f"{waiting_for}: no batch within data_timeout_s={timeout_s:g} s; the data read is stuck "
+                           "(the group restarts from its last checkpoint)")
+    if "error" in result:
+        raise result["error"]
+    return result["batch"]
+
+
+def _stalled_reads():
+    threading.Event().wait()  # until the group is torn down
+    yield
 
 
 def _rng_state() -> dict:
@@ -175,11 +205,16 @@ def train_loop(loop_config: dict) -> None:
         batches = iter(train_data.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer,
             local_shuffle_seed=cfg.seed * 100_003 + state["epoch"] * 1_009 + rank))
+        waiting_for = f"rank {rank}, epoch {state['epoch']}"
         for _ in range(state["batch_in_epoch"]):  # the data position of a resumed run
-            next(batches, None)
+            next_within(batches, cfg.data_timeout_s, waiting_for)
         took = 0
         while state["step"] < cfg.steps:
-            batch = next(batches, None)
+            if inject_fault and fault.get("data_stall") and fault["step"] == state["step"] + 1:
+                if rank == 0:
+                    storage.write_bytes_atomic(b"failed once", fault["marker"])
+                batches, inject_fault = _stalled_reads(), False  # every rank's read hangs before this step
+            batch = next_within(batches, cfg.data_timeout_s, waiting_for)
             if not _all_have(batch is not None, device):
                 break
             if inject_fault and fault["step"] == state["step"] + 1:
