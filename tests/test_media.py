@@ -403,3 +403,27 @@ def test_writer_with_one_thread_encodes_the_same_frames(tmp_path):
     np.testing.assert_array_equal(decoded[1], decoded[None])
     with pytest.raises(ValueError, match="threads"):
         SegmentWriter(str(tmp_path / "zero.mp4"), W, H, Fraction(25), 0, threads=0)
+
+
+def _real_time_threads() -> set[int]:
+    found = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if os.sched_getscheduler(int(tid)) in (os.SCHED_FIFO, os.SCHED_RR):
+                found.add(int(tid))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def test_an_av1_segment_leaves_no_thread_of_the_process_real_time(tmp_path):
+    """SVT-AV1 run as root (as these machines and most containers run) makes the thread
+    that opens it, and every thread it starts, SCHED_FIFO; the writer puts them back in
+    the ordinary class, so an encoding worker never runs ahead of everything else on its
+    node. (Not as root, the library leaves the threads alone and this holds anyway.)"""
+    before = _real_time_threads()
+    path = str(tmp_path / "av1.mkv")
+    written = encode_frames(path, [pattern(i) for i in range(4)], W, H, Fraction(25), codec="libsvtav1", preset="12")
+    assert written == 4 and probe_video(path).n_frames == 4
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert _real_time_threads() <= before

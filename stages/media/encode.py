@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -36,6 +37,41 @@ MATCH_SOURCE_ENCODERS = {"h264": "libx264", "hevc": "libx265", "av1": "libsvtav1
 # Containers an output (and its segments) can be written in: extension -> FFmpeg muxer.
 CONTAINER_FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska"}
 _EXTENSIONS = {".mov": "mov", ".mkv": "mkv"}
+
+
+_REAL_TIME = {os.SCHED_FIFO, os.SCHED_RR} if hasattr(os, "SCHED_FIFO") else set()
+
+
+def _real_time_threads() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/task"):
+        try:
+            if os.sched_getscheduler(int(name)) in _REAL_TIME:
+                found.add(int(name))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return found
+
+
+@contextmanager
+def ordinary_scheduling() -> Iterator[None]:
+    """Puts back in SCHED_OTHER every thread of the process that turned real-time inside
+    the block. SVT-AV1, run as root, makes the thread that opens it and every thread it
+    starts SCHED_FIFO: on a worker node those run ahead of the raylet and every other
+    process until they block, and the opening thread stays real-time (so do the threads
+    it starts later, Ray's included) after the encoder is gone."""
+    if not _REAL_TIME or not os.path.isdir("/proc/self/task"):
+        yield
+        return
+    before = _real_time_threads()
+    try:
+        yield
+    finally:
+        for tid in _real_time_threads() - before:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except OSError:
+                pass
 
 
 def pix_fmt_for_size(pix_fmt: str, width: int, height: int) -> str:
@@ -322,10 +358,13 @@ class SegmentWriter:
         self.frames_written += 1
 
     def _mux(self, frame: av.VideoFrame | None) -> None:
+        # SVT-AV1 opens at the first frame and starts threads later too: guard every call.
+        guard = ordinary_scheduling() if self.settings.codec == "libsvtav1" else nullcontext()
         try:
-            for packet in self._stream.encode(frame):
-                packet.duration = 1  # one frame: gives the last sample of the file its length
-                self._container.mux(packet)
+            with guard:
+                for packet in self._stream.encode(frame):
+                    packet.duration = 1  # one frame: gives the last sample of the file its length
+                    self._container.mux(packet)
         except (av.FFmpegError, OSError) as exc:
             raise MediaError(f"segment {self.path!r}: encoding or writing failed ({exc})") from exc
 
