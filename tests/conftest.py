@@ -1,5 +1,6 @@
 import os
 import sys
+import warnings
 
 import pytest
 
@@ -51,20 +52,28 @@ def tiny_bundle(tmp_path_factory):
     return path
 
 
-def _ordinary_scheduling() -> None:
-    """The calling thread back in Linux's ordinary scheduling class. Something in a full run
-    leaves pytest's main thread SCHED_FIFO (not found which), and a Ray started from such a
-    thread runs its raylet, GCS and every worker and task real-time (checked: a task reports
-    policy 1); on two cores Ray Data's busy scheduling loops then starve the tasks they wait
-    for, which is how a training test stalled for 19 minutes in a fresh-clone run."""
-    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+def _ordinary_scheduling() -> int:
+    """The calling thread back in Linux's ordinary scheduling class; returns the class it was
+    in. A Ray started from a SCHED_FIFO thread runs its raylet, GCS and every worker and task
+    real-time (checked: a task reports policy 1), and on two cores Ray Data's busy scheduling
+    loops then starve the tasks they wait for: a training test stalled for 19 minutes that
+    way in a fresh-clone run. What left pytest's thread real-time was SVT-AV1 opening as
+    root, which SegmentWriter now undoes (stages/media/encode.py: ordinary_scheduling)."""
+    if not hasattr(os, "sched_getscheduler"):
+        return 0
+    policy = os.sched_getscheduler(0)
+    if policy != os.SCHED_OTHER:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return policy
 
 
 @pytest.fixture(autouse=True)
-def _ordinary_scheduling_per_test():  # for a Ray a test starts itself
+def _ordinary_scheduling_per_test(request):  # for a Ray a test starts itself
     _ordinary_scheduling()
     yield
+    left = _ordinary_scheduling()
+    if left != getattr(os, "SCHED_OTHER", 0):  # named in the run's warnings summary, so a new culprit is found
+        warnings.warn(f"{request.node.nodeid} left the test thread in scheduling class {left}; put back", stacklevel=1)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -126,8 +126,8 @@ def test_one_actor_claims_the_lead_until_it_lets_go(lock_folder):
 def test_the_segment_actors_that_are_not_the_lead_build_and_run_in_the_idle_class(lock_folder):
     """Scheduling classes are per thread on Linux, so each actor is a thread here, started
     from the test's own thread, which never claims anything (it must not end up in the
-    idle class, whatever happens). A thread starts in its creator's class, which in a full
-    run is not always SCHED_OTHER, so the lead is compared with the test's thread."""
+    idle class, whatever happens). A thread starts in its creator's class, so the lead is
+    compared with the test's thread."""
     name = "imgtalk-segment-lead"
     main_policy = os.sched_getscheduler(0)
 
@@ -166,4 +166,4 @@ def test_the_segment_actors_that_are_not_the_lead_build_and_run_in_the_idle_clas
     assert (replacement["lead"], replacement["runs_in"]) == (True, main_policy)
     unled = FusedOp([(Stamp, ("face",))])
     assert (unled.lead, unled.idle) == (None, False)  # no lead asked for: nothing claimed, nothing changed
-    assert os.sched_getscheduler(0) == main_policy  # (not always SCHED_OTHER: some earlier test of a full run leaves it FIFO)
+    assert os.sched_getscheduler(0) == main_policy
