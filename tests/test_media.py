@@ -6,6 +6,7 @@ blocks (a binary number) over a moving gradient, so frame identity survives loss
 
 import os
 import random
+import threading
 from fractions import Fraction
 
 import av
@@ -416,14 +417,35 @@ def _real_time_threads() -> set[int]:
     return found
 
 
-def test_an_av1_segment_leaves_no_thread_of_the_process_real_time(tmp_path):
+def test_an_av1_segment_leaves_every_thread_in_its_own_scheduling_class(tmp_path):
     """SVT-AV1 run as root (as these machines and most containers run) makes the thread
-    that opens it, and every thread it starts, SCHED_FIFO; the writer puts them back in
-    the ordinary class, so an encoding worker never runs ahead of everything else on its
-    node. (Not as root, the library leaves the threads alone and this holds anyway.)"""
+    that opens it, and every thread it starts, SCHED_FIFO; the writer puts them back, the
+    opening thread in its own class (an idle-class fused actor stays idle) and the new
+    threads in the one they would have inherited, so an encoding worker never runs ahead of
+    everything else on its node. (Not as root, the library leaves the threads alone and
+    this holds anyway.)"""
     before = _real_time_threads()
-    path = str(tmp_path / "av1.mkv")
-    written = encode_frames(path, [pattern(i) for i in range(4)], W, H, Fraction(25), codec="libsvtav1", preset="12")
-    assert written == 4 and probe_video(path).n_frames == 4
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+    def encode(name: str) -> int:
+        path = str(tmp_path / f"{name}.mkv")
+        written = encode_frames(path, [pattern(i) for i in range(4)], W, H, Fraction(25), codec="libsvtav1", preset="12")
+        assert written == 4 and probe_video(path).n_frames == 4
+        return os.sched_getscheduler(0)
+
+    assert encode("ordinary") == os.SCHED_OTHER
     assert _real_time_threads() <= before
+    seen = {}
+
+    def idle_thread():
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        started = set(os.listdir("/proc/self/task"))
+        seen["after"] = encode("idle")
+        seen["started"] = {int(t): os.sched_getscheduler(int(t)) for t in set(os.listdir("/proc/self/task")) - started}
+
+    thread = threading.Thread(target=idle_thread)
+    thread.start()
+    thread.join()
+    assert seen["after"] == os.SCHED_IDLE
+    assert _real_time_threads() <= before
+    # Threads the encoder started here (none when an earlier encode's are reused) are idle too.
+    assert set(seen["started"].values()) <= {os.SCHED_IDLE}

@@ -42,36 +42,39 @@ _EXTENSIONS = {".mov": "mov", ".mkv": "mkv"}
 _REAL_TIME = {os.SCHED_FIFO, os.SCHED_RR} if hasattr(os, "SCHED_FIFO") else set()
 
 
-def _real_time_threads() -> set[int]:
-    found = set()
+def _thread_policies() -> dict[int, int]:
+    policies = {}
     for name in os.listdir("/proc/self/task"):
         try:
-            if os.sched_getscheduler(int(name)) in _REAL_TIME:
-                found.add(int(name))
+            policies[int(name)] = os.sched_getscheduler(int(name))
         except OSError:  # the thread ended meanwhile
             pass
-    return found
+    return policies
 
 
 @contextmanager
 def ordinary_scheduling() -> Iterator[None]:
-    """Puts back in SCHED_OTHER every thread of the process that turned real-time inside
-    the block. SVT-AV1, run as root, makes the thread that opens it and every thread it
-    starts SCHED_FIFO: on a worker node those run ahead of the raylet and every other
-    process until they block, and the opening thread stays real-time (so do the threads
-    it starts later, Ray's included) after the encoder is gone."""
+    """Puts every thread of the process that turned real-time inside the block back in the
+    class it had, or, for a thread started inside it, in the calling thread's class (the one
+    it would have inherited: SCHED_IDLE in a fused actor that is not the lead). SVT-AV1, run
+    as root, makes the thread that opens it and every thread it starts SCHED_FIFO: on a
+    worker node those run ahead of the raylet and every other process until they block, and
+    the opening thread stays real-time (so do the threads it starts later, Ray's included)
+    after the encoder is gone."""
     if not _REAL_TIME or not os.path.isdir("/proc/self/task"):
         yield
         return
-    before = _real_time_threads()
+    before, caller = _thread_policies(), os.sched_getscheduler(0)
     try:
         yield
     finally:
-        for tid in _real_time_threads() - before:
-            try:
-                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-            except OSError:
-                pass
+        for tid, policy in _thread_policies().items():
+            was = before.get(tid, caller)
+            if policy in _REAL_TIME and was not in _REAL_TIME:
+                try:
+                    os.sched_setscheduler(tid, was, os.sched_param(0))
+                except OSError:
+                    pass
 
 
 def pix_fmt_for_size(pix_fmt: str, width: int, height: int) -> str:
