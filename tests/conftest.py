@@ -58,7 +58,7 @@ def _ordinary_scheduling() -> int:
     real-time (checked: a task reports policy 1), and on two cores Ray Data's busy scheduling
     loops then starve the tasks they wait for: a training test stalled for 19 minutes that
     way in a fresh-clone run. What left pytest's thread real-time was SVT-AV1 opening as
-    root, which SegmentWriter now undoes (stages/media/encode.py: ordinary_scheduling)."""
+    root, which SegmentWriter now undoes (stages/media/encode.py: real_time_undone)."""
     if not hasattr(os, "sched_getscheduler"):
         return 0
     policy = os.sched_getscheduler(0)

@@ -24,6 +24,7 @@ from stages.media import (
     probe_video,
     segment_plan,
 )
+from stages.media.encode import _thread_policies
 from stages.media.probe import codec_threads, open_media
 
 W, H = 320, 240
@@ -407,14 +408,7 @@ def test_writer_with_one_thread_encodes_the_same_frames(tmp_path):
 
 
 def _real_time_threads() -> set[int]:
-    found = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            if os.sched_getscheduler(int(tid)) in (os.SCHED_FIFO, os.SCHED_RR):
-                found.add(int(tid))
-        except OSError:  # ended meanwhile
-            pass
-    return found
+    return {tid for tid, policy in _thread_policies().items() if policy in (os.SCHED_FIFO, os.SCHED_RR)}
 
 
 def test_an_av1_segment_leaves_every_thread_in_its_own_scheduling_class(tmp_path):

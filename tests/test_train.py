@@ -170,19 +170,24 @@ def test_worker_failure_restarts_from_the_checkpoint_and_uneven_inputs_keep_step
     assert max(r["epoch"] for r in _steps(rows).values()) >= 1  # the short rank ended epochs early for both
 
 
-def test_a_rank_that_hangs_without_dying_fails_the_group_which_restarts_from_the_checkpoint(local_ray, tiny_bundle,
-                                                                                             tmp_path):
-    """Rank 1 stalls before step 4 with its process alive; rank 0's all-reduce of that step
-    gives up after collective_timeout_s, the group restarts from step 2's checkpoint, and the
-    run completes with equal steps on both ranks."""
+@pytest.mark.parametrize("hang,timeout", [
+    ({"stall_rank": 1}, {"collective_timeout_s": 10}),  # rank 1 hangs in the step, alive; rank 0's all-reduce gives up
+    ({"data_stall": True}, {"data_timeout_s": 60}),  # every rank's read hangs: no collective left to time out
+], ids=["a-rank-hangs-in-a-collective", "every-rank-hangs-in-its-read"])
+def test_a_hang_without_a_dying_process_fails_the_group_which_restarts_from_the_checkpoint(
+        local_ray, tiny_bundle, tmp_path, hang, timeout):
+    """The hang comes before step 4 with every process alive; the rank's timeout (the
+    collective's or the data read's) turns it into a failure, the group restarts from step
+    2's checkpoint, and the run completes with equal steps on both ranks."""
     from pipeline.train.job import read_curve, run_dir_of, run_train
 
     corpus = write_corpus(str(tmp_path / "corpus"), {"a": [40, 40], "b": [40, 40], "c": [40]})
     storage = Storage()
-    config = _config(tmp_path, "stall", steps=5, max_failures=1, collective_timeout_s=10)
+    config = _config(tmp_path, "stall", steps=5, max_failures=1, **timeout)
     result = run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle"), config, progress=False,
-                       fault={"step": 4, "marker": str(tmp_path / "fault"), "stall_rank": 1})
+                       fault={"step": 4, "marker": str(tmp_path / "fault"), **hang})
     assert result.steps == 5
+    assert storage.exists(str(tmp_path / "fault"))
     rows = read_curve(storage, run_dir_of(config), "stage1")
     assert [r["step"] for r in rows if r.get("event") == "resumed"] == [2]
     assert sorted(_steps(rows)) == [1, 2, 3, 4, 5]
@@ -211,27 +216,6 @@ def test_next_within_hands_batches_and_errors_on_and_gives_up_on_a_read_that_nev
     with pytest.raises(TimeoutError, match=r"rank 1, epoch 2: no batch within data_timeout_s=0.05 s"):
         next_within(stuck(), 0.05, "rank 1, epoch 2")
     release.set()
-
-
-def test_a_data_read_that_hangs_on_every_rank_fails_the_group_which_restarts_from_the_checkpoint(
-        local_ray, tiny_bundle, tmp_path):
-    """Every rank's read of step 4's batch hangs, so no rank is left in a collective to time
-    out; each gives up after data_timeout_s, the group restarts from step 2's checkpoint and
-    the run completes with equal steps on both ranks."""
-    from pipeline.train.job import read_curve, run_dir_of, run_train
-
-    corpus = write_corpus(str(tmp_path / "corpus"), {"a": [40, 40], "b": [40, 40], "c": [40]})
-    storage = Storage()
-    config = _config(tmp_path, "data-stall", steps=5, max_failures=1, data_timeout_s=60)
-    result = run_train("stage1", corpus, tiny_bundle, str(tmp_path / "bundle"), config, progress=False,
-                       fault={"step": 4, "marker": str(tmp_path / "fault"), "data_stall": True})
-    assert result.steps == 5
-    assert storage.exists(str(tmp_path / "fault"))
-    rows = read_curve(storage, run_dir_of(config), "stage1")
-    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [2]
-    assert sorted(_steps(rows)) == [1, 2, 3, 4, 5]
-    ranks = [json.loads(storage.read_bytes(os.path.join(run_dir_of(config), "ranks", "stage1", f"rank{r}.json"))) for r in (0, 1)]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 3  # steps 3..5 after the restart
 
 
 def test_stage2_trains_with_the_gan_and_the_trained_bundle_dubs(local_ray, tiny_bundle, tmp_path):

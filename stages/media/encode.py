@@ -53,7 +53,7 @@ def _thread_policies() -> dict[int, int]:
 
 
 @contextmanager
-def ordinary_scheduling() -> Iterator[None]:
+def real_time_undone() -> Iterator[None]:
     """Puts every thread of the process that turned real-time inside the block back in the
     class it had, or, for a thread started inside it, in the calling thread's class (the one
     it would have inherited: SCHED_IDLE in a fused actor that is not the lead). SVT-AV1, run
@@ -362,7 +362,7 @@ class SegmentWriter:
 
     def _mux(self, frame: av.VideoFrame | None) -> None:
         # SVT-AV1 opens at the first frame and starts threads later too: guard every call.
-        guard = ordinary_scheduling() if self.settings.codec == "libsvtav1" else nullcontext()
+        guard = real_time_undone() if self.settings.codec == "libsvtav1" else nullcontext()
         try:
             with guard:
                 for packet in self._stream.encode(frame):
