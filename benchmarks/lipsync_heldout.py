@@ -1,7 +1,7 @@
 """Lip-sync of a weights bundle on sentences never used in training (README, "Proving it learns").
 
     .venv/bin/python benchmarks/lipsync_heldout.py --weights weights/demo --heldout DIR [--work DIR]
-        [--prepared HELDOUT_SHARDS] [--silence-gate-db DB|off] [--silence-gate-mode stage1|neutral]
+        [--prepared HELDOUT_SHARDS] [--silence-gate-db DB|off] [--silence-gate-mode neutral-pixels|neutral|stage1]
 
 --heldout is a held-out synthetic corpus (`imgtalk synth-corpus --heldout`, the training
 corpus's speakers and seed). Each speaker's clip 1 is dubbed with its clip 0's audio by
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--silence-gate-db", default="default",
                    help="the dub's motion.silence_gate_db: a number, 'off', or 'default' (the job's default)")
-    p.add_argument("--silence-gate-mode", choices=("stage1", "neutral"),
+    p.add_argument("--silence-gate-mode", choices=("neutral-pixels", "neutral", "stage1"),
                    help="the dub's motion.silence_gate_mode (default: the job's)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.work)

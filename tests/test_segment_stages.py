@@ -204,7 +204,7 @@ def test_motion_silence_gate_decodes_each_long_quiet_run_afresh(clip, motion_mod
 
 
 def test_motion_silence_gate_in_neutral_mode_shows_the_neutral_frame_there(clip, motion_models):
-    """silence_gate_mode "neutral" (the default): a gated run's frames take the neutral expression exactly
+    """silence_gate_mode "neutral": a gated run's frames take the neutral expression exactly
     (Δδ = 0) and the neutral frame as their RSCA reference, whatever its time gap; every
     other frame keeps its motion and its pose-matched reference."""
     extractor, stage1 = motion_models
@@ -215,7 +215,8 @@ def test_motion_silence_gate_in_neutral_mode_shows_the_neutral_frame_there(clip,
     ungated = MotionStage(extractor, stage1, batch_frames=8)(**seg)
     neutral_at = len(seg["ref_frames"]) - 1
     neutral_frame = int(seg["ref_frames"][neutral_at])
-    gate = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0, silence_gate_frames=3)
+    gate = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0, silence_gate_frames=3,
+                       silence_gate_mode="neutral")
     gated = gate(**seg, speech_level_db=level, neutral_frame=neutral_frame)
 
     face = seg["has_face"]
@@ -235,8 +236,39 @@ def test_motion_silence_gate_in_neutral_mode_shows_the_neutral_frame_there(clip,
     unturned = MotionStage(extractor, stage1, batch_frames=8)(**dict(seg, ref_pose=far_pose))
     np.testing.assert_array_equal(turned["ref_index"], unturned["ref_index"])
     np.testing.assert_array_equal(turned["driving"][in_run], gated["driving"][in_run])
+    assert not gated["shows_reference"].any() and not turned["shows_reference"].any()  # Stage 2 draws them
     with pytest.raises(ValueError, match="silence_gate_mode"):
         MotionStage(extractor, stage1, silence_gate_mode="closed")
+
+
+def test_motion_silence_gate_in_neutral_pixels_mode_shows_the_neutral_crop_itself(clip, motion_models):
+    """silence_gate_mode "neutral-pixels" (the default): the motion and references of "neutral", and the
+    gated frames, with the frames past the dubbed track's end, marked to show their
+    (neutral) reference crop as it is; a head posed far from the neutral frame is not."""
+    extractor, stage1 = motion_models
+    seg = motion_segment(clip, extractor)  # the segment 10..29; frames 24..29 lie past the track
+    level = np.zeros(26, np.float32)
+    level[8:12] = -50.0  # frames 14..17: a long quiet run
+    level[14:16] = -50.0  # frames 20..21: too short to gate
+    neutral_at = len(seg["ref_frames"]) - 1
+    neutral_frame = int(seg["ref_frames"][neutral_at])
+    run = dict(speech_level_db=level, neutral_frame=neutral_frame)
+    drawn = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0, silence_gate_mode="neutral")(**seg, **run)
+    shown = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0)(**seg, **run)
+
+    face = seg["has_face"]
+    marked = (np.isin(seg["frame_indices"], [14, 15, 16, 17]) | (seg["frame_indices"] >= 24)) & face
+    assert marked.sum() >= 4 and (face & ~marked).sum() >= 4
+    np.testing.assert_array_equal(shown["shows_reference"], marked)
+    np.testing.assert_array_equal(shown["driving"], drawn["driving"])
+    assert (shown["ref_index"][marked] == neutral_at).all()
+    in_track = ~(seg["frame_indices"] >= 24)
+    np.testing.assert_array_equal(shown["ref_index"][in_track], drawn["ref_index"][in_track])
+    far_pose = seg["ref_pose"].copy()
+    far_pose[neutral_at] += np.array([0.0, 25.0, 0.0], np.float32)
+    turned = MotionStage(extractor, stage1, batch_frames=8, silence_gate_db=-35.0,
+                         silence_gate_mode="neutral-pixels")(**dict(seg, ref_pose=far_pose), **run)
+    assert not turned["shows_reference"].any()
 
 
 def test_motion_driving_never_sees_the_source_expression(clip, motion_models):
@@ -510,6 +542,27 @@ def test_completion_depends_on_motion_and_on_references_only_through_alpha(compl
     changed = stage("refs-2", **dict(x, ref_crops=other_refs))
     assert (np.abs(changed[face].astype(int) - with_refs[face].astype(int)).max(axis=(1, 2, 3)) > 0).all()
     np.testing.assert_array_equal(changed[~face], x["crops"][~face])
+
+
+def test_completion_shows_the_reference_crop_itself_where_asked_and_draws_the_rest_unchanged(completion_models, completion_inputs):
+    """shows_reference (the silence gate's "neutral-pixels"): those face frames are their
+    reference crop exactly, no VAE or UNet; every other frame has the pixels it has without
+    the mask, bit for bit, including under the mouth-window decode (one frame's statistics)."""
+    x = completion_inputs
+    face = x["has_face"]
+    n = len(face)
+    shows = np.zeros(n, bool)
+    shows[np.flatnonzero(face)[[0, 2]]] = True
+    shows[np.flatnonzero(~face)[:1]] = True  # no face: stays the source crop
+    assert (~face).any()
+    for region in (None, MouthMask().feathered(10)):
+        stage = completion_stage(completion_models, decode_region=region)
+        base = stage("refs-1", **x)
+        out = stage("refs-1", **x, shows_reference=shows)
+        np.testing.assert_array_equal(out[shows & face], x["ref_crops"][x["ref_index"][shows & face]])
+        np.testing.assert_array_equal(out[~shows], base[~shows])
+        np.testing.assert_array_equal(out[~face], x["crops"][~face])
+        assert not np.array_equal(base[shows & face], out[shows & face])
 
 
 # ----------------------------------------------------------------------------- compose

@@ -1,8 +1,8 @@
 """The silence gate through the dub job's own operators (plan, analyse, audio, split, face,
 motion; no Ray): the audio operator caches the dubbed track's speech level, and the motion
-operator shows the analysed neutral frame's mouth over the track's long silences (or, in
-the "stage1" mode, decodes Stage 1 afresh there; stages/motion/stage.py has the exact
-values). Turned off, neither happens."""
+operator shows the analysed neutral frame's mouth over the track's long silences (its own
+crop, by default; or Stage 2's drawing of it; or, in the "stage1" mode, Stage 1 decoded
+afresh there; stages/motion/stage.py has the exact values). Turned off, neither happens."""
 from fractions import Fraction
 
 import numpy as np
@@ -93,11 +93,15 @@ def test_the_dub_job_gates_the_dubbed_tracks_silence_and_nothing_else(media, mov
                                   np.concatenate([unpack(s["ref_index"]) for s in off]))
 
 
-def test_the_neutral_gate_mode_shows_the_analysed_neutral_frame_in_the_silence(media, moving_bundle):
-    """The default mode ("neutral") through the operators: in the track's long silence
-    the driving expression is the neutral frame's and the reference is the neutral frame the
-    analysis chose (the motion operator passes it on); over the speech nothing changes."""
-    video, neutral = _motion_rows(media, moving_bundle, JobConfig(), "neutral")
+@pytest.mark.parametrize("mode", ["neutral-pixels", "neutral"])
+def test_the_neutral_gate_modes_show_the_analysed_neutral_frame_in_the_silence(media, moving_bundle, mode):
+    """The default mode ("neutral-pixels") and "neutral" through the operators: in the track's
+    long silence the driving expression is the neutral frame's and the reference is the
+    neutral frame the analysis chose (the motion operator passes it on); over the speech
+    nothing changes. "neutral-pixels" marks those frames, and the complete operator hands on
+    the neutral frame's own crop for them, byte for byte; "neutral" has Stage 2 draw them."""
+    assert JobConfig().motion.silence_gate_mode == "neutral-pixels"
+    video, neutral = _motion_rows(media, moving_bundle, JobConfig(motion={"silence_gate_mode": mode}), mode)
     _, off = _motion_rows(media, moving_bundle, JobConfig(motion={"silence_gate_db": None}), "off-n")
     silent_from = int(SPEECH_S * 25) + 1
     driving = np.concatenate([unpack(s["driving"]) for s in neutral])
@@ -110,3 +114,16 @@ def test_the_neutral_gate_mode_shows_the_analysed_neutral_frame_in_the_silence(m
     speech = slice(0, silent_from - 2)
     np.testing.assert_array_equal(driving[speech], np.concatenate([unpack(s["driving"]) for s in off])[speech])
     np.testing.assert_array_equal(ref_index[speech], off_ref_index[speech])
+
+    shows = np.concatenate([unpack(s["shows_reference"]) for s in neutral])
+    assert (shows[silent_from:].all() if mode == "neutral-pixels" else not shows.any()) and not shows[speech].any()
+    cfg = JobConfig(cache_uri=str(media["root"] / f"cache-{mode}"), work_uri=str(media["root"] / f"work-{mode}"))
+    complete = ops.CompleteOp(cfg.model_dump(), moving_bundle)
+    generated = np.concatenate([unpack(complete(dict(s))["generated"]) for s in neutral])
+    bank = np.load(video["ref_crops_uri"])
+    crops = np.concatenate([unpack(s["crops"]) for s in neutral])
+    if mode == "neutral-pixels":
+        np.testing.assert_array_equal(generated[shows], np.broadcast_to(bank[neutral_at], generated[shows].shape))
+    else:
+        assert (np.abs(generated[silent_from:].astype(int) - bank[neutral_at].astype(int)).max(axis=(1, 2, 3)) > 0).all()
+    assert (np.abs(generated[speech].astype(int) - crops[speech].astype(int)).max(axis=(1, 2, 3)) > 0).all()

@@ -491,7 +491,7 @@ class MotionOp(_Op):
         driving = out["driving"]
         if self.audio_window is not None:
             driving = audio_conditions(rows_50hz, first, frame_centres(frame_indices, frame_times), self.audio_window)
-        return dict(driving=pack(driving), ref_index=pack(out["ref_index"]))
+        return dict(driving=pack(driving), ref_index=pack(out["ref_index"]), shows_reference=pack(out["shows_reference"]))
 
 
 # --------------------------------------------------------------------------- complete
@@ -535,8 +535,9 @@ class CompleteOp(_Op):
             unpack(row["driving"]),
             unpack(row["ref_index"]),
             self._references(row["ref_crops_uri"]),
+            unpack(row["shows_reference"]) if row.get("shows_reference") else None,
         )
-        return dict(generated=pack(generated), crops=b"", driving=b"", ref_index=b"")
+        return dict(generated=pack(generated), crops=b"", driving=b"", ref_index=b"", shows_reference=b"")
 
 
 # --------------------------------------------------------------------------- compose

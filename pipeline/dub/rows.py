@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.arrays import pack, unpack  # noqa: F401 - the row's array format
 
 
-HEAVY_KEYS = ("crops", "affines", "has_face", "driving", "ref_index", "generated")
+HEAVY_KEYS = ("crops", "affines", "has_face", "driving", "ref_index", "shows_reference", "generated")
 
 ROW_DEFAULTS: dict = {
     # identity
@@ -81,6 +81,7 @@ ROW_DEFAULTS: dict = {
     "has_face": b"",
     "driving": b"",
     "ref_index": b"",
+    "shows_reference": b"",  # (N,) bool: the silence gate shows the frame's reference crop as it is
     "generated": b"",
     "segment_uri": "",
     "segment_frames": 0,

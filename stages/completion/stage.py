@@ -144,18 +144,27 @@ class CompletionStage:
         driving: np.ndarray,  # (N, 21, 3)
         ref_index: np.ndarray,  # (N,) into ref_crops
         ref_crops: np.ndarray,  # (R, 256, 256, 3) uint8
+        shows_reference: np.ndarray | None = None,  # (N,) bool: the frame is its reference crop as it is
     ) -> np.ndarray:
         generated = crops.copy()
         face = np.flatnonzero(has_face)
-        if len(face) == 0:
+        if shows_reference is not None:
+            # The silence gate's real closed mouth (MotionStage, "neutral-pixels"): no VAE, no UNet.
+            shown = face[np.asarray(shows_reference, bool)[face]]
+            generated[shown] = ref_crops[ref_index[shown]]
+            drawn = face[~np.asarray(shows_reference, bool)[face]]
+        else:
+            drawn = face
+        if len(drawn) == 0:
             return generated
         refs = self.reference_latents(video_id, ref_crops)
         frames = _Frames(crops, driving, ref_index, refs)
         # Mouth-window decode: one frame's statistics for the whole segment, so no frame's
-        # pixels depend on how the segment was batched (or halved after an out-of-memory).
+        # pixels depend on how the segment was batched (or halved after an out-of-memory),
+        # nor on which frames the gate showed as they are.
         statistics = None if self.window is None else self._window_statistics(face[:1], frames)
-        for start in range(0, len(face), self.batch_frames):
-            sel = face[start : start + self.batch_frames]
+        for start in range(0, len(drawn), self.batch_frames):
+            sel = drawn[start : start + self.batch_frames]
             generated[sel] = self._complete_in_halves(sel, frames, statistics)
         return generated
 

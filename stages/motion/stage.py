@@ -32,6 +32,9 @@ def resample_25hz(values: np.ndarray, first_index: int, times_s: np.ndarray) -> 
 # many degrees (pitch, yaw, roll together) of it.
 NEUTRAL_REFERENCE_MAX_DEG = 10.0
 
+# What a gated silent run shows (MotionConfig.silence_gate_mode).
+SILENCE_GATE_MODES = ("neutral-pixels", "neutral", "stage1")
+
 
 def silent_runs_25hz(level_db: np.ndarray, threshold_db: float, min_frames: int) -> list[tuple[int, int]]:
     """[(start, stop), ...] of 25 Hz frames in silence: speech level (dB against the track's
@@ -72,10 +75,10 @@ class MotionStage:
         device: str = "cpu",
         silence_gate_db: float | None = None,
         silence_gate_frames: int = 3,
-        silence_gate_mode: str = "neutral",
+        silence_gate_mode: str = "neutral-pixels",
     ):
-        if silence_gate_mode not in ("stage1", "neutral"):
-            raise ValueError(f"silence_gate_mode must be 'stage1' or 'neutral', got {silence_gate_mode!r}")
+        if silence_gate_mode not in SILENCE_GATE_MODES:
+            raise ValueError(f"silence_gate_mode must be one of {SILENCE_GATE_MODES}, got {silence_gate_mode!r}")
         self.extractor = extractor.to(device).eval()
         self.silence_gate_db = silence_gate_db
         self.silence_gate_frames = silence_gate_frames
@@ -128,8 +131,9 @@ class MotionStage:
         ref_index = np.zeros(n, np.int64)
         pose = np.zeros((n, 3), np.float32)
         face = np.flatnonzero(has_face)
+        shows_reference = np.zeros(n, bool)
         if len(face) == 0:
-            return {"driving": driving, "ref_index": ref_index, "pose": pose}
+            return {"driving": driving, "ref_index": ref_index, "pose": pose, "shows_reference": shows_reference}
         source = extract_motion(self.extractor, crops[face], batch_size=self.batch_frames)
         pose[face] = np.stack([source["pitch"], source["yaw"], source["roll"]], axis=-1)
         centres = frame_centres(frame_indices, frame_times)[face]
@@ -157,21 +161,29 @@ class MotionStage:
         offsets = resample_25hz(offsets_25hz, first_feature, centres)
         # Past the end of the dubbed track the audio is padded silence: hold the neutral
         # (closed) mouth rather than trusting Stage 1 on padding.
-        offsets[frame_times[face] >= audio_duration_s] = 0.0
+        past_end = frame_times[face] >= audio_duration_s
+        offsets[past_end] = 0.0
         driving[face] = driving_expression(
             torch.from_numpy(neutral_exp).float(), torch.from_numpy(offsets), self.stage1.cfg.driven_keypoints
         ).numpy()
         ref_index[face] = choose_references(frame_indices[face], pose[face], ref_frames, ref_pose, self.min_gap)
-        if self.silence_gate_mode == "neutral" and neutral_frame is not None and neutral_frame in ref_frames:
+        if self.silence_gate_mode != "stage1" and neutral_frame is not None and neutral_frame in ref_frames:
             # A gated frame shows the neutral mouth, and the neutral frame shows exactly
             # that: RSCA copies its closed lips, not a pose-matched reference's open ones. Its
             # time gap does not matter here: what it could leak is the mouth wanted. Not for
             # a head turned far from the neutral frame's pose (another shot, a profile): there
-            # the pose-matched reference's appearance matters more. (Frames past the track's
-            # end, Δδ = 0 too, keep their pose-matched reference: the neutral one there
-            # measured more open on the held-out speaker it touched.)
+            # the pose-matched reference's appearance matters more. Frames past the track's
+            # end (Δδ = 0 too) show the neutral crop in "neutral-pixels"; in "neutral" they
+            # keep their pose-matched reference: Stage 2 drawing from the neutral one there
+            # measured more open on the held-out speaker it touched.
             neutral_at = int(np.flatnonzero(ref_frames == neutral_frame)[0])
             gated = resample_25hz(gated_25hz.astype(np.float32), first_feature, centres) >= 0.5
+            if self.silence_gate_mode == "neutral-pixels":
+                gated |= past_end  # the real closed mouth once the track has ended too
             gated &= np.linalg.norm(pose[face] - ref_pose[neutral_at], axis=-1) <= NEUTRAL_REFERENCE_MAX_DEG
             ref_index[face[gated]] = neutral_at
-        return {"driving": driving, "ref_index": ref_index, "pose": pose}
+            # "neutral-pixels": those frames show the neutral crop itself, never drawn by
+            # Stage 2. Stage 2 draws a closed mouth through the VAE, whose round trip alone
+            # reads a third more open than the real lips (README, Proving it learns).
+            shows_reference[face[gated]] = self.silence_gate_mode == "neutral-pixels"
+        return {"driving": driving, "ref_index": ref_index, "pose": pose, "shows_reference": shows_reference}
