@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     from pipeline.config import JobConfig
     from pipeline.dub.job import run_dub
     from pipeline.dub.schemas import write_manifest
-    from pipeline.lipsync_eval import dub_figures, stage1_keypoint_r, sync_manifest
+    from pipeline.lipsync_eval import dub_figures, pooled_ratio, stage1_keypoint_r, sync_manifest
     from pipeline.storage import Storage
     from stages.face.tracker import FaceTracker
     from stages.media.probe import probe_video
@@ -67,13 +67,15 @@ def main(argv=None) -> int:
             if rep.status != "ok":
                 print(f"FAILED {r['video_uri']}: {rep.error}")
                 continue
-            f = dub_figures(r["output_uri"], r["truth"], r["truth_video"], tracker=tracker)
+            f = dub_figures(r["output_uri"], r["truth"], r["truth_video"], tracker=tracker,
+                            source_video=r["video_uri"], source_truth_json=r["source_truth"])
             src, out = probe_video(r["video_uri"]), probe_video(r["output_uri"])
             f["kept_frames_size_fps"] = (src.n_frames, src.width, src.height, src.fps) == \
                 (out.n_frames, out.width, out.height, out.fps)
             figures.append(f)
             print(f"{os.path.basename(r['output_uri'])}: r {f['pearson_r']:.3f} (best lag {f['best_lag_frames']:+d}: "
                   f"{f['r_at_best_lag']:.3f}), silent/neutral {1 + f['silent_relative_to_neutral']:.3f} "
+                  f"(over the source's closed opening {f['silent_over_source_neutral']:.3f}) "
                   f"({f['silent_share_of_speech_gap']:.3f} of the speech gap; the truth video "
                   f"{1 + f['truth_video_silent_relative_to_neutral']:.3f}), "
                   f"cavity in {f['silent_frames_with_cavity']} of {f['silent_frames_measured']} silent frames "
@@ -94,6 +96,11 @@ def main(argv=None) -> int:
         "silent_frames_with_cavity": int(sum(f["silent_frames_with_cavity"] for f in figures)),
         "silent_frames_measured": int(sum(f["silent_frames_measured"] for f in figures)),
         "truth_video_silent_frames_with_cavity": int(sum(f["truth_video_silent_frames_with_cavity"] for f in figures)),
+        # every silent frame of every output at once, and the truth videos' the same way
+        "pooled_silent_over_neutral": pooled_ratio([f["silent_frame_ratios"] for f in figures]),
+        "truth_video_pooled_silent_over_neutral": pooled_ratio([f["truth_video_silent_frame_ratios"] for f in figures]),
+        "pooled_silent_over_source_neutral": pooled_ratio([f["silent_frame_ratios_source"] for f in figures]),
+        "mean_silent_over_source_neutral": float(np.mean([f["silent_over_source_neutral"] for f in figures])),
         "mean_jitter": float(np.mean([f["jitter"] for f in figures])),
         "mean_truth_video_jitter": float(np.mean([f["truth_video_jitter"] for f in figures])),
         "all_kept": all(f["kept_frames_size_fps"] for f in figures),

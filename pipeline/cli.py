@@ -153,19 +153,22 @@ def _print_sync_figures(sync_rows: list[dict], status: dict) -> None:
     if not done:
         return
     print("\nlip sync on held-out sentences (face mesh on the output vs the dubbed sentence's true mouth):")
-    print(f"  {'output':<44} {'r':>6} {'silent/neutral':>15} {'truth s/n':>10} {'of speech gap':>14} "
+    print(f"  {'output':<44} {'r':>6} {'silent/neutral':>15} {'truth s/n':>10} {'s/n source':>11} {'of speech gap':>14} "
           f"{'cavity':>8} {'jitter':>8} {'truth jitter':>13}")
     with FaceTracker(smoothing_sigma_frames=0, max_gap_frames=0) as tracker:
         for r in done:
-            f = dub_figures(r["output_uri"], r["truth"], r["truth_video"], tracker=tracker)
+            f = dub_figures(r["output_uri"], r["truth"], r["truth_video"], tracker=tracker,
+                            source_video=r["video_uri"], source_truth_json=r["source_truth"])
             print(f"  {os.path.basename(r['output_uri']):<44} {f['pearson_r']:>6.3f} "
                   f"{1 + f['silent_relative_to_neutral']:>15.3f} {1 + f['truth_video_silent_relative_to_neutral']:>10.3f} "
+                  f"{f['silent_over_source_neutral']:>11.3f} "
                   f"{f['silent_share_of_speech_gap']:>14.3f} "
                   f"{str(f['silent_frames_with_cavity']) + '/' + str(f['silent_frames_measured']):>8} "
                   f"{f['jitter']:>8.4f} {f['truth_video_jitter']:>13.4f}")
     print("  r: Pearson r of the measured inner-lip opening with the true jaw opening, per frame;")
     print("  silent/neutral: the mouth's opening in silent frames over the speaker's closed-mouth opening (1 = closed);")
     print("  truth s/n: the same of the true video itself, the measure's floor (a closed mouth's reading scatters);")
+    print("  s/n source: silent/neutral over the dubbed source video's own closed-mouth opening instead;")
     print("  of speech gap: silence's opening above closed, over speech's (0 = closed, 1 = as open as in speech);")
     print("  cavity: silent frames whose lips show a dark mouth cavity between them (the pixels), of those measured.")
 

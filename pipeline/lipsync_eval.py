@@ -42,7 +42,8 @@ def _clips_by_speaker(truth_folder: str) -> dict[str, list[dict]]:
 
 def sync_manifest(heldout_folder: str, out_folder: str, per_speaker: int = 1) -> list[dict]:
     """Dub rows for a held-out synthetic corpus: clip j+1 of a speaker dubbed with clip j's audio.
-    Each row: video_uri, audio_uri, output_uri (manifest columns) and truth, truth_video (clip j's)."""
+    Each row: video_uri, audio_uri, output_uri (manifest columns), truth, truth_video (clip j's)
+    and source_truth (clip j+1's, whose video is dubbed)."""
     folder = os.path.abspath(heldout_folder)
     rows = []
     for speaker, clips in _clips_by_speaker(os.path.join(folder, "truth")).items():
@@ -54,6 +55,7 @@ def sync_manifest(heldout_folder: str, out_folder: str, per_speaker: int = 1) ->
                 "output_uri": os.path.join(os.path.abspath(out_folder), f"{source['clip']}.with.{dub['clip']}.mp4"),
                 "truth": os.path.join(folder, "truth", f"{dub['clip']}.truth.json"),
                 "truth_video": os.path.join(folder, "videos", f"{dub['clip']}.mp4"),
+                "source_truth": os.path.join(folder, "truth", f"{source['clip']}.truth.json"),
             })
     if not rows:
         raise ValueError(f"{heldout_folder}: no speaker has two held-out clips (use --sentences 2 or more)")
@@ -78,8 +80,32 @@ def cavity_frames(dark_gap: np.ndarray, silent: np.ndarray) -> int:
     return int((np.nan_to_num(np.asarray(dark_gap, np.float64)[np.asarray(silent, bool)], nan=0.0) > 0).sum())
 
 
-def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=None) -> dict:
-    """The lip-sync figures of one dubbed output against the truth of its dubbed audio."""
+def pooled_ratio(per_output: list, draws: int = 2000, seed: int = 0) -> dict:
+    """Silent frames' opening over their speaker's closed opening, pooled over every frame of
+    every output (lists of per-frame ratios, NaN dropped): the mean, its 95% bootstrap
+    interval over frames and the median. Per output a mean of 9-33 frames swings with
+    FaceMesh's scatter on a closed mouth; pooled, the interval says what the data can tell."""
+    values = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in per_output]) if per_output else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return {"frames": 0, "mean": math.nan, "low": math.nan, "high": math.nan, "median": math.nan}
+    means = np.random.default_rng(seed).choice(values, (draws, len(values))).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"frames": int(len(values)), "mean": float(values.mean()), "low": float(low), "high": float(high),
+            "median": float(np.median(values))}
+
+
+def _neutral_opening(series, truth: dict) -> float:
+    """The median FaceMesh opening over a video's silent frames, where its mouth is closed by construction."""
+    silent = np.asarray(truth["is_silent"], bool)[: len(series.opening)]
+    return float(np.nanmedian(series.opening[: len(silent)][silent])) if silent.any() else math.nan
+
+
+def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=None,
+                source_video: str | None = None, source_truth_json: str | None = None) -> dict:
+    """The lip-sync figures of one dubbed output against the truth of its dubbed audio.
+    With the dubbed source video and its truth, also the silent frames against the source
+    video's own closed opening (the mouth the output shows is the source speaker's)."""
     from stages.lipsync.measure import jitter, lip_sync_report, mouth_series
 
     with open(truth_json) as f:
@@ -92,13 +118,17 @@ def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=No
     true_video = mouth_series(truth_video, tracker=tracker)
     truth_opening = true_video.opening
     truth_silent = np.asarray(truth["is_silent"], bool)[: len(truth_opening)]
-    neutral = float(np.nanmedian(truth_opening[truth_silent])) if truth_silent.any() else math.nan
+    neutral = _neutral_opening(true_video, truth)
     report = lip_sync_report(opening, jaw, silent=silent, neutral=neutral, reference_is_opening=True)
     # The truth video measured as the output is: its own silent/neutral is the measure's floor
     # (a closed mouth's FaceMesh opening scatters, so the mean over silent frames sits above
     # their median).
     truth_report = lip_sync_report(truth_opening, np.asarray(truth["jaw"], np.float64)[: len(truth_opening)],
                                    silent=truth_silent, neutral=neutral, reference_is_opening=True)
+    source_neutral = math.nan
+    if source_video is not None and source_truth_json is not None:
+        with open(source_truth_json) as f:
+            source_neutral = _neutral_opening(mouth_series(source_video, tracker=tracker), json.load(f))
     return {
         "output": output_video,
         "pearson_r": report.pearson_r,
@@ -118,6 +148,14 @@ def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=No
         "silent_frames_measured": int((silent & output.has_face).sum()),
         "silent_frames_with_cavity": cavity_frames(output.dark_gap, silent),
         "truth_video_silent_frames_with_cavity": cavity_frames(true_video.dark_gap, truth_silent),
+        # per silent frame, for pooled_ratio over all outputs
+        "silent_frame_ratios": (opening[silent] / neutral).tolist(),
+        # The same closed mouth reads differently in two renders of one speaker (FaceMesh at
+        # this scale): against the dubbed source's own closed opening as well.
+        "source_neutral_opening": source_neutral,
+        "silent_over_source_neutral": report.silent_opening / source_neutral,
+        "silent_frame_ratios_source": (opening[silent] / source_neutral).tolist(),
+        "truth_video_silent_frame_ratios": (truth_opening[truth_silent] / neutral).tolist(),
         "frames": n,
     }
 

@@ -279,3 +279,24 @@ def test_measure_video_against_speech_and_truth(talking_video, tracker, tmp_path
     assert math.isnan(report.silent_opening)  # the video has no audio to find silence in
     with pytest.raises(ValueError, match="truth_opening"):
         measure_video(talking_video, truth_opening=truth[:-1], tracker=tracker)
+
+
+def test_pooled_ratio_pools_every_frame_and_brackets_its_mean():
+    from pipeline.lipsync_eval import pooled_ratio
+
+    rng = np.random.default_rng(1)
+    a, b = rng.gamma(2.0, 0.5, 40), rng.gamma(2.0, 0.5, 9)
+    pooled = pooled_ratio([a.tolist(), list(b) + [math.nan]])
+    values = np.concatenate([a, b])
+    assert pooled["frames"] == 49
+    assert pooled["mean"] == pytest.approx(values.mean()) and pooled["median"] == pytest.approx(np.median(values))
+    # Not the mean of the two outputs' means: every frame weighs the same.
+    assert abs(pooled["mean"] - (a.mean() + b.mean()) / 2) > 1e-3
+    assert pooled["low"] < pooled["mean"] < pooled["high"]
+    assert pooled == pooled_ratio([a.tolist(), list(b)])  # seeded: the same interval every time
+    # The interval narrows as frames are added (the standard error's 1/sqrt(n)).
+    wide = pooled_ratio([a[:10]])
+    assert pooled["high"] - pooled["low"] < wide["high"] - wide["low"]
+    constant = pooled_ratio([[1.0] * 12])
+    assert constant["low"] == constant["high"] == constant["mean"] == 1.0
+    assert pooled_ratio([])["frames"] == 0 and math.isnan(pooled_ratio([[math.nan]])["mean"])

@@ -544,10 +544,36 @@ def test_completion_depends_on_motion_and_on_references_only_through_alpha(compl
     np.testing.assert_array_equal(changed[~face], x["crops"][~face])
 
 
+def test_colour_matched_references_take_the_crops_light_on_the_ring_around_the_hole(clip):
+    from stages.completion.stage import colour_matched, colour_ring
+
+    mask = MouthMask().array()
+    ring = colour_ring(mask, width=12)
+    hole = mask > 0.5
+    assert not (ring & hole).any() and ring.sum() > 1000
+    assert ring[int(np.flatnonzero(hole.any(axis=1))[0]) - 12].any() and not ring[:100].any()
+    crops = clip["crops"][[4, 20]]
+    refs = clip["crops"][[2, 2]]
+    # The same light: the bytes as they are, where the gain is exactly 1.
+    np.testing.assert_array_equal(colour_matched(crops, crops, ring), crops)
+    # The reference exposed darker, one channel more than the others: brought to the crop's light.
+    dim = np.clip(refs.astype(np.float32) * np.array([0.6, 0.7, 0.8]), 0, 255).astype(np.uint8)
+    matched = colour_matched(dim, crops, ring)
+    np.testing.assert_allclose(matched[:, ring].astype(float).mean(axis=1), crops[:, ring].astype(float).mean(axis=1), atol=1.0)
+    before = np.abs(dim[:, hole].astype(float) - refs[:, hole]).mean()
+    assert np.abs(matched[:, hole].astype(float) - refs[:, hole]).mean() < before / 5
+    # A wild difference (another shot entirely) is matched at most by a factor of 2.
+    black = np.full_like(refs, 10)
+    assert colour_matched(black, crops, ring).max() <= 20
+
+
 def test_completion_shows_the_reference_crop_itself_where_asked_and_draws_the_rest_unchanged(completion_models, completion_inputs):
     """shows_reference (the silence gate's "neutral-pixels"): those face frames are their
-    reference crop exactly, no VAE or UNet; every other frame has the pixels it has without
-    the mask, bit for bit, including under the mouth-window decode (one frame's statistics)."""
+    reference crop, colour-matched to their own crop, no VAE or UNet; every other frame has
+    the pixels it has without the mask, bit for bit, including under the mouth-window
+    decode (one frame's statistics)."""
+    from stages.completion.stage import colour_matched, colour_ring
+
     x = completion_inputs
     face = x["has_face"]
     n = len(face)
@@ -559,7 +585,9 @@ def test_completion_shows_the_reference_crop_itself_where_asked_and_draws_the_re
         stage = completion_stage(completion_models, decode_region=region)
         base = stage("refs-1", **x)
         out = stage("refs-1", **x, shows_reference=shows)
-        np.testing.assert_array_equal(out[shows & face], x["ref_crops"][x["ref_index"][shows & face]])
+        np.testing.assert_array_equal(out[shows & face], colour_matched(
+            x["ref_crops"][x["ref_index"][shows & face]], x["crops"][shows & face], colour_ring(MouthMask().array())))
+        assert np.abs(out[shows & face].astype(int) - x["ref_crops"][x["ref_index"][shows & face]]).mean() < 3
         np.testing.assert_array_equal(out[~shows], base[~shows])
         np.testing.assert_array_equal(out[~face], x["crops"][~face])
         assert not np.array_equal(base[shows & face], out[shows & face])

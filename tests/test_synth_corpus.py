@@ -254,3 +254,24 @@ def test_heldout_corpus_speaks_only_sentences_never_trained_on_and_pairs_for_dub
         assert source.endswith("_h01") and dubbed.endswith("_h00") and source[:-4] == dubbed[:-4]
         assert row["truth"].endswith(f"{dubbed}.truth.json") and row["truth_video"].endswith(f"{dubbed}.mp4")
         assert row["output_uri"].startswith(str(tmp_path / "outputs"))
+        assert row["source_truth"].endswith(f"{source}.truth.json") and os.path.exists(row["source_truth"])
+    # The silence figures' known answer: the truth video measured as if it were the output,
+    # and as its own source, reads exactly as the truth video against its own neutral.
+    from pipeline.lipsync_eval import dub_figures
+    from stages.face.tracker import FaceTracker
+
+    row = rows[0]
+    with FaceTracker(smoothing_sigma_frames=0, max_gap_frames=0) as tracker:
+        f = dub_figures(row["truth_video"], row["truth"], row["truth_video"], tracker=tracker,
+                        source_video=row["truth_video"], source_truth_json=row["truth"])
+        g = dub_figures(row["truth_video"], row["truth"], row["truth_video"], tracker=tracker,
+                        source_video=row["video_uri"], source_truth_json=row["source_truth"])
+    assert f["source_neutral_opening"] == f["neutral_opening"] > 0
+    assert f["silent_over_source_neutral"] == pytest.approx(1 + f["silent_relative_to_neutral"])
+    assert f["silent_over_source_neutral"] == pytest.approx(1 + f["truth_video_silent_relative_to_neutral"])
+    assert f["silent_frame_ratios_source"] == pytest.approx(f["silent_frame_ratios"])
+    assert len(f["silent_frame_ratios"]) == len(f["truth_video_silent_frame_ratios"]) > 0
+    # The other clip's own closed mouth: a neutral of its own, the same silent frames over it.
+    assert g["source_neutral_opening"] > 0 and g["neutral_opening"] == f["neutral_opening"]
+    np.testing.assert_allclose(np.asarray(g["silent_frame_ratios_source"]) * g["source_neutral_opening"],
+                               np.asarray(f["silent_frame_ratios"]) * f["neutral_opening"], rtol=1e-9)

@@ -15,6 +15,7 @@ import logging
 from collections import OrderedDict
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import torch
 
@@ -88,6 +89,26 @@ def latent_window(region: np.ndarray, downsample: int, margin: int) -> tuple[tup
     return (int(rows[0]), int(rows[1])), (int(cols[0]), int(cols[1]))
 
 
+def colour_ring(mouth_mask: np.ndarray, width: int = 12) -> np.ndarray:
+    """(H, W) bool: the band `width` pixels wide around the hole (mouth_mask > 0.5), where a
+    crop shows its own frame's skin next to what is pasted into the hole."""
+    hole = mouth_mask > 0.5
+    grown = cv2.dilate(hole.astype(np.uint8), np.ones((2 * width + 1, 2 * width + 1), np.uint8)) > 0
+    return grown & ~hole
+
+
+def colour_matched(references: np.ndarray, crops: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """references (b, H, W, 3) uint8, each scaled per channel so that its mean over `ring` is
+    its crop's: the neutral frame the silence gate shows may come from another part of the
+    video, lit or exposed differently, and Stage 2, which would have drawn from the frame's
+    own surroundings, does not run there. Gains are kept within [0.5, 2]; a gain of exactly
+    1 leaves the bytes as they are."""
+    reference = references.astype(np.float32)
+    gain = crops[:, ring].astype(np.float32).mean(axis=1) / np.maximum(reference[:, ring].mean(axis=1), 1.0)  # (b, 3)
+    gain = np.clip(gain, 0.5, 2.0)
+    return np.clip(reference * gain[:, None, None, :] + 0.5, 0, 255).astype(np.uint8)
+
+
 class CompletionStage:
     """Constructor holds the VAE, the IMC-UNet and the mask; `__call__` completes one
     segment's crops. With `decode_region` (the paste-back alpha: only its pixels reach the
@@ -118,6 +139,7 @@ class CompletionStage:
         self.vae = vae.to(self.device, self.dtype).eval()
         self.unet = unet.to(self.device, self.dtype).eval()
         self.keep = torch.from_numpy(1.0 - mouth_mask.astype(np.float32)).to(self.device, self.dtype)[None, None]
+        self.ring = colour_ring(mouth_mask)
         self.batch_frames = batch_frames
         self._ref_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._ref_cache_size = reference_cache_videos
@@ -144,14 +166,14 @@ class CompletionStage:
         driving: np.ndarray,  # (N, 21, 3)
         ref_index: np.ndarray,  # (N,) into ref_crops
         ref_crops: np.ndarray,  # (R, 256, 256, 3) uint8
-        shows_reference: np.ndarray | None = None,  # (N,) bool: the frame is its reference crop as it is
+        shows_reference: np.ndarray | None = None,  # (N,) bool: the frame is its reference crop, colour-matched
     ) -> np.ndarray:
         generated = crops.copy()
         face = np.flatnonzero(has_face)
         if shows_reference is not None:
             # The silence gate's real closed mouth (MotionStage, "neutral-pixels"): no VAE, no UNet.
             shown = face[np.asarray(shows_reference, bool)[face]]
-            generated[shown] = ref_crops[ref_index[shown]]
+            generated[shown] = colour_matched(ref_crops[ref_index[shown]], crops[shown], self.ring)
             drawn = face[~np.asarray(shows_reference, bool)[face]]
         else:
             drawn = face
