@@ -1,10 +1,12 @@
 """Lip-sync of a weights bundle on sentences never used in training (README, "Proving it learns").
 
     .venv/bin/python benchmarks/lipsync_heldout.py --weights weights/demo --heldout DIR [--work DIR]
-        [--prepared HELDOUT_SHARDS] [--silence-gate-db DB|off] [--silence-gate-mode neutral-pixels|neutral|stage1]
+        [--prepared HELDOUT_SHARDS] [--per-speaker N] [--silence-gate-db DB|off] [--silence-gate-frames N]
+        [--silence-gate-mode neutral-pixels|neutral|stage1]
 
 --heldout is a held-out synthetic corpus (`imgtalk synth-corpus --heldout`, the training
-corpus's speakers and seed). Each speaker's clip 1 is dubbed with its clip 0's audio by
+corpus's speakers and seed). Each speaker's clip 1 is dubbed with its clip 0's audio (with
+--per-speaker 2 also clip 2 with clip 1's, and so on) by
 `imgtalk dub`'s job on a local Ray; every output is measured by FaceMesh against the true
 mouth of the dubbed sentence (pipeline/lipsync_eval.py). With --prepared (that corpus run
 through `imgtalk prepare` with the same bundle) Stage 1 alone is scored too: its Δδ on the
@@ -37,15 +39,18 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", required=True)
     p.add_argument("--work", default="lipsync_heldout_out")
     p.add_argument("--prepared")
+    p.add_argument("--per-speaker", type=int, default=1,
+                   help="dubs per speaker: clip j+1 with clip j's audio for j < this (the corpus's sentences - 1 at most)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--silence-gate-db", default="default",
                    help="the dub's motion.silence_gate_db: a number, 'off', or 'default' (the job's default)")
+    p.add_argument("--silence-gate-frames", type=int, help="the dub's motion.silence_gate_frames (default: the job's)")
     p.add_argument("--silence-gate-mode", choices=("neutral-pixels", "neutral", "stage1"),
                    help="the dub's motion.silence_gate_mode (default: the job's)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
-    rows = sync_manifest(args.heldout, os.path.join(work, "outputs"))
+    rows = sync_manifest(args.heldout, os.path.join(work, "outputs"), per_speaker=args.per_speaker)
     for r in rows:
         if os.path.exists(r["output_uri"]):
             os.remove(r["output_uri"])
@@ -56,6 +61,8 @@ def main(argv=None) -> int:
     if args.silence_gate_db != "default":
         gate = None if args.silence_gate_db == "off" else float(args.silence_gate_db)
         config = config.model_copy(update={"motion": config.motion.model_copy(update={"silence_gate_db": gate})})
+    if args.silence_gate_frames:
+        config = config.model_copy(update={"motion": config.motion.model_copy(update={"silence_gate_frames": args.silence_gate_frames})})
     if args.silence_gate_mode:
         config = config.model_copy(update={"motion": config.motion.model_copy(update={"silence_gate_mode": args.silence_gate_mode})})
     print(f"silence gate: {config.motion.silence_gate_db} dB, {config.motion.silence_gate_frames} frames, "
@@ -85,6 +92,7 @@ def main(argv=None) -> int:
         "outputs": len(figures),
         "silence_gate_db": config.motion.silence_gate_db,
         "silence_gate_mode": config.motion.silence_gate_mode,
+        "silence_gate_frames": config.motion.silence_gate_frames,
         "mean_r": float(np.mean([f["pearson_r"] for f in figures])),
         "min_r": float(np.min([f["pearson_r"] for f in figures])),
         "mean_silent_relative_to_neutral": float(np.mean([f["silent_relative_to_neutral"] for f in figures])),
