@@ -121,8 +121,8 @@ class MotionConfig(_Strict):
         "below its loudest frame, in runs of at least silence_gate_frames, show a closed mouth (silence_gate_mode); "
         "null turns the gate off (README, Operator guide)")
     silence_gate_mode: Literal["neutral-pixels", "neutral", "stage1"] = Field(
-        "neutral-pixels", description="what a gated run shows: neutral-pixels, the neutral frame's own crop pasted as it is "
-        "(Stage 2 does not run on those frames); neutral, the neutral frame's own mouth (Δδ = 0) drawn by Stage 2 "
+        "neutral-pixels", description="what a gated run shows: neutral-pixels, the neutral frame's own crop, colour-matched "
+        "to each frame's and pasted back, there and past the dubbed track's end (Stage 2 does not run on those frames); neutral, the neutral frame's own mouth (Δδ = 0) drawn by Stage 2 "
         "with the neutral frame as its RSCA reference; stage1, Stage 1 decoded afresh over the run's audio alone (no motion "
         "fed back from the speech before it)")
     silence_gate_frames: int = Field(3, ge=1, description="25 Hz frames a quiet run needs to count as silence: a "

@@ -81,7 +81,7 @@ ROW_DEFAULTS: dict = {
     "has_face": b"",
     "driving": b"",
     "ref_index": b"",
-    "shows_reference": b"",  # (N,) bool: the silence gate shows the frame's reference crop as it is
+    "shows_reference": b"",  # (N,) bool: the silence gate shows the frame's reference crop (colour-matched), not Stage 2's
     "generated": b"",
     "segment_uri": "",
     "segment_frames": 0,
