@@ -425,6 +425,29 @@ def _ray_processes(title: str) -> list[int]:
     return found
 
 
+def _process_state(pid: int) -> str:
+    """What a worker process is doing, for a failure message: its state, scheduling class,
+    threads' states, kernel wait channel, and the Ray job whose log names it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        policy = {os.SCHED_OTHER: "other", os.SCHED_IDLE: "idle", os.SCHED_BATCH: "batch"}.get(os.sched_getscheduler(pid), "?")
+        threads = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                threads.append(f.read().rsplit(")", 1)[1].split()[0])
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read() or "-"
+    except OSError as e:
+        return f"pid {pid}: gone or unreadable ({e})"
+    import ray
+
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    job = sorted({f.split("-")[2] for f in os.listdir(logs) if f.startswith("worker-") and f.endswith(f"-{pid}.out")})
+    counts = {s: threads.count(s) for s in sorted(set(threads))}
+    return f"pid {pid}: state {state}, class {policy}, threads {counts}, wchan {wchan}, job {job or '?'}"
+
+
 def _markers(folder) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".json")]
 
@@ -639,6 +662,9 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
             if not os.path.exists(f"{out}/{name}.mp4")
         }
 
+    # Workers of this module's earlier jobs may still be on their way out (a graceful exit
+    # runs Python's shutdown); only the workers that start from here on are this job's.
+    earlier = {pid for t in DUB_WORKERS for pid in _ray_processes(t)}
     first = dub(str(tmp_path / "report1.parquet"))
     # Kill it once a video has settled (its row is in the partial report) and segments are
     # committed for a video that has no output yet; the best moment is a video with every
@@ -668,10 +694,15 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_local, bundle, me
     # The dead driver's actors and finalize tasks are killed with it, or finish what they
     # hold first: a segment actor can commit one more segment after the kill (a CI run counted
     # 3 here and the restart reused 4). Count only when all of them are gone.
+    def survivors() -> dict[str, list[int]]:
+        found = {t: [p for p in _ray_processes(t) if p not in earlier] for t in DUB_WORKERS}
+        return {t: pids for t, pids in found.items() if pids}
+
     gone_by = time.monotonic() + 120
-    while (alive := [t for t in DUB_WORKERS if _ray_processes(t)]) and time.monotonic() < gone_by:
+    while (alive := survivors()) and time.monotonic() < gone_by:
         time.sleep(0.1)
-    assert not alive, f"the killed job's workers {alive} were still running two minutes after the kill"
+    states = "; ".join(_process_state(p) for pids in alive.values() for p in pids)
+    assert not alive, f"the killed job's workers {alive} were still running two minutes after the kill: {states}"
     committed = {name for name in NAMES if os.path.exists(f"{out}/{name}.mp4")}
     reusable = committed_segments()
     assert sum(reusable.values()) > 0, "no committed segment was left for the restart to reuse"
