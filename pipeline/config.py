@@ -102,6 +102,9 @@ class FaceConfig(_Strict):
 class AnalyseConfig(_Strict):
     sample_frames: int = Field(24, ge=1, description="frames sampled across a video to pick neutral/reference")
     reference_bank: int = Field(6, ge=1)
+    still_window_seconds: float = Field(
+        0.08, ge=0, description="the neutral frame is one whose mouth is at rest (its opening steady) over this long "
+        "either side of it, where a sampled frame has one (stages/motion/selection.py); 0: any closed mouth")
     min_reference_gap_frames: int = Field(
         12, ge=1, description="a reference is never within this many frames of its target (no mouth leak)"
     )

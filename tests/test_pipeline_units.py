@@ -12,7 +12,7 @@ from pipeline.dub.schemas import ManifestError, ReportRow, read_manifest, read_r
 from pipeline.storage import Storage
 from stages.audio.cache import FeatureCache, content_hash
 from stages.motion.selection import (
-    choose_references, dark_lip_gap, mouth_opening, neutral_score, select_neutral_and_references,
+    choose_references, dark_lip_gap, mouth_opening, mouth_spread, neutral_score, select_neutral_and_references,
 )
 from stages.motion.stage import resample_25hz
 
@@ -221,6 +221,42 @@ def test_neutral_is_frontal_and_closed():
     np.testing.assert_array_equal(a.neutral_exp, motion["exp"][2])
     assert a.ref_frames[0] == 20 and len(set(a.ref_frames)) == 3 and 40 not in a.ref_frames
     assert a.sampled_face_fraction == pytest.approx(5 / 6)
+
+
+def _mesh(gap: float, at=(100.0, 100.0)) -> np.ndarray:
+    """A (478, 2) mesh at `at` whose mouth is 40 px wide with the inner lips `gap` px apart."""
+    pts = np.tile(np.asarray(at, np.float64), (478, 1))
+    pts[61, 0] -= 20
+    pts[291, 0] += 20
+    pts[13, 1] -= gap / 2
+    pts[14, 1] += gap / 2
+    return pts
+
+
+def test_mouth_spread_follows_the_same_face_in_the_frames_around():
+    centre = _mesh(0.4)
+    # the same face, still; somebody else 300 px away with a wide-open mouth
+    assert mouth_spread(centre, [[_mesh(0.4), _mesh(20.0, (400, 100))], [_mesh(0.8)]]) == pytest.approx(0.4 / 40)
+    # moving: a syllable either side
+    assert mouth_spread(centre, [[_mesh(8.0)], [_mesh(0.0)]]) == pytest.approx(8.0 / 40)
+    # only the other person, or nobody, around: unknown
+    assert np.isnan(mouth_spread(centre, [[_mesh(0.4, (400, 100))], []]))
+
+
+def test_neutral_is_a_mouth_at_rest_where_one_was_sampled():
+    s = 4
+    frames = np.arange(s) * 10
+    crops = np.zeros((s, 8, 8, 3), np.uint8)
+    has_face = np.ones(s, bool)
+    opening = np.array([0.002, 0.010, 0.030, 0.0])  # frame 0: lips pressed for a "b"; frame 1 at rest
+    motion = {k: np.zeros(s, np.float32) for k in ("pitch", "yaw", "roll")} | {
+        "x_c": np.random.rand(s, 21, 3).astype(np.float32), "exp": np.random.rand(s, 21, 3).astype(np.float32)}
+    has_face[3] = False  # the most closed of all, but not the dubbed person
+    spread = np.array([0.20, 0.004, 0.003, 0.0])
+    assert select_neutral_and_references(frames, crops, has_face, opening, motion, 2, spread=spread).neutral_frame == 10
+    # no mouth at rest among the sampled frames (or nothing known of it): the most closed one
+    for unknown in (np.full(s, 0.2), np.full(s, np.nan), None):
+        assert select_neutral_and_references(frames, crops, has_face, opening, motion, 2, spread=unknown).neutral_frame == 0
 
 
 def test_dark_lip_gap_is_the_dark_band_on_the_lips_centre_line():

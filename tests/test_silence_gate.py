@@ -131,3 +131,44 @@ def test_the_neutral_gate_modes_show_the_analysed_neutral_frame_in_the_silence(m
     else:
         assert (np.abs(generated[silent_from:].astype(int) - bank[neutral_at].astype(int)).max(axis=(1, 2, 3)) > 0).all()
     assert (np.abs(generated[speech].astype(int) - crops[speech].astype(int)).max(axis=(1, 2, 3)) > 0).all()
+
+
+def test_the_analysed_neutral_frame_is_a_mouth_at_rest_not_a_closure_inside_speech(tiny_bundle, tmp_path, monkeypatch):
+    """A speaker at rest for 15 frames, head turned 12 degrees, then talking to the camera,
+    with one frame inside the speech where the lips meet. The closed-and-frontal score
+    alone picks that closure (frontal, and as closed as lips in speech get); the analyse
+    operator, looking two frames either side of each sampled one, picks a frame at rest."""
+    from pipeline.synth_corpus import write_video as write_synth_video
+    from stages.motion import extractor
+    from stages.synth.speaker import SpeakerIdentity, render_frame
+
+    n, rest, closure = 40, 15, 27
+    jaw = np.r_[np.zeros(rest), 0.15 + 0.35 * np.abs(np.sin(np.arange(n - rest) * 0.9))]
+    jaw[closure] = 0.0
+    video = str(tmp_path / "talk.mp4")
+    frames = (render_frame(None, SpeakerIdentity(sway_amp=0.0), jaw[i], 0.5, i / 25) for i in range(n))
+    write_synth_video(video, frames, (320, 240))
+    audio = str(tmp_path / "dub.wav")
+    write_wav(audio, np.zeros(16000 * n // 25, np.float32))
+
+    # The head's pose as told above (every frame is sampled, in order; the tiny bundle's
+    # random extractor would read arbitrary poses off the crops).
+    def posed(model, crops, batch_size=32):
+        yaw = np.where(np.arange(len(crops)) < rest, 12.0, 0.0).astype(np.float32)
+        zeros = np.zeros(len(crops), np.float32)
+        return {"pitch": zeros, "yaw": yaw, "roll": zeros, "x_c": np.zeros((len(crops), 21, 3), np.float32),
+                "exp": np.zeros((len(crops), 21, 3), np.float32)}
+
+    monkeypatch.setattr(extractor, "extract_motion", posed)
+
+    def neutral(window_s: float) -> int:
+        cfg = JobConfig(cache_uri=str(tmp_path / "cache"), work_uri=str(tmp_path / "work"),
+                        analyse={"sample_frames": n, "still_window_seconds": window_s}).model_dump()
+        row = new_row(job_id="j", row_index=0, video_id="talk", video_uri=video, audio_uri=audio,
+                      output_uri=str(tmp_path / "out.mp4"), segment_seconds=1.2, face="largest")
+        row = ops.AnalyseOp(cfg, tiny_bundle)(ops.PlanOp(cfg)(row))
+        assert row["error"] == "", row["error"]
+        return int(row["neutral_frame"])
+
+    assert neutral(0.0) == closure  # what "closed and frontal" alone chooses
+    assert neutral(0.08) < rest - 2  # at rest, and still for two frames either side

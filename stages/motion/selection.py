@@ -10,6 +10,14 @@ parted lips and read them as closed (on the synthetic held-out videos it read li
 apart, jaw 0.14, as more closed than pressed ones), while the dark band on the lips'
 centre line is that gap (`dark_lip_gap`).
 
+A closed mouth is not yet a neutral one: lips pressed together for a "b", "m" or "p"
+read as more closed than lips at rest, and the score above picks them (on the 640x480
+held-out synthetic videos it chose a bilabial closure inside speech for 6 of 8 speakers;
+pasted into the silent frames, such a mouth measured 0.35-2.46 times the speaker's closed
+median, a mouth at rest 0.84-1.09). A mouth at rest stays as it is for a while, so the
+neutral frame is taken among the sampled frames whose mouth opening hardly changes over
+the frames around them (`mouth_spread` below STILL_MOUTH_SPREAD), where any are.
+
 Reference frames: MuseTalk uses the target frame itself as its reference at inference,
 so the original mouth leaks into the output. We pick references from *other* frames with
 a similar head pose, and never one within `min_gap_frames` of the target.
@@ -37,6 +45,11 @@ MESH_UPPER_LIP_TOP, MESH_LOWER_LIP_BOTTOM = 0, 17
 # (75th percentile) is mouth cavity. Measured on four held-out synthetic videos: the darkest
 # pixel of a pressed mouth is at least 0.61 of it, of a mouth open by 1-3 pixels 0.16-0.46.
 DARK_GAP_SHARE = 0.5
+# A mouth at rest: its opening (inner-lip gap over mouth width) moves by less than this
+# across the frames 80 ms either side. Measured on the 640x480 held-out synthetic videos
+# (two frames either side at 25 fps): at most 0.006 in silence, at least 0.013 in speech
+# but for one frame in 128 (0.002, lips held shut for a bilabial).
+STILL_MOUTH_SPREAD = 0.01
 
 
 class NoFaceError(ValueError):
@@ -75,6 +88,25 @@ def dark_lip_gap(image: np.ndarray, landmarks: np.ndarray) -> float:
     return float(dark.mean() * length / width)
 
 
+def mouth_spread(centre: np.ndarray, neighbours: list[list[np.ndarray]]) -> float:
+    """How much one face's mouth opening moves around a frame: `centre` (478, 2) its mesh
+    there, `neighbours` the meshes of every face found in each nearby frame. In each
+    nearby frame the face nearest the centre one (mean landmark distance, within one mouth
+    width) is the same face; the spread is the largest minus the smallest mouth_opening
+    over them and the centre. NaN when no nearby frame has the face."""
+    width = float(np.linalg.norm(centre[MESH_MOUTH_LEFT] - centre[MESH_MOUTH_RIGHT]))
+    openings = [float(mouth_opening(centre[None])[0])]
+    for faces in neighbours:
+        if not faces:
+            continue
+        distance = [float(np.linalg.norm(f[:MESH_MOUTH_RIGHT + 1] - centre[:MESH_MOUTH_RIGHT + 1], axis=-1).mean())
+                    for f in faces]
+        nearest = int(np.argmin(distance))
+        if distance[nearest] <= width:
+            openings.append(float(mouth_opening(faces[nearest][None])[0]))
+    return max(openings) - min(openings) if len(openings) > 1 else float("nan")
+
+
 def neutral_score(pose: np.ndarray, opening: np.ndarray, dark_gap: np.ndarray | None = None) -> np.ndarray:
     """(N,) lower = better neutral frame: distance from a frontal pose plus mouth opening.
     15 degrees off-frontal costs as much as a mouth open by 10% of its width; an unknown
@@ -108,17 +140,22 @@ def select_neutral_and_references(
     motion: dict[str, np.ndarray],
     bank_size: int,
     dark_gap: np.ndarray | None = None,
+    spread: np.ndarray | None = None,
 ) -> VideoAnalysis:
     """Choose from sampled frames. `crops` (S, 256, 256, 3) are the dubbed person's faces,
     `has_face` (S,) True only where that person is present (never another person's face);
     `motion` is extract_motion's output for `crops`; `opening` and `dark_gap` (S,) are the
-    mesh's and the pixels' mouth opening (neutral_score)."""
+    mesh's and the pixels' mouth opening (neutral_score); `spread` (S,) their mouth_spread
+    (NaN: unknown): the neutral frame is one whose mouth is at rest where any is."""
     idx = np.flatnonzero(has_face)
     if len(idx) == 0:
         raise NoFaceError("the dubbed person's face is in no sampled frame")
     pose = np.stack([motion["pitch"], motion["yaw"], motion["roll"]], axis=-1)  # (S, 3)
     gap = None if dark_gap is None else dark_gap[idx]
-    neutral = idx[int(np.argmin(neutral_score(pose[idx], opening[idx], gap)))]
+    score = neutral_score(pose[idx], opening[idx], gap)
+    if spread is not None and np.any(still := spread[idx] < STILL_MOUTH_SPREAD):
+        score = np.where(still, score, np.inf)
+    neutral = idx[int(np.argmin(score))]
 
     # Bank: greedy farthest-point sampling in pose space, starting at the neutral frame,
     # so the bank covers the poses the video visits.
