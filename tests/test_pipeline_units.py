@@ -253,10 +253,34 @@ def test_neutral_is_a_mouth_at_rest_where_one_was_sampled():
         "x_c": np.random.rand(s, 21, 3).astype(np.float32), "exp": np.random.rand(s, 21, 3).astype(np.float32)}
     has_face[3] = False  # the most closed of all, but not the dubbed person
     spread = np.array([0.20, 0.004, 0.003, 0.0])
-    assert select_neutral_and_references(frames, crops, has_face, opening, motion, 2, spread=spread).neutral_frame == 10
+    asked = []
+
+    def spread_of(k: int) -> float:
+        asked.append(k)
+        return float(spread[k])
+
+    a = select_neutral_and_references(frames, crops, has_face, opening, motion, 2, spread_of=spread_of)
+    assert a.neutral_frame == 10 and asked == [0, 1]  # read in score order, and no further than the first at rest
     # no mouth at rest among the sampled frames (or nothing known of it): the most closed one
-    for unknown in (np.full(s, 0.2), np.full(s, np.nan), None):
-        assert select_neutral_and_references(frames, crops, has_face, opening, motion, 2, spread=unknown).neutral_frame == 0
+    for unknown in (0.2, np.nan):
+        assert select_neutral_and_references(frames, crops, has_face, opening, motion, 2,
+                                             spread_of=lambda k: unknown).neutral_frame == 0
+    assert select_neutral_and_references(frames, crops, has_face, opening, motion, 2).neutral_frame == 0
+
+
+def test_the_neutral_frame_at_rest_is_looked_for_among_the_best_scored_only():
+    from stages.motion.selection import STILL_CANDIDATES
+
+    s = STILL_CANDIDATES + 2
+    opening = np.linspace(0.0, 0.05, s)  # frame k is the k-th best
+    motion = {k: np.zeros(s, np.float32) for k in ("pitch", "yaw", "roll")} | {
+        "x_c": np.zeros((s, 21, 3), np.float32), "exp": np.zeros((s, 21, 3), np.float32)}
+    still_from = lambda first: (lambda k: 0.0 if k >= first else 0.2)  # noqa: E731
+    pick = lambda first: select_neutral_and_references(  # noqa: E731
+        np.arange(s), np.zeros((s, 8, 8, 3), np.uint8), np.ones(s, bool), opening, motion, 2,
+        spread_of=still_from(first)).neutral_frame
+    assert pick(STILL_CANDIDATES - 1) == STILL_CANDIDATES - 1
+    assert pick(STILL_CANDIDATES) == 0  # the first at rest is past the candidates: the best score
 
 
 def test_dark_lip_gap_is_the_dark_band_on_the_lips_centre_line():

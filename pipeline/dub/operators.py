@@ -244,27 +244,15 @@ class AnalyseOp(_Op):
         sampled: list[SampledFace] = []
         sampled_crops: list[np.ndarray] = []
         sampled_gaps: list[float] = []  # dark_lip_gap: the pixels' mouth opening
-        sampled_spreads: list[float] = []  # mouth_spread: how much that opening moves around the frame
-        # The frames either side of a sampled one are decoded for their faces' mouths only.
-        window = self.config.analyse.still_window_seconds
-        around = max(1, round(window * float(fps_of(row)))) if window > 0 else 0
         anchor = None  # the box option's face: its signature
         with open_source(self.storage, row["video_uri"]) as src:
             for k, i in enumerate(indices):
-                nearby: list[list[np.ndarray]] = []  # every face of each frame around i
-                here: list[np.ndarray] = []
-                for j, frame in decode_frames(src, max(0, int(i) - around), min(n, int(i) + around + 1),
-                                              threads=self.threads):
+                for _, frame in decode_frames(src, int(i), int(i) + 1, threads=self.threads):
                     frame = upright_view(frame, rotation)
-                    if j != i:
-                        nearby.append(self.tracker.faces(frame))
-                        continue
                     for landmarks in self.tracker.faces(frame):
                         sampled.append(SampledFace(k, landmarks, face_signature(frame, landmarks)))
                         sampled_crops.append(crop_of(frame, landmarks))
                         sampled_gaps.append(dark_lip_gap(frame, landmarks))
-                        here.append(landmarks)
-                sampled_spreads += [mouth_spread(landmarks, nearby) for landmarks in here]
             if choice.mode == "box":
                 at = min(n - 1, max(0, int(round(choice.t * float(fps_of(row))))))
                 for _, frame in decode_frames(src, at, at + 1, threads=self.threads):
@@ -289,25 +277,35 @@ class AnalyseOp(_Op):
         crops = np.zeros((len(indices), 256, 256, 3), np.uint8)  # (S, 256, 256, 3)
         has_face = np.zeros(len(indices), bool)
         gaps = np.full(len(indices), np.nan)
-        spreads = np.full(len(indices), np.nan)
         chosen = []
         for k in range(len(indices)):
             here = [j for j, f in enumerate(sampled) if f.frame == k]
             match = best_match([sampled[j].signature for j in here], identity, max_distance)
             if match is not None:
                 j = here[match]
-                landmarks[k], crops[k], has_face[k] = sampled[j].landmarks, sampled_crops[j], True
-                gaps[k], spreads[k] = sampled_gaps[j], sampled_spreads[j]
+                landmarks[k], crops[k], has_face[k], gaps[k] = sampled[j].landmarks, sampled_crops[j], True, sampled_gaps[j]
                 chosen.append(sampled[j].signature)
         if anchor is not None and chosen:
             # The box names one look; the person's average over the video matches their other looks better.
             identity = mean_signature([anchor] + chosen)
         motion = extract_motion(self.extractor, crops, batch_size=self.config.batch.motion_frames)
+        # A candidate neutral frame's mouth is read in the frames either side of it too (is it at rest?).
+        window = self.config.analyse.still_window_seconds
+        around = max(1, round(window * float(fps_of(row))))
+
+        def spread_of(k: int) -> float:
+            i = int(indices[k])
+            nearby = [self.tracker.faces(upright_view(frame, rotation))  # every face of each frame around i
+                      for j, frame in decode_frames(src, max(0, i - around), min(n, i + around + 1), threads=self.threads)
+                      if j != i]
+            return mouth_spread(landmarks[k], nearby)
+
         try:
-            analysis = select_neutral_and_references(
-                indices, crops, has_face, mouth_opening(landmarks), motion, self.config.analyse.reference_bank,
-                dark_gap=gaps, spread=spreads,
-            )
+            with open_source(self.storage, row["video_uri"]) as src:
+                analysis = select_neutral_and_references(
+                    indices, crops, has_face, mouth_opening(landmarks), motion, self.config.analyse.reference_bank,
+                    dark_gap=gaps, spread_of=spread_of if window > 0 else None,
+                )
         except NoFaceError:
             raise RowError(
                 f"video {row['video_uri']}: the chosen face ({row['face']}) is in none of {len(indices)} frames sampled "
