@@ -1,5 +1,5 @@
 """What the silence bar's measure reads on a closed mouth pasted the way the dub job pastes
-one (README, "What the silence bar can resolve").
+one (README, "The neutral frame at rest").
 
     .venv/bin/python benchmarks/silence_paste_floor.py --heldout DIR [--clips N] [--out JSON]
 
@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         "clips": len(rows),
         "mean_truth_over_neutral": float(np.mean([r["truth_mean_over_neutral"] for r in rows])),
         "mean_pasted_over_neutral": float(np.mean([r["pasted_mean_over_neutral"] for r in rows])),
-        "clips_pasted_within_10_percent": int(sum(abs(r["pasted_mean_over_neutral"] - 1) <= 0.1 for r in rows)),
+        # the bar's count, as the README's tables give it: not more than 10% above the closed opening
+        "clips_pasted_within_1_1": int(sum(r["pasted_mean_over_neutral"] <= 1.1 for r in rows)),
         "pooled_pasted_over_neutral": float(np.nanmean(pooled)),
         "pooled_pasted_median_over_neutral": float(np.nanmedian(pooled)),
     }
