@@ -182,3 +182,23 @@ class URIPolicy:
             return loc.paths[0]
         return f"{loc.scheme}://{loc.authority}/{loc.paths[0]}"
 
+
+
+def job_policy(job: str, security, job_uris: dict[str, str | None], address: str | None = None,
+               cluster_needs_prefixes: bool = True) -> URIPolicy:
+    """The checks a job makes before it opens anything, and its URIPolicy for the rows.
+    `security` is the job config's SecurityConfig; `job_uris` the job's own URIs by role
+    ({"manifest": ..., "report": ...}; None where not given), which must carry no
+    credentials. Against a cluster (`address`, or RAY_ADDRESS as inside `ray job submit`) a
+    job whose manifests come from other teams (`cluster_needs_prefixes`) refuses to start
+    without both prefix lists: a dry run too, or it would probe what the real run refuses."""
+    for what, uri in job_uris.items():
+        if uri and has_credentials(uri):
+            raise PolicyError(f"{what} {redact(uri)}: URIs must not carry credentials; they come from the environment or instance roles")
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    if (cluster_needs_prefixes and on_cluster
+            and (security.allowed_input_prefixes is None or security.allowed_output_prefixes is None)):
+        raise PolicyError(f"a {job} job run against a cluster (--address or RAY_ADDRESS) needs security.allowed_input_prefixes "
+                          "and security.allowed_output_prefixes in its config: manifests there come from other teams "
+                          "(deploy/job.cluster.yaml shows them)")
+    return URIPolicy(security.allowed_input_prefixes, security.allowed_output_prefixes, security.allowed_schemes)

@@ -100,6 +100,30 @@ def test_a_dub_against_a_cluster_needs_both_prefix_lists(tmp_path, monkeypatch):
     assert not (tmp_path / "r.parquet").exists()
 
 
+def test_a_dry_run_against_a_cluster_is_held_to_the_dub_jobs_rules(tmp_path, monkeypatch):
+    """`imgtalk validate` probes what `imgtalk dub` would open, so against a cluster it needs the
+    same prefix lists, and its own URIs carry no credentials; it refuses before reading anything."""
+    from pipeline.dub.schemas import ManifestError
+    from pipeline.validate.job import run_validate
+
+    manifest, report = str(tmp_path / "m.parquet"), str(tmp_path / "r.parquet")
+    both = {"allowed_input_prefixes": [str(tmp_path)], "allowed_output_prefixes": [str(tmp_path)]}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for security in ({}, {"allowed_output_prefixes": [str(tmp_path)]}):
+        with pytest.raises(PolicyError, match="a validate job run against a cluster .* needs security.allowed_input_prefixes"):
+            run_validate(manifest, JobConfig(security=security), report_uri=report, address="ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # inside `ray job submit`
+    with pytest.raises(PolicyError, match="against a cluster"):
+        run_validate(manifest, JobConfig(), report_uri=report)
+    with pytest.raises(PolicyError, match="must not carry credentials") as refused:
+        run_validate(f"s3://AKIAFAKE:{URI_SECRET}@media/m.parquet", JobConfig(security=both), report_uri=report)
+    assert URI_SECRET not in str(refused.value)
+    # with both lists it gets past the policy to the manifest itself (which is not there)
+    with pytest.raises(ManifestError, match="manifest not found"):
+        run_validate(manifest, JobConfig(security=both), report_uri=report)
+    assert not os.path.exists(report)
+
+
 def test_local_prefixes_resolve_paths_as_the_os_does(tmp_path):
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     allowed.mkdir()

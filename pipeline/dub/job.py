@@ -34,7 +34,7 @@ from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
 from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
 from pipeline.dub.rows import new_row, normalise
 from pipeline.dub.schemas import ManifestRow, ReportRow, read_manifest, write_report
-from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
+from pipeline.security import PolicyError, job_policy, redact
 from pipeline.storage import Storage, join_uri
 from pipeline import workarea
 
@@ -227,16 +227,8 @@ def run_dub(
     started = time.perf_counter()
     job_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
-    for what, uri in (("manifest", manifest_uri), ("weights", weights_uri), ("report", report_uri)):
-        if has_credentials(uri):
-            raise PolicyError(f"{what} {redact(uri)}: URIs must not carry credentials; they come from the environment or instance roles")
+    policy = job_policy("dub", config.security, {"manifest": manifest_uri, "weights": weights_uri, "report": report_uri}, address)
     on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
-    if on_cluster and (config.security.allowed_input_prefixes is None or config.security.allowed_output_prefixes is None):
-        raise PolicyError("a dub job run against a cluster (--address or RAY_ADDRESS) needs security.allowed_input_prefixes "
-                          "and security.allowed_output_prefixes in its config: manifests there come from other teams "
-                          "(deploy/job.cluster.yaml shows them)")
-    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes,
-                       config.security.allowed_schemes)
 
     # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
     bundle = read_bundle_info(localize_bundle(weights_uri, storage))

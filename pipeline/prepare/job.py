@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.arrays import pack
 from pipeline.raydata import one_row_per_block, stream_rows
 from pipeline.prepare.config import CorpusRow, PrepareConfig, PrepareReportRow, read_corpus, write_prepare_report
-from pipeline.security import PolicyError, URIPolicy, has_credentials, redact
+from pipeline.security import job_policy, redact
 from pipeline.storage import Storage, join_uri
 
 log = logging.getLogger("imgtalk.prepare")
@@ -107,11 +107,9 @@ def run_prepare(corpus_uri: str, weights_uri: str, output_uri: str, config: Prep
     config = config or PrepareConfig()
     storage = Storage(config.storage.options())
     started = time.perf_counter()
-    for what, uri in (("corpus", corpus_uri), ("weights", weights_uri), ("output", output_uri)):
-        if has_credentials(uri):
-            raise PolicyError(f"{what} {redact(uri)}: URIs must not carry credentials; they come from the environment or instance roles")
-    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes,
-                       config.security.allowed_schemes)
+    # A corpus is the researchers' own: no prefix lists are required on a cluster.
+    policy = job_policy("prepare", config.security, {"corpus": corpus_uri, "weights": weights_uri, "output": output_uri},
+                        cluster_needs_prefixes=False)
     read_bundle_info(localize_bundle(weights_uri, storage))
     corpus = read_corpus(corpus_uri, storage)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pipeline.config import JobConfig
 from pipeline.dub.schemas import read_manifest
 from pipeline.raydata import stream_rows
-from pipeline.security import URIPolicy, redact
+from pipeline.security import job_policy, redact
 from pipeline.storage import Storage
 from pipeline.validate.estimate import Estimate, estimate
 from pipeline.validate.schemas import ValidationRow, problem, write_validation_report
@@ -50,8 +50,7 @@ def run_validate(manifest_uri: str, config: JobConfig | None = None, report_uri:
 
     config = config or JobConfig()
     storage = Storage(config.storage.options())
-    policy = URIPolicy(config.security.allowed_input_prefixes, config.security.allowed_output_prefixes,
-                       config.security.allowed_schemes)
+    policy = job_policy("validate", config.security, {"manifest": manifest_uri, "report": report_uri}, address)
     rows: dict[int, ValidationRow] = {}
     todo: list[dict] = []
     for index, m, error in read_manifest(manifest_uri, storage):
