@@ -19,9 +19,9 @@ Scheme case does not matter (S3:// is s3://; s3a:// is s3://).
 
 With no prefixes set, a URI is admitted when its scheme is one of `allowed_schemes` (by
 default local files and object stores: file, s3, gs, az, abfs; never http(s), whose URIs
-would let a manifest make the workers fetch any address). A dub job run against a cluster
-(`--address`, or RAY_ADDRESS set) must set both prefix lists: manifests there come from
-other teams.
+would let a manifest make the workers fetch any address). A dub job, or its dry run
+`validate`, run against a cluster (`--address`, or RAY_ADDRESS set) must set both prefix
+lists: manifests there come from other teams (`job_policy`).
 
 Credentials come from the environment or instance roles only. A URI carrying any
 user-info (`s3://KEY:SECRET@bucket/…`, `https://user:pass@host/…`) is refused whatever
@@ -181,7 +181,6 @@ class URIPolicy:
         if loc.scheme == "file":
             return loc.paths[0]
         return f"{loc.scheme}://{loc.authority}/{loc.paths[0]}"
-
 
 
 def job_policy(job: str, security, job_uris: dict[str, str | None], address: str | None = None,
