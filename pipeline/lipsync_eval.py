@@ -160,11 +160,11 @@ def dub_figures(output_video: str, truth_json: str, truth_video: str, tracker=No
     }
 
 
-def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
-    """Stage 1 alone on a prepared (held-out) corpus: free-running Δδ on the driven keypoints
-    against the extractor's Δδ of the real frames. Returns pooled r, the mean per-video r,
-    the mean per-video r along the opening pattern U (with its minimum) and the number of
-    values."""
+def stage1_heldout_series(stage1_folder: str, shards_uri: str):
+    """Stage 1 alone on a prepared (held-out) corpus, video by video: yields (the video's
+    row of videos.parquet, free-running Δδ on the driven keypoints (F, |D|, 3), the
+    extractor's Δδ of the real frames (F, |D|, 3), the frames usable (a face, a shot), the
+    lips' opening pattern U (|D|, 3) to read both along)."""
     import io
 
     import pyarrow.parquet as pq
@@ -182,9 +182,7 @@ def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
     along = opening_direction(cfg.num_kp, tuple(driven))[driven]  # (|D|, 3)
     storage = Storage()
     _, videos, _ = load_corpus(storage, shards_uri)
-    rows = pq.read_table(join_uri(shards_uri, "videos.parquet")).to_pylist()
-    preds, truths, per_video, opening = [], [], [], []
-    for row in rows:
+    for row in pq.read_table(join_uri(shards_uri, "videos.parquet")).to_pylist():
         video = videos[row["video_id"]]
         chunks = [decode_chunk(pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()[0])
                   for uri in row["chunk_uris"]]
@@ -196,7 +194,17 @@ def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
             pred = model.generate(torch.from_numpy(np.ascontiguousarray(feats, np.float32))[None],
                                   torch.from_numpy(video["neutral_x_c"][None]).float(),
                                   torch.from_numpy(video["neutral_exp"][None]).float())[0].numpy()
-        truth = exp[:, driven] - video["neutral_exp"][driven]
+        yield row, pred, exp[:, driven] - video["neutral_exp"][driven], usable, along
+
+
+def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
+    """Stage 1 alone on a prepared (held-out) corpus: free-running Δδ on the driven keypoints
+    against the extractor's Δδ of the real frames. Returns pooled r, the mean per-video r,
+    the mean per-video r along the opening pattern U (with its minimum) and the number of
+    values."""
+    preds, truths, per_video, opening, videos = [], [], [], [], 0
+    for _, pred, truth, usable, along in stage1_heldout_series(stage1_folder, shards_uri):
+        videos += 1
         p, t = pred[usable].reshape(-1), truth[usable].reshape(-1)
         preds.append(p)
         truths.append(t)
@@ -209,4 +217,4 @@ def stage1_keypoint_r(stage1_folder: str, shards_uri: str) -> dict:
     return {"pooled_r": float(np.corrcoef(p, t)[0, 1]), "mean_video_r": float(np.mean(per_video)),
             "opening_r": float(np.mean(opening)) if opening else float("nan"),
             "min_opening_r": float(np.min(opening)) if opening else float("nan"),
-            "videos": len(rows), "values": int(len(p))}
+            "videos": videos, "values": int(len(p))}
