@@ -165,9 +165,11 @@ def test_job_config_carries_the_policy_and_refuses_credentials(tmp_path):
         assert "credentials" in str(e.value) and URI_SECRET not in str(e.value)
 
 
-def test_job_level_uris_with_credentials_stop_the_job_before_any_io(tmp_path, capsys):
+def test_job_level_uris_with_credentials_stop_the_job_before_any_io(tmp_path, capsys, monkeypatch):
     from pipeline.cli import main
     from pipeline.dub.job import run_dub
+
+    monkeypatch.chdir(tmp_path)  # the CLI keeps the log of a job whose report is remote in the current folder
 
     with pytest.raises(PolicyError) as e:
         run_dub(f"s3://K:{URI_SECRET}@media/manifest.parquet", str(tmp_path / "no-weights"), str(tmp_path / "r.parquet"))
