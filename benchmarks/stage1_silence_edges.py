@@ -30,24 +30,16 @@ EDGE_FRAMES = 2  # the first frames of a longer silence after speech are `edge`
 
 def silence_kinds(silent: np.ndarray) -> np.ndarray:
     """Per frame: "" (speech), "edge", "short" or "rest" (see the module's note)."""
+    from stages.lipsync.measure import true_runs
+
     kinds = np.full(len(silent), "", dtype=object)
-    n, i = len(silent), 0
-    while i < n:
-        if not silent[i]:
-            i += 1
+    for start, stop in true_runs(silent):
+        if 0 < start and stop < len(silent) and stop - start <= SHORT_PAUSE_FRAMES:
+            kinds[start:stop] = "short"
             continue
-        j = i
-        while j < n and silent[j]:
-            j += 1
-        between_sounds = i > 0 and j < n
-        for k in range(i, j):
-            if between_sounds and j - i <= SHORT_PAUSE_FRAMES:
-                kinds[k] = "short"
-            elif i > 0 and k - i < EDGE_FRAMES:
-                kinds[k] = "edge"
-            else:
-                kinds[k] = "rest"
-        i = j
+        kinds[start:stop] = "rest"
+        if start > 0:  # after speech, not the clip's opening silence
+            kinds[start:min(stop, start + EDGE_FRAMES)] = "edge"
     return kinds
 
 

@@ -183,6 +183,11 @@ class URIPolicy:
         return f"{loc.scheme}://{loc.authority}/{loc.paths[0]}"
 
 
+def on_cluster(address: str | None) -> bool:
+    """Whether a job runs against a cluster: `--address`, or RAY_ADDRESS as inside `ray job submit`."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def job_policy(job: str, security, job_uris: dict[str, str | None], address: str | None = None,
                cluster_needs_prefixes: bool = True) -> URIPolicy:
     """The checks a job makes before it opens anything, and its URIPolicy for the rows.
@@ -194,8 +199,7 @@ def job_policy(job: str, security, job_uris: dict[str, str | None], address: str
     for what, uri in job_uris.items():
         if uri and has_credentials(uri):
             raise PolicyError(f"{what} {redact(uri)}: URIs must not carry credentials; they come from the environment or instance roles")
-    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
-    if (cluster_needs_prefixes and on_cluster
+    if (cluster_needs_prefixes and on_cluster(address)
             and (security.allowed_input_prefixes is None or security.allowed_output_prefixes is None)):
         raise PolicyError(f"a {job} job run against a cluster (--address or RAY_ADDRESS) needs security.allowed_input_prefixes "
                           "and security.allowed_output_prefixes in its config: manifests there come from other teams "

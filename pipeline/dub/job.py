@@ -34,7 +34,7 @@ from pipeline.dub.qc import QCError, qc_warnings, untrained_warning
 from pipeline.dub.results import Decision, ResultStore, decide, decide_all, describe_output, input_identity, settings_identity
 from pipeline.dub.rows import new_row, normalise
 from pipeline.dub.schemas import ManifestRow, ReportRow, read_manifest, write_report
-from pipeline.security import PolicyError, job_policy, redact
+from pipeline.security import PolicyError, job_policy, on_cluster, redact
 from pipeline.storage import Storage, join_uri
 from pipeline import workarea
 
@@ -228,7 +228,7 @@ def run_dub(
     job_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     policy = job_policy("dub", config.security, {"manifest": manifest_uri, "weights": weights_uri, "report": report_uri}, address)
-    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    joins_cluster = on_cluster(address)
 
     # Fail fast on job-level mistakes (bad weights, bad manifest file) before any work.
     bundle = read_bundle_info(localize_bundle(weights_uri, storage))
@@ -241,7 +241,7 @@ def run_dub(
     by_index = {i: m for i, m, _ in manifest}
 
     started_ray = False
-    if on_cluster or ray.is_initialized():
+    if joins_cluster or ray.is_initialized():
         # Joined before any work: whether node-local paths are allowed depends on the cluster.
         started_ray = _init_ray(address, metrics_export_port=metrics_export_port)
         if _alive_nodes(ray) > 1:
